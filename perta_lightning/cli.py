@@ -1,0 +1,68 @@
+"""The ``perta`` command line.
+
+``perta fit|validate|test|predict --config X.yaml`` are LightningCLI subcommands: the model and the
+data module are chosen by ``class_path`` in the YAML, so any LightningModule of this package (or of
+the user's) can be run. The other subcommands are plain typed functions parsed by jsonargparse:
+
+* ``perta data synthetic``  write the synthetic fictitious-authors benchmark in the TOFU layout
+* ``perta importance``      collect forget/retain importance at a fixed model (LightningCLI)
+* ``perta merge``           streaming TV / PerTA merge of Hugging Face checkpoints
+* ``perta summarize``       Forget Quality, Model Utility and sub-scores from evaluation files
+* ``perta pipeline``        the end-to-end study and its report
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# Function subcommands: name -> "module:function". Each function takes the remaining argv.
+_FUNCTION_SUBCOMMANDS = {
+    "data": "perta_lightning.data.synthetic:cli_main",
+    "importance": "perta_lightning.modules.importance:cli_main",
+    "merge": "perta_lightning.merge:cli_main",
+    "summarize": "perta_lightning.evaluate:summarize_main",
+    "pipeline": "perta_lightning.pipeline:cli_main",
+}
+
+
+def lightning_main(args: list[str] | None = None) -> None:
+    """Run LightningCLI with model and data chosen by ``class_path`` in the config."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=True,
+    )
+
+
+def _usage() -> str:
+    names = ", ".join((*_LIGHTNING_SUBCOMMANDS, *_FUNCTION_SUBCOMMANDS))
+    return f"usage: perta {{{names}}} [--help] ...\n\n{__doc__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command in _LIGHTNING_SUBCOMMANDS:
+        lightning_main([command, *rest])
+        return
+    if command not in _FUNCTION_SUBCOMMANDS:
+        sys.exit(f"perta: unknown command {command!r}\n{_usage()}")
+    module_name, function_name = _FUNCTION_SUBCOMMANDS[command].split(":")
+    getattr(importlib.import_module(module_name), function_name)(rest)
+
+
+if __name__ == "__main__":
+    main()
