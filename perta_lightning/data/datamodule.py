@@ -1,0 +1,164 @@
+"""``TofuDataModule``: TOFU-format question/answer splits as Lightning dataloaders.
+
+Each batch is a dict of right-padded ``(batch, length)`` tensors: ``input_ids``, ``attention_mask``,
+``labels`` (-100 on prompt and padding) and ``index`` (the row's position in its split). When
+``paired_split`` is set (for GradDiff and NPO), every batch also holds the same keys prefixed with
+``paired_`` from that split, cycled to the length of the main split.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from perta_lightning.data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_SYSTEM_PROMPT,
+    QAFormatter,
+    TofuSource,
+    check_disjoint,
+    collate_examples,
+    load_split,
+    load_tokenizer,
+)
+
+
+class EncodedQA(Dataset):
+    """Rows of a split encoded once with a ``QAFormatter``; optionally a seeded subsample."""
+
+    def __init__(self, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
+        self.examples = []
+        for index, row in enumerate(rows):
+            encoded = formatter.encode(row["question"], row["answer"])
+            encoded["index"] = index
+            self.examples.append(encoded)
+        if not any(label != -100 for example in self.examples for label in example["labels"]):
+            raise ValueError(f"{where}: no answer tokens in the split")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.examples[item]
+
+
+class _Paired(Dataset):
+    """Each item of ``main`` with an item of ``paired`` (cycled), keys of the latter prefixed."""
+
+    def __init__(self, main: Dataset, paired: Dataset) -> None:
+        self.main, self.paired = main, paired
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def __getitem__(self, item: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.main[item], self.paired[item % len(self.paired)]
+
+
+def _collate_paired(items: list[tuple[dict[str, Any], dict[str, Any]]], pad_token_id: int) -> dict[str, Any]:
+    batch = collate_examples([main for main, _ in items], pad_token_id)
+    paired = collate_examples([other for _, other in items], pad_token_id)
+    batch.update({f"paired_{key}": value for key, value in paired.items()})
+    return batch
+
+
+def subsample(rows: list[dict[str, Any]], num_examples: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded subsample of ``num_examples`` rows in their original order (all rows when ``None``)."""
+    if num_examples is None or num_examples >= len(rows):
+        return rows
+    if num_examples <= 0:
+        raise ValueError(f"num_examples must be positive, got {num_examples}")
+    generator = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(rows), generator=generator)[:num_examples].tolist())
+    return [rows[index] for index in keep]
+
+
+class TofuDataModule(LightningDataModule):
+    """Question/answer fine-tuning data from a TOFU source.
+
+    Args:
+        source: where the splits come from (local folder, hub, or the synthetic generator).
+        tokenizer: path or hub id of the tokenizer (usually the model directory).
+        train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...).
+        val_split: optional split whose answer loss is logged as ``val_loss``.
+        paired_split: optional second split zipped into each training batch under ``paired_*`` keys.
+        forget_split: when given together with ``paired_split``, checked to share no question with it.
+        batch_size: examples per batch and per process.
+        num_examples: train on a seeded subsample of this many rows (all when ``None``).
+        subsample_seed: seed of that subsample.
+        max_length: longest prompt + answer in tokens.
+        system_prompt: system message for chat templates.
+        date_string: pinned date for chat templates that print one.
+        use_chat_template: ``None`` uses the tokenizer's template when it has one.
+        shuffle: shuffle the training split every epoch.
+        num_workers: dataloader workers.
+    """
+
+    def __init__(
+        self,
+        source: TofuSource,
+        tokenizer: str,
+        train_split: str = "full",
+        val_split: str | None = None,
+        paired_split: str | None = None,
+        batch_size: int = 16,
+        num_examples: int | None = None,
+        subsample_seed: int = 0,
+        max_length: int = 256,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        date_string: str = DEFAULT_DATE_STRING,
+        use_chat_template: bool | None = None,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.save_hyperparameters()
+        self.source = source
+        self.tokenizer_path = tokenizer
+        self.tokenizer: Any = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def _encoded(self, split: str, formatter: QAFormatter, num_examples: int | None = None) -> EncodedQA:
+        rows = subsample(load_split(self.source, split), num_examples, self.hparams.subsample_seed)
+        return EncodedQA(rows, formatter, self.source.describe(split))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
+        formatter = QAFormatter(self.tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
+        train = self._encoded(hp.train_split, formatter, hp.num_examples)
+        if hp.paired_split is not None:
+            check_disjoint(
+                load_split(self.source, hp.train_split),
+                load_split(self.source, hp.paired_split),
+                f"{self.source.describe(hp.train_split)} vs {self.source.describe(hp.paired_split)}",
+            )
+            train = _Paired(train, self._encoded(hp.paired_split, formatter))
+        self.datasets["train"] = train
+        if hp.val_split is not None:
+            self.datasets["val"] = self._encoded(hp.val_split, formatter)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        collate = partial(_collate_paired if isinstance(dataset, _Paired) else collate_examples, pad_token_id=pad)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], self.hparams.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.datasets["val"], False) if "val" in self.datasets else []

@@ -1,0 +1,223 @@
+"""TOFU-format data: loading from the hub, a local folder or the synthetic generator; chat formatting;
+label masking; padding.
+
+A TOFU split is a list of rows with at least ``question`` and ``answer``; the ``*_perturbed`` splits add
+``paraphrased_answer``, ``paraphrased_question`` and ``perturbed_answer`` (a list of wrong answers).
+
+Formatting turns one question/answer pair into token ids with labels::
+
+    input_ids = prompt(question) + answer_ids + [eos]
+    labels    = [-100] * len(prompt(question)) + answer_ids + [eos]
+
+so that the loss (and every score) covers the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: Columns every split must have, and the extra ones of the evaluation (``*_perturbed``) splits.
+BASE_COLUMNS = ("question", "answer")
+PERTURBED_COLUMNS = ("paraphrased_answer", "perturbed_answer")
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about authors concisely."
+#: Pinned so that chat templates that print today's date (Llama 3) give the same tokens every day.
+DEFAULT_DATE_STRING = "10 Apr 2025"
+
+
+@dataclass
+class TofuSource:
+    """Where TOFU-format splits come from. Exactly one of ``path`` or ``hub`` is used.
+
+    Args:
+        path: a local folder holding ``<split>.json`` files (JSON lines or a JSON list), such as the one
+            ``perta data synthetic`` writes.
+        hub: a Hugging Face dataset id, e.g. ``locuslab/TOFU``; the split name is the hub config name.
+        hub_revision: optional revision (commit or tag) of the hub dataset, for reproducibility.
+    """
+
+    path: str | None = None
+    hub: str | None = None
+    hub_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"TofuSource needs exactly one of path= or hub=, got path={self.path!r}, hub={self.hub!r}")
+
+    def describe(self, split: str) -> str:
+        return str(Path(self.path) / f"{split}.json") if self.path else f"{self.hub}:{split}"
+
+
+def _read_json_rows(file: Path) -> list[dict[str, Any]]:
+    text = file.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}: line {line_number} is not valid JSON: {error}") from error
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{file}: every row must be a JSON object")
+    return rows
+
+
+def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_COLUMNS) -> list[dict[str, Any]]:
+    """Load one split as a list of row dicts, checking that it is non-empty and has ``required`` columns."""
+    where = source.describe(split)
+    if source.path is not None:
+        file = Path(source.path) / f"{split}.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"TOFU split {split!r} not found: no file {file}")
+        rows = _read_json_rows(file)
+    else:
+        import datasets  # imported lazily: only hub users pay for it
+
+        dataset = datasets.load_dataset(source.hub, split, split="train", revision=source.hub_revision)
+        rows = [dict(row) for row in dataset]
+    if not rows:
+        raise ValueError(f"{where}: the split is empty")
+    for column in required:
+        missing = [index for index, row in enumerate(rows) if column not in row]
+        if missing:
+            raise ValueError(f"{where}: column {column!r} is missing (first in row {missing[0]})")
+    return rows
+
+
+def check_disjoint(forget: list[dict[str, Any]], retain: list[dict[str, Any]], where: str) -> None:
+    """Raise if a forget question also appears in the retain split (TOFU splits go by author)."""
+    retain_questions = {row["question"] for row in retain}
+    overlap = [row["question"] for row in forget if row["question"] in retain_questions]
+    if overlap:
+        raise ValueError(
+            f"{where}: {len(overlap)} question(s) of the forget split also appear in the retain split, "
+            f"column 'question', e.g. {overlap[0]!r}"
+        )
+
+
+class QAFormatter:
+    """Turns questions and answers into token ids, with the chat template when the tokenizer has one.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        system_prompt: system message for chat templates (``None`` for none).
+        date_string: pinned date for templates that print one (Llama 3).
+        max_length: truncate the answer so that prompt + answer + EOS fits; the prompt is never cut.
+        use_chat_template: ``None`` uses the template when the tokenizer has one.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        date_string: str = DEFAULT_DATE_STRING,
+        max_length: int = 256,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before formatting")
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.date_string = date_string
+        self.max_length = max_length
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        if self.use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+
+    def prompt_text(self, question: str) -> str:
+        """The text before the answer: the chat template's user turn and assistant header, or plain Q/A."""
+        if not self.use_chat_template:
+            return f"Question: {question}\nAnswer: "
+        messages = [{"role": "user", "content": question}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, date_string=self.date_string
+        )
+
+    def prompt_ids(self, question: str) -> list[int]:
+        # Chat templates already carry their special tokens (BOS included); plain prompts get the
+        # tokenizer's usual specials.
+        return self.tokenizer(self.prompt_text(question), add_special_tokens=not self.use_chat_template)[
+            "input_ids"
+        ]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+    def encode(self, question: str, answer: str) -> dict[str, list[int]]:
+        """``input_ids`` and ``labels`` for one pair; labels are -100 on the prompt."""
+        prompt = self.prompt_ids(question)
+        answer_ids = self.answer_ids(answer)[: max(0, self.max_length - len(prompt) - 1)]
+        answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right"
+) -> torch.Tensor:
+    """Stack variable-length sequences into a ``(batch, max_len)`` long tensor padded on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(len(sequence) for sequence in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if len(sequence) == 0:
+            continue
+        values = torch.as_tensor(list(sequence), dtype=torch.long)
+        if side == "right":
+            out[row, : len(sequence)] = values
+        else:
+            out[row, width - len(sequence) :] = values
+    return out
+
+
+def collate_examples(examples: Sequence[dict[str, Any]], pad_token_id: int, side: str = "right") -> dict[str, Any]:
+    """Batch encoded examples: ``input_ids``, ``attention_mask``, ``labels`` (and ``index`` when present).
+
+    Right padding is for training and scoring; left padding is for batched generation.
+    """
+    ids = [example["input_ids"] for example in examples]
+    batch = {
+        "input_ids": pad_batch(ids, pad_token_id, side),
+        "attention_mask": pad_batch([[1] * len(sequence) for sequence in ids], 0, side),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = pad_batch([example["labels"] for example in examples], IGNORE_INDEX, side)
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)
+    return batch
+
+
+def resolve_tokenizer_dir(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> str:
+    """The tokenizer lives beside the model unless told otherwise."""
+    return tokenizer_name_or_path or model_name_or_path
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+    """Load a Hugging Face tokenizer; set the pad token to EOS when it has none. Errors name the path."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(name_or_path) and not any(
+        (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        raise FileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

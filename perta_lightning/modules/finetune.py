@@ -1,0 +1,148 @@
+"""``CausalLMModule``: fine-tune any ``AutoModelForCausalLM`` on question/answer batches.
+
+The loss is the mean token negative log-likelihood over answer tokens (labels != -100) of the batch:
+
+    L = (1 / #answer tokens) * sum_{t : labels_t != -100} -log p(labels_t | tokens_<t)
+
+At the end of ``fit`` the model is written as a Hugging Face directory (safetensors, config, tokenizer)
+together with ``perta_hparams.json``, the hyper-parameters that made it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from perta_lightning.functional.losses import answer_nll
+from perta_lightning.io import atomic_directory
+
+
+class CausalLMModule(LightningModule):
+    """A causal LM trained on answer tokens only.
+
+    Args:
+        model: path or hub id of a pretrained model directory (``from_pretrained``).
+        model_config: a transformers config as a dict (``model_type`` plus fields) for a model trained from
+            scratch; used when ``model`` is not given.
+        tokenizer: tokenizer path; defaults to ``model``. Saved beside the fine-tuned model.
+        output_dir: where the Hugging Face directory is written at the end of ``fit`` (``None``: not saved).
+        torch_dtype: dtype the weights are loaded in (``float32``, ``bfloat16``, ...).
+        seed: seed for the initialisation of a model trained from scratch.
+        gradient_checkpointing: trade compute for memory on large models.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        output_dir: str | None = None,
+        torch_dtype: str = "float32",
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if (model is None) == (model_config is None):
+            raise ValueError("CausalLMModule needs exactly one of model= (a pretrained path) or model_config=")
+        if model_config is not None and tokenizer is None:
+            raise ValueError("a model trained from scratch (model_config=) needs tokenizer=")
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config, torch_dtype, seed)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.tokenizer_path = tokenizer or model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def answer_loss(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        logits = self(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+        return answer_nll(logits, batch[f"{prefix}labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.answer_loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.answer_loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_fit_end(self) -> None:
+        if self.hparams.output_dir is None:
+            return
+        save_hf_directory(
+            self.model,
+            self.tokenizer_path,
+            self.hparams.output_dir,
+            hparams=self.describe_run(),
+            is_global_zero=self.trainer.is_global_zero,
+        )
+        self.trainer.strategy.barrier("perta_save_hf")
+
+    def describe_run(self) -> dict[str, Any]:
+        """Everything that made this model: module and data hyper-parameters and the trainer's settings."""
+        info: dict[str, Any] = {"module": type(self).__name__, "hparams": dict(self.hparams)}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "hparams"):
+            info["data"] = {key: _jsonable(value) for key, value in dict(datamodule.hparams).items()}
+        info["trainer"] = {
+            "max_epochs": self.trainer.max_epochs,
+            "max_steps": self.trainer.max_steps,
+            "global_step": self.trainer.global_step,
+            "world_size": self.trainer.world_size,
+            "precision": str(self.trainer.precision),
+        }
+        return info
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value) if not hasattr(value, "__dict__") else {k: _jsonable(v) for k, v in vars(value).items()}
+
+
+def load_causal_lm(
+    model: str | None, model_config: dict[str, Any] | None, torch_dtype: str = "float32", seed: int = 0
+) -> torch.nn.Module:
+    """A pretrained causal LM from ``model``, or a fresh one (seeded) from a config dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, torch_dtype)
+    if model is not None:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    config_fields = dict(model_config or {})
+    model_type = config_fields.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model_config needs a 'model_type' key (e.g. 'llama')")
+    config = AutoConfig.for_model(model_type, **config_fields)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def save_hf_directory(
+    model: torch.nn.Module,
+    tokenizer_path: str | None,
+    output_dir: str,
+    hparams: dict[str, Any] | None = None,
+    is_global_zero: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a Hugging Face model directory atomically (temporary directory, then rename)."""
+    if not is_global_zero:
+        return
+    with atomic_directory(output_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer_path is not None:
+            from perta_lightning.data.tofu import load_tokenizer
+
+            load_tokenizer(tokenizer_path).save_pretrained(tmp)
+        if hparams is not None:
+            Path(tmp, "perta_hparams.json").write_text(json.dumps(hparams, indent=2, default=repr))
