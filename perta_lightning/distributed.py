@@ -95,8 +95,10 @@ def data_parallel_rank(strategy: Strategy) -> int:
 
 
 def needs_optimizer(strategy: Strategy) -> bool:
-    """DeepSpeed builds its gradient partitioning inside its (ZeRO) optimizer, so it insists on one."""
-    return _kind(strategy) == "deepspeed"
+    """Whether the strategy insists on an optimizer: DeepSpeed builds its gradient partitioning inside
+    its (ZeRO) optimizer; Lightning's FSDP with flat parameters checks that one references them."""
+    kind = _kind(strategy)
+    return kind == "deepspeed" or (kind == "fsdp" and not strategy.kwargs.get("use_orig_params", False))
 
 
 def _deepspeed_stage(strategy: Strategy) -> int:
@@ -340,25 +342,54 @@ def apply_fully_shard(model: torch.nn.Module, device_mesh: Any, layer_types: tup
 class CPUFSDPStrategy(FSDPStrategy):
     """FOR TESTS ONLY: FSDP1 on CPU processes over gloo.
 
-    Lightning refuses ``FSDPStrategy`` without a GPU by checking the exact type of the strategy; this
-    subclass changes nothing else, so CPU tests exercise the real FSDP code paths.
+    Lightning refuses ``FSDPStrategy`` without a GPU by checking the exact type of the strategy, and
+    passes ``device_id=None`` on CPU, which FSDP1 refuses; this subclass wraps with an explicit CPU
+    ``device_id`` and changes nothing else, so CPU tests exercise the real FSDP code paths.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("process_group_backend", "gloo")
         super().__init__(**kwargs)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if not any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            kwargs = dict(self.kwargs)
+            self.kwargs.pop("auto_wrap_policy", None)  # applied here; Lightning would warn it is ignored
+            model = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **kwargs,
+            )
+        return super()._setup_model(model)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """FOR TESTS ONLY: DeepSpeed ZeRO on CPU processes over gloo (DeepSpeed's CPU accelerator).
 
-    ``DeepSpeedStrategy.setup_environment`` refuses anything but CUDA; this skips that check and
-    sets up processes as ``DDPStrategy`` does (which initialises DeepSpeed's communication).
+    ``DeepSpeedStrategy`` refuses anything but CUDA and checks CUDA device indices; this skips both
+    checks and otherwise sets processes up as ``DeepSpeedStrategy`` does.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("process_group_backend", "gloo")
         super().__init__(**kwargs)
 
+    @property
+    def root_device(self) -> torch.device:
+        # DeepSpeed reads ``root_device.index`` as its device rank and refuses ``None``.
+        return torch.device("cpu", self.local_rank)
+
     def setup_environment(self) -> None:
-        DDPStrategy.setup_environment(self)
+        DDPStrategy.setup_environment(self)  # skips the CUDA-only check; calls setup_distributed
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()

@@ -55,6 +55,10 @@ class _RankBatches(IterableDataset):
         return len(self.batches)
 
 
+def _unwrap(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return items[0]
+
+
 def rank_batches(
     examples: Sequence[dict[str, Any]], label: str, source: str, batch_size: int, rank: int, world: int, pad_id: int
 ) -> list[dict[str, Any]]:
@@ -127,7 +131,9 @@ class ImportanceDataModule(LightningDataModule):
             self.batches += rank_batches(examples, label, where, hp.batch_size, rank, world, tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_RankBatches(self.batches), batch_size=None)
+        # batch_size=1 over pre-collated batches (rather than batch_size=None) gives the loader a
+        # batch_sampler, which DeepSpeedStrategy reads to fill its logging batch size.
+        return DataLoader(_RankBatches(self.batches), batch_size=1, collate_fn=_unwrap)
 
 
 class ImportanceModule(LightningModule):
@@ -177,12 +183,19 @@ class ImportanceModule(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         if distributed.needs_optimizer(self.trainer.strategy):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
+            return torch.optim.SGD(self.trainer.model.parameters(), lr=0.0)
         return None
 
-    def _example_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B,)``: summed answer NLL (``token_sum``) or mean answer NLL ``ℓ_i``, times ``valid``."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``(B,)``: summed answer NLL (``token_sum``) or mean answer NLL ``ℓ_i``, times ``valid``.
+
+        The forward goes through the strategy's wrapper (DDP, FSDP root, DeepSpeed engine) so that its
+        hooks run and the backward comes after the wrapper's forward has returned.
+        """
+        logits = self.trainer.strategy.model(batch["input_ids"], batch["attention_mask"])
         summed, count = example_nll(logits, batch["labels"])
         if bool((count == 0).any()):
             row = int(batch["index"][count == 0][0])
@@ -194,7 +207,10 @@ class ImportanceModule(LightningModule):
         self.manual_backward(loss)  # the collector reads the gradient in on_after_backward
         distributed.clear_gradients(self.trainer.strategy)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The estimation step. It runs here, not in ``training_step``, because Lightning calls
+        ``training_step`` *inside* the wrapper's forward (FSDP, DeepSpeed), where a backward pass is not
+        allowed. Callbacks' ``on_train_batch_start`` (the collector's counting) has already run."""
         if self.importance_loss != "one_example":
             self._backward(self._example_losses(batch).sum())
             return
@@ -205,6 +221,9 @@ class ImportanceModule(LightningModule):
             for turn in range(world):
                 loss = self._example_losses(example).sum()
                 self._backward(loss if turn == rank else loss * 0.0)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        return None  # the work is done in on_train_batch_start; no optimizer step
 
 
 def estimate_importance(
