@@ -1,0 +1,37 @@
+"""Importance with 2 CPU processes under every supported strategy equals the single-process result.
+
+Each case launches ``tests/scripts/run_importance.py`` (Lightning starts the second process), which
+writes ``grad`` and ``fisher`` by example; about 20-50 s a case on 2 cores (DeepSpeed compiles a
+communication op on first use, about a minute, once per machine).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_importance import assert_close_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ["ddp", "fsdp_flat", "fsdp_orig", "fsdp2", "zero2", "zero3"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_equal_one(strategy, tiny_assets, single_process, tmp_path):
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, str(ROOT / "tests/scripts/run_importance.py"), strategy,
+               str(tiny_assets["model"]), str(tiny_assets["data"]), str(tmp_path)]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for statistic in ("grad", "fisher"):
+        for split in ("forget", "retain"):
+            actual = load_file(tmp_path / statistic / f"{split}.safetensors")
+            assert_close_stats(actual, load_file(single_process[statistic][split]))
