@@ -52,6 +52,7 @@ class CausalLMModule(LightningModule):
             raise ValueError("a model trained from scratch (model_config=) needs tokenizer=")
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, torch_dtype, seed)
+        self.model.train()  # from_pretrained returns the model in eval mode
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.tokenizer_path = tokenizer or model
