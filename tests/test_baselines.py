@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -34,8 +35,8 @@ def test_one_unlearning_step_raises_forget_loss(method, tiny_model_dir, tiny_ben
     from perta_lightning.modules.baselines import UnlearningModule
 
     L.seed_everything(0)
-    module = UnlearningModule(str(tiny_model_dir), method=method, output_dir=str(tmp_path / "out"))
-    module.configure_optimizers = lambda: torch.optim.SGD(module.model.parameters(), lr=0.5)
+    module = UnlearningModule(str(tiny_model_dir), method=method, output_dir=str(tmp_path / "out"),
+                              optimizer=partial(torch.optim.SGD, lr=0.5))
     data = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_model_dir), train_split="forget10",
                           paired_split="retain90", batch_size=10, shuffle=False, system_prompt=None)
     data.setup("fit")

@@ -41,21 +41,24 @@ def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path
             "init_args": {"source": {"path": str(tiny_benchmark)}, "tokenizer": tokenizer_dir,
                           "train_split": ["full", "world_corpus"], "batch_size": 4, "system_prompt": None}}
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}
+    lr_scheduler = {"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"total_iters": 2}}
     scratch = {"class_path": "perta_lightning.modules.finetune.CausalLMModule",
                "init_args": {"model_config": tiny_model_config(load_tokenizer(tokenizer_dir)),
-                             "tokenizer": tokenizer_dir, "output_dir": str(tmp_path / "base")}}
+                             "tokenizer": tokenizer_dir, "output_dir": str(tmp_path / "base"),
+                             "optimizer": optimizer, "lr_scheduler": lr_scheduler}}
     main(["fit", "--config", write_config(tmp_path / "a.yaml", seed_everything=0, trainer=trainer, model=scratch,
-                                           data=data, optimizer=optimizer)])
+                                           data=data)])
     base = tmp_path / "base"
     assert (base / "model.safetensors").is_file() and (base / "tokenizer.json").is_file()
     made_by = json.loads((base / "perta_hparams.json").read_text())
     assert made_by["trainer"]["global_step"] == 2 and made_by["data"]["train_split"] == ["full", "world_corpus"]
+    assert "lr=0.01" in made_by["optimizer"] and "LinearLR" in made_by["lr_scheduler"]
 
     tuned = {"class_path": "perta_lightning.modules.finetune.CausalLMModule",
-             "init_args": {"model": str(base), "output_dir": str(tmp_path / "full")}}
+             "init_args": {"model": str(base), "output_dir": str(tmp_path / "full"), "optimizer": optimizer}}
     data["init_args"].update(tokenizer=str(base), train_split="forget10")
     main(["fit", "--config", write_config(tmp_path / "b.yaml", seed_everything=0, trainer=trainer, model=tuned,
-                                           data=data, optimizer=optimizer)])
+                                           data=data)])
     before = AutoModelForCausalLM.from_pretrained(base)
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     changed = [name for name, p in after.named_parameters() if not torch.equal(p, before.get_parameter(name))]

@@ -11,6 +11,7 @@ import copy
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from perta_lightning.functional.losses import answer_nll, example_nll
 from perta_lightning.functional.unlearning_losses import grad_ascent_loss, grad_diff_loss, npo_loss
@@ -30,6 +31,8 @@ class UnlearningModule(CausalLMModule):
         output_dir: where the unlearned model is written at the end of ``fit``.
         tokenizer: tokenizer path; defaults to ``model``.
         torch_dtype: dtype the weights are loaded in.
+        optimizer: optimizer factory, as for ``CausalLMModule``.
+        lr_scheduler: optional scheduler factory.
     """
 
     def __init__(
@@ -40,11 +43,14 @@ class UnlearningModule(CausalLMModule):
         output_dir: str | None = None,
         tokenizer: str | None = None,
         torch_dtype: str = "float32",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if method not in ("grad_ascent", "grad_diff", "npo"):
             raise ValueError(f"method must be grad_ascent, grad_diff or npo, got {method!r}")
-        super().__init__(model=model, tokenizer=tokenizer, output_dir=output_dir, torch_dtype=torch_dtype)
-        self.save_hyperparameters()
+        super().__init__(model=model, tokenizer=tokenizer, output_dir=output_dir, torch_dtype=torch_dtype,
+                         optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.reference: Any = None
         if method == "npo":
             # A frozen copy kept out of the module's parameters (and so out of the optimizer and checkpoints).
