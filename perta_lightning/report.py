@@ -164,3 +164,21 @@ def write_report(out: Path, rows: list[tuple[str, float | None, Path, Path]], se
     plot_weights(weights_by_layer_type(_importance_file(imp, "forget"), _importance_file(imp, "retain")),
                  out / "weights.png", f"PerTA-grad weights by layer type (importance at θ_{importance_at[0]})")
     return table
+
+
+def weight_concentration(forget: Path, retain: Path) -> list[dict[str, Any]]:
+    """Per parameter tensor: layer index, layer type, mean PerTA weight and share of weights above 0.5."""
+    import re
+
+    from perta_lightning.functional.weights import perta_weights
+    from perta_lightning.merge import open_importance
+
+    rows = []
+    with open_importance(forget) as s_f, open_importance(retain) as s_r:
+        for name in sorted(s_f.keys()):
+            w = perta_weights(s_f.get(name), s_r.get(name))
+            layer = re.search(r"layers\.(\d+)\.", name)
+            rows.append({"name": name, "layer": int(layer.group(1)) if layer else None, "type": layer_type(name),
+                         "mean_weight": w.mean().item(), "share_above_half": (w > 0.5).float().mean().item(),
+                         "numel": w.numel()})
+    return rows
