@@ -1,0 +1,341 @@
+"""Streaming TV / PerTA merge of Hugging Face checkpoints (``perta merge``).
+
+``θ_u = θ_t − α · (w ⊙ (θ_r − θ_base))`` with ``w = 1`` (``method="tv"``) or the PerTA weights
+``w = s_f^p / (s_f^p + β s_r^p + ε)`` (``method="perta"``); see :mod:`perta_lightning.functional`.
+
+Inputs are read one tensor at a time (large tensors by blocks of rows), so peak memory is a few
+blocks, not a model. Every header is checked before any output is written. Several ``α`` are
+merged in one pass over the inputs, into ``output/alpha_<α>`` each. The result is written to a
+temporary directory beside ``output`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from perta_lightning.checkpoint_io import (
+    WEIGHT_FILE_PATTERN,
+    CheckpointError,
+    StreamingSafetensorsWriter,
+    TensorSource,
+    parse_size,
+    plan_shards,
+    shard_file_names,
+)
+from perta_lightning.functional.task_vectors import negate_task_vector_many, task_vector
+from perta_lightning.functional.weights import DEFAULT_EPS, perta_weights
+
+DEFAULT_CHUNK_NUMEL = 1 << 22  # 4M entries: each float32 temporary of a block is 16 MiB
+
+
+class MergeError(ValueError):
+    """Inputs to a merge are inconsistent; the message names the file and the key."""
+
+
+def alpha_dir_name(alpha: float) -> str:
+    """Stable directory name for one ``α``: ``alpha_`` + Python's shortest repr of the float
+    (``0.5 -> alpha_0.5``, ``1 -> alpha_1.0``, ``1e-05 -> alpha_1e-05``)."""
+    return f"alpha_{float(alpha)!r}"
+
+
+def merge_checkpoints(
+    target: Path,
+    reinforced: Path,
+    output: Path,
+    alpha: float | list[float] = 1.0,
+    method: Literal["tv", "perta"] = "perta",
+    base: Path | None = None,
+    forget_importance: Path | None = None,
+    retain_importance: Path | None = None,
+    power: float = 1.0,
+    beta: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    missing_importance: Literal["error", "tv", "keep"] = "error",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    progress: bool = True,
+) -> list[Path]:
+    """Unlearn by negating the forget task vector, with per-parameter PerTA weights or plain TV.
+
+    Args:
+        target: Hugging Face model directory of ``θ_t``, the model to unlearn from.
+        reinforced: model directory of ``θ_r``, ``θ_t`` fine-tuned on the forget set.
+        output: directory to write; with a list of ``α`` it holds one ``alpha_<α>`` model per value.
+        alpha: scaling ``α`` of the negated task vector, or a list of them (inputs are read once).
+        method: ``tv`` (``w = 1``) or ``perta`` (``w`` from the importance files).
+        base: model directory of ``θ_base``; ``τ = θ_r − θ_base``. Defaults to ``target``.
+        forget_importance: ``s_f``: a ``.safetensors`` file or ``*.safetensors.index.json`` keyed
+            by the model's parameter names (``perta`` only).
+        retain_importance: ``s_r``, same layout as ``forget_importance`` (``perta`` only).
+        power: exponent ``p`` of the importances.
+        beta: weight ``β`` of the retain importance.
+        eps: ``ε`` in the denominator of ``w``; guards ``0/0`` (both importances zero gives ``w = 0``).
+        missing_importance: for float parameters absent from the importance files: ``error``,
+            ``tv`` (``w = 1``) or ``keep`` (``θ_u = θ_t``).
+        max_shard_size: largest output shard, bytes or a string like ``5GB`` / ``500MiB``.
+        overwrite: replace an existing ``output``.
+        allow_pickle: accept ``pytorch_model.bin`` checkpoints (loaded with ``weights_only=True``).
+        chunk_numel: entries per block when a large tensor is processed in blocks of rows.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The written model directories, one per ``α`` in the given order.
+    """
+    alphas = [float(a) for a in (alpha if isinstance(alpha, (list, tuple)) else [alpha])]
+    _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise MergeError(f"{output}: output exists; pass --overwrite true to replace it")
+    target, reinforced = Path(target), Path(reinforced)
+    base = target if base is None else Path(base)
+    _check_configs(target, reinforced, base)
+    with ExitStack() as stack:
+        try:
+            t_src = stack.enter_context(TensorSource.from_model_dir(target, allow_pickle))
+            r_src = stack.enter_context(TensorSource.from_model_dir(reinforced, allow_pickle))
+            b_src = t_src if base == target else stack.enter_context(TensorSource.from_model_dir(base, allow_pickle))
+            imps = None
+            if method == "perta":
+                imps = (stack.enter_context(TensorSource.from_path(Path(forget_importance))),
+                        stack.enter_context(TensorSource.from_path(Path(retain_importance))))
+        except CheckpointError as e:
+            raise MergeError(str(e)) from e
+        tied = _tied_aliases(target)
+        _check_tensors(t_src, r_src, b_src, imps, tied, missing_importance)
+
+        order = sorted(t_src.infos, key=lambda n: (str(t_src.infos[n].file), t_src.infos[n].offset))
+        shards = plan_shards([(n, t_src.infos[n].nbytes) for n in order], parse_size(max_shard_size))
+        names = shard_file_names(len(shards))
+        single = not isinstance(alpha, (list, tuple))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        try:
+            subdirs = [tmp] if single else [tmp / alpha_dir_name(a) for a in alphas]
+            record = dict(method=method, alpha=alphas if not single else alphas[0], target=str(target),
+                          reinforced=str(reinforced), base=str(base), power=power, beta=beta, eps=eps,
+                          forget_importance=str(forget_importance), retain_importance=str(retain_importance),
+                          missing_importance=missing_importance)
+            for subdir, a in zip(subdirs, alphas):
+                _copy_non_weight_files(target, subdir)
+                (subdir / "perta_merge.json").write_text(json.dumps({**record, "alpha": a}, indent=2) + "\n")
+            total = sum(info.nbytes for info in t_src.infos.values())
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="perta merge", file=sys.stderr,
+                       disable=not progress)
+            done = 0
+            for shard, shard_name in zip(shards, names):
+                layout = {n: (t_src.infos[n].dtype, t_src.infos[n].shape) for n in shard}
+                writers = [StreamingSafetensorsWriter(d / shard_name, layout, {"format": "pt"}) for d in subdirs]
+                for name in shard:
+                    _merge_tensor(name, t_src, r_src, b_src, imps, tied, alphas, missing_importance,
+                                  power, beta, eps, chunk_numel, writers)
+                    done += 1
+                    bar.update(t_src.infos[name].nbytes)
+                    bar.set_postfix_str(f"tensors {done}/{len(order)}", refresh=False)
+                for writer in writers:
+                    writer.close()
+            bar.close()
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": total},
+                         "weight_map": {n: f for shard, f in zip(shards, names) for n in shard}}
+                for subdir in subdirs:
+                    (subdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            _replace(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return [output] if single else [output / alpha_dir_name(a) for a in alphas]
+
+
+def _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps) -> None:
+    if not alphas or not all(torch.isfinite(torch.tensor(alphas))):
+        raise MergeError(f"alpha: need one or more finite values, got {alphas}")
+    if len({alpha_dir_name(a) for a in alphas}) != len(alphas):
+        raise MergeError(f"alpha: repeated values in {alphas}")
+    if method == "perta" and (forget_importance is None or retain_importance is None):
+        raise MergeError("method perta needs --forget_importance and --retain_importance")
+    if method == "tv" and (forget_importance is not None or retain_importance is not None):
+        raise MergeError("method tv takes no importance files; use --method perta")
+    if power <= 0 or beta < 0 or eps < 0:
+        raise MergeError(f"need power > 0, beta >= 0, eps >= 0; got {power}, {beta}, {eps}")
+
+
+def _load_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read model config ({e})") from e
+
+
+def _check_configs(target: Path, reinforced: Path, base: Path) -> None:
+    reference = _load_config(target)
+    for other in {reinforced, base} - {target}:
+        config = _load_config(other)
+        for key in ("architectures", "model_type"):
+            if config.get(key) != reference.get(key):
+                raise MergeError(f"{other / 'config.json'}: {key} {config.get(key)!r} differs from "
+                                 f"{reference.get(key)!r} in {target / 'config.json'}")
+
+
+def _tied_aliases(target: Path) -> dict[str, str]:
+    """``{alias: source}`` of tied parameters (e.g. ``lm_head.weight -> model.embed_tokens.weight``)
+    when the config ties word embeddings, from the architecture class's ``_tied_weights_keys``."""
+    config = _load_config(target)
+    text_config = config.get("text_config") or {}
+    if not config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)):
+        return {}
+    import transformers
+
+    aliases: dict[str, str] = {}
+    for arch in config.get("architectures") or []:
+        keys = getattr(getattr(transformers, arch, None), "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            aliases.update({str(k): str(v) for k, v in keys.items() if "*" not in k and "*" not in v})
+    return aliases
+
+
+def _describe(names: set[str]) -> str:
+    listed = sorted(names)
+    return ", ".join(repr(n) for n in listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
+
+
+def _check_tensors(t_src, r_src, b_src, imps, tied, missing_importance) -> None:
+    """Keys, shapes and dtype kinds of every input agree, from headers only."""
+    keys = set(t_src.infos)
+    for src in {r_src, b_src} - {t_src}:
+        if set(src.infos) != keys:
+            raise MergeError(f"{src.label}: keys differ from {t_src.label}: only in {src.label}: "
+                             f"{_describe(set(src.infos) - keys)}; only in target: {_describe(keys - set(src.infos))}")
+        for name in sorted(keys):
+            a, b = t_src.infos[name], src.infos[name]
+            if a.shape != b.shape:
+                raise MergeError(f"{b.file}: tensor {name!r} has shape {b.shape}, target has {a.shape} in {a.file}")
+            if a.is_float != b.is_float or (not a.is_float and a.dtype != b.dtype):
+                raise MergeError(f"{b.file}: tensor {name!r} has dtype {b.dtype}, target has {a.dtype}")
+    for imp in imps or ():
+        extra = {n for n in set(imp.infos) - keys if not (n in tied and tied[n] in keys)}
+        if extra:
+            raise MergeError(f"{imp.label}: importance for parameters not in the model: {_describe(extra)}")
+        for name, info in imp.infos.items():
+            if name in keys and info.shape != t_src.infos[name].shape:
+                raise MergeError(f"{info.file}: importance {name!r} has shape {info.shape}, "
+                                 f"model has {t_src.infos[name].shape}")
+            if not info.is_float:
+                raise MergeError(f"{info.file}: importance {name!r} has non-float dtype {info.dtype}")
+        missing = {n for n in keys if t_src.infos[n].is_float and _importance_key(n, imp, tied) is None}
+        if missing and missing_importance == "error":
+            raise MergeError(f"{imp.label}: no importance for {_describe(missing)}; pass "
+                             "--missing_importance tv|keep to merge those with w=1 or leave them at the target")
+
+
+def _importance_key(name: str, imp: TensorSource, tied: dict[str, str]) -> str | None:
+    """The key holding ``name``'s importance: its own, else its tied source's."""
+    if name in tied and tied[name] in imp.infos:
+        return tied[name]
+    return name if name in imp.infos else None
+
+
+def _blocks(shape: tuple[int, ...], chunk_numel: int):
+    """``(start, stop)`` row ranges of about ``chunk_numel`` entries; ``(None, None)`` for the whole."""
+    row_numel = math.prod(shape[1:])
+    if len(shape) == 0 or shape[0] * row_numel <= chunk_numel:
+        yield None, None
+        return
+    rows = max(1, chunk_numel // max(1, row_numel))
+    for start in range(0, shape[0], rows):
+        yield start, min(start + rows, shape[0])
+
+
+def _finite(tensor: torch.Tensor, what: str, name: str, label: str) -> torch.Tensor:
+    if not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{label}: {what} {name!r} contains NaN or inf")
+    return tensor
+
+
+def _merge_tensor(name, t_src, r_src, b_src, imps, tied, alphas, missing, power, beta, eps, chunk_numel,
+                  writers) -> None:
+    info = t_src.infos[name]
+    source = tied.get(name) if tied.get(name) in t_src.infos else None
+    imp_keys = None if imps is None else [_importance_key(name, imp, tied) for imp in imps]
+    for start, stop in _blocks(info.shape, chunk_numel):
+        theta_t = t_src.read(name, start, stop)
+        if not info.is_float:
+            results = [theta_t] * len(alphas)
+        else:
+            _finite(theta_t, "tensor", name, t_src.label)
+            keep = imps is not None and None in imp_keys and missing == "keep"
+            if source is not None:  # a tied alias present in the file: it must equal its source
+                for src in {t_src, r_src, b_src}:
+                    if not torch.equal(src.read(name, start, stop), src.read(source, start, stop)):
+                        raise MergeError(f"{src.label}: tied tensors {name!r} and {source!r} differ")
+            if keep or all(a == 0 for a in alphas):
+                results = [theta_t] * len(alphas)
+            else:
+                theta_r = _finite(r_src.read(name, start, stop), "tensor", name, r_src.label)
+                theta_b = theta_t if b_src is t_src else _finite(b_src.read(name, start, stop), "tensor", name,
+                                                                 b_src.label)
+                tau = task_vector(theta_r, theta_b)
+                del theta_r, theta_b
+                weight = None
+                if imps is not None and None not in imp_keys:
+                    s_f, s_r = (imp.read(k, start, stop) for imp, k in zip(imps, imp_keys))
+                    for s, imp, k in ((s_f, imps[0], imp_keys[0]), (s_r, imps[1], imp_keys[1])):
+                        if not bool((s >= 0).all()) or not bool(torch.isfinite(s).all()):
+                            raise MergeError(f"{imp.label}: importance {k!r} is negative, NaN or inf")
+                    weight = perta_weights(s_f, s_r, power, beta, eps)
+                    del s_f, s_r
+                results = negate_task_vector_many(theta_t, tau, alphas, weight)
+                for a, r in zip(alphas, results):
+                    if not bool(torch.isfinite(r).all()):
+                        raise MergeError(f"merged tensor {name!r} (alpha={a}) contains NaN or inf")
+        for writer, result in zip(writers, results):
+            writer.write(name, result)
+
+
+def _copy_non_weight_files(source: Path, destination: Path) -> None:
+    """Copy config, generation config, tokenizer and anything else that is not a weight file."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name.startswith(".") or WEIGHT_FILE_PATTERN.fullmatch(item.name) or item.name == "perta_merge.json":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, destination / item.name)
+        else:
+            shutil.copy2(item, destination / item.name)
+
+
+def _replace(tmp: Path, output: Path) -> None:
+    """Move ``tmp`` to ``output``; an existing ``output`` is moved aside first and deleted after."""
+    if output.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(tmp, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+def cli_main(argv: Sequence[str] | None = None) -> None:
+    """``perta merge ...``: parse the arguments of :func:`merge_checkpoints` (or a ``--config`` YAML)."""
+    from jsonargparse import CLI
+
+    try:
+        paths = CLI(merge_checkpoints, args=list(argv) if argv is not None else None, as_positional=False)
+    except (MergeError, CheckpointError) as e:
+        sys.exit(f"perta merge: error: {e}")
+    for path in paths:
+        print(path)
