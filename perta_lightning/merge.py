@@ -161,8 +161,8 @@ def merge_checkpoints(
 
 
 def _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps) -> None:
-    if not alphas or not all(torch.isfinite(torch.tensor(alphas))):
-        raise MergeError(f"alpha: need one or more finite values, got {alphas}")
+    if not alphas or not all(abs(a) <= torch.finfo(torch.float32).max for a in alphas):
+        raise MergeError(f"alpha: need one or more finite float32 values, got {alphas}")
     if len({alpha_dir_name(a) for a in alphas}) != len(alphas):
         raise MergeError(f"alpha: repeated values in {alphas}")
     if method == "perta" and (forget_importance is None or retain_importance is None):
