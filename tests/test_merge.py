@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from perta_lightning.merge import MergeError, merge_checkpoints
+from perta_lightning.merge import MergeError, cli_main, merge_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 1e-20
@@ -132,9 +132,7 @@ def test_cli_with_yaml_config_and_base(models, tmp_path):
     config = tmp_path / "merge.yaml"
     config.write_text(f"target: {root / 'target'}\nreinforced: {root / 'reinforced'}\nbase: {root / 'reinforced'}\n"
                       f"method: tv\nalpha: [2.0]\noutput: {tmp_path / 'cli'}\nprogress: false\n")
-    done = subprocess.run([sys.executable, "-m", "perta_lightning", "merge", "--config", str(config)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr
+    cli_main(["--config", str(config)])  # in-process; the subprocess entry point is tested with pickles
     merged, t = _state(tmp_path / "cli" / "alpha_2.0"), _state(root / "target")
     for name in t:  # base = reinforced: τ = 0, so the target comes back unchanged
         assert torch.equal(merged[name], t[name])
