@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,7 +43,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
-    offset: int = 0  # byte offset inside the file's data section (ordering only)
+    offset: int = 0  # absolute byte offset of the tensor's data in ``file``
 
     @property
     def numel(self) -> int:
@@ -64,14 +64,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        file_size = path.stat().st_size
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     header.pop("__metadata__", None)
     infos = {}
     for name, entry in header.items():
         if entry["dtype"] not in SAFE_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), path, entry["data_offsets"][0])
+        begin, end = entry["data_offsets"]
+        info = TensorInfo(entry["dtype"], tuple(entry["shape"]), path, 8 + length + begin)
+        if end - begin != info.nbytes or info.offset + info.nbytes > file_size:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets or the file is truncated")
+        infos[name] = info
     return infos
 
 
@@ -94,7 +99,7 @@ class TensorSource:
         self.infos = infos
         self.label = label
         self._pickled = pickled
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] = {}  # open files, closed by close()
 
     @classmethod
     def from_path(cls, path: Path) -> TensorSource:
@@ -155,18 +160,36 @@ class TensorSource:
         return cls(infos, label, pickled=tensors)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Tensor ``name``, or its rows ``start:stop`` when given (0-d tensors are always whole)."""
-        whole = start is None or len(self.infos[name].shape) == 0
+        """Tensor ``name``, or its rows ``start:stop`` when given (0-d tensors are always whole).
+
+        Safetensors are read with plain positioned reads into a fresh buffer rather than through a
+        memory map, so resident memory stays one block (mapped file pages would count in RSS), and
+        the read releases the GIL.
+        """
+        info = self.infos[name]
+        whole = start is None or len(info.shape) == 0
         if self._pickled is not None:
             tensor = self._pickled[name]
             return tensor.clone() if whole else tensor[start:stop].clone()
-        file = self.infos[name].file
-        handle = self._handles.get(file)
+        shape = info.shape if whole else (stop - start, *info.shape[1:])
+        row_bytes = 0 if whole else info.nbytes // info.shape[0]
+        offset = info.offset + (0 if whole else start * row_bytes)
+        buffer = torch.empty(shape, dtype=SAFE_DTYPES[info.dtype])
+        view = buffer.reshape(-1).view(torch.uint8).numpy() if buffer.numel() else bytearray()
+        handle = self._handles.get(info.file)
         if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name) if whole else handle.get_slice(name)[start:stop]
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        done = 0
+        while done < len(view):
+            n = os.preadv(handle.fileno(), [memoryview(view)[done:]], offset + done)
+            if not n:
+                raise CheckpointError(f"{info.file}: unexpected end of file reading {name!r}")
+            done += n
+        return buffer
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
         self._pickled = None
 

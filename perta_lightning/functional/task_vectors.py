@@ -35,7 +35,7 @@ def task_vector(reinforced: Tensor, base: Tensor) -> Tensor:
     """
     if reinforced.shape != base.shape:
         raise ValueError(f"task_vector: shape {tuple(reinforced.shape)} != {tuple(base.shape)}")
-    return reinforced.float() - base.float()
+    return reinforced.float() - base.float()  # same-dtype ops: mixed-dtype kernels are slower on CPU
 
 
 def negate_task_vector(target: Tensor, tau: Tensor, alpha: float, weight: Tensor | None = None) -> Tensor:
@@ -57,29 +57,40 @@ def negate_task_vector(target: Tensor, tau: Tensor, alpha: float, weight: Tensor
 
 
 def negate_task_vector_many(
-    target: Tensor, tau: Tensor, alphas: Sequence[float], weight: Tensor | None = None
+    target: Tensor,
+    tau: Tensor,
+    alphas: Sequence[float],
+    weight: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
-    """``[θ_t − α_k · (w ⊙ τ) for α_k in alphas]``, sharing the work that does not depend on ``α``.
+    """``[θ_t − α_k · (w ⊙ τ) for α_k in alphas]`` in float32, each cast to ``dtype``.
+
+    Each result is one fused ``addcmul`` (or ``add`` when ``w = 1``) over float32 operands.
 
     Args:
-        target: ``θ_t``, shape ``S``, any float dtype.
+        target: ``θ_t``, shape ``S``, any float dtype (pass it already in float32 to share the
+            conversion with :func:`task_vector`, together with ``dtype``).
         tau: ``τ``, shape ``S``.
         alphas: the values ``α_k``.
         weight: ``w``, shape ``S``, or ``None`` for ``w = 1``.
+        dtype: dtype of the results; defaults to ``target.dtype``. ``α_k = 0`` gives
+            ``target.to(dtype)``, which is ``θ_t`` bit for bit when ``target`` holds values of ``dtype``.
 
     Returns:
-        One tensor per ``α_k``, each of shape ``S`` and dtype ``target.dtype``.
+        One tensor per ``α_k``, each of shape ``S`` and dtype ``dtype``.
     """
     if tau.shape != target.shape or (weight is not None and weight.shape != target.shape):
         raise ValueError("negate_task_vector: target, tau and weight must have the same shape")
-    scaled_tau = tau.float() if weight is None else tau.float() * weight.float()
-    target32 = target.float()
+    dtype = target.dtype if dtype is None else dtype
+    target32, tau32 = target.float(), tau.float()
     results = []
     for alpha in alphas:
         if alpha == 0:
-            results.append(target.clone())
+            results.append(target.to(dtype, copy=True))
+        elif weight is None:
+            results.append(torch.add(target32, tau32, alpha=-float(alpha)).to(dtype))
         else:
-            results.append(torch.add(target32, scaled_tau, alpha=-float(alpha)).to(target.dtype))
+            results.append(torch.addcmul(target32, tau32, weight.float(), value=-float(alpha)).to(dtype))
     return results
 
 

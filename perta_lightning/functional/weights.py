@@ -53,9 +53,8 @@ def perta_weights(
     if power != 1:
         s_f = s_f.pow(power)
         s_r = s_r.pow(power)
-    # Work in place on a single fresh buffer: den = β·s_r + s_f + ε, then w = s_f / den.
-    den = torch.mul(s_r, beta) if (beta != 1 or s_r is retain_importance) else s_r
-    den = den.add_(s_f)
+    # One fresh buffer: den = s_f + β·s_r (+ ε), then w = s_f / den in place.
+    den = torch.add(s_f, s_r, alpha=beta)
     if eps:
         den.add_(eps)
     return torch.div(s_f, den, out=den)
