@@ -9,7 +9,10 @@ Creates a synthetic bf16 Llama-like checkpoint (TinyLlama-1.1B shapes, layers sc
 * ``floor``  read every tensor of the four inputs with ``safe_open`` and write the target's
              tensors as the output shards (same writer), nothing else;
 * ``stream`` :func:`perta_lightning.merge.merge_checkpoints` with ``method="perta"``;
-* ``naive``  load all four inputs into dicts, compute per tensor, ``save_file`` each shard.
+* ``naive``  load all four inputs into dicts, compute per tensor, ``save_file`` each shard
+             (one intra-op thread, like the streaming merge).
+
+Before every timed run all input files are read once, so every run starts with warm page cache.
 
 Wall time is measured inside the child; peak RSS is the child's ``ru_maxrss`` from ``os.wait4``.
 The data directory is deleted at the end unless ``--keep``.
@@ -126,6 +129,7 @@ def run_stream(root: Path, out: Path, shard_bytes: int) -> None:
 
 
 def run_naive(root: Path, out: Path, shard_bytes: int) -> None:
+    torch.set_num_threads(1)  # same intra-op threads as the streaming merge, so only the strategy differs
     from perta_lightning.checkpoint_io import plan_shards, shard_file_names
     from perta_lightning.functional.task_vectors import unlearn
     from perta_lightning.functional.weights import perta_weights
@@ -148,8 +152,17 @@ def child(mode: str, root: Path, shard_bytes: int) -> None:
     print(json.dumps({"wall": time.perf_counter() - start}))
 
 
+def warm_cache(root: Path) -> None:
+    """Read every input file once so each timed run starts with the inputs in the page cache."""
+    for file in sorted(root.glob("*/*.safetensors")):
+        with open(file, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
 def measure(mode: str, root: Path, shard_bytes: int) -> tuple[float, float]:
     shutil.rmtree(root / f"out_{mode}", ignore_errors=True)
+    warm_cache(root)
     proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--dir", str(root),
                              "--shard_bytes", str(shard_bytes)], stdout=subprocess.PIPE, text=True)
     stdout = proc.stdout.read()

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
@@ -140,16 +141,29 @@ def merge_checkpoints(
             total = sum(info.nbytes for info in t_src.infos.values())
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="perta merge", file=sys.stderr,
                        disable=not progress)
-            done = 0
-            for shard, shard_name in zip(shards, names):
-                layout = {n: (t_src.infos[n].dtype, t_src.infos[n].shape) for n in shard}
-                writers = [StreamingSafetensorsWriter(d / shard_name, layout, {"format": "pt"}) for d in subdirs]
-                for name in shard:
-                    _merge_tensor(name, t_src, r_src, b_src, imps, tied, alphas, missing_importance,
-                                  power, beta, eps, chunk_numel, writers)
-                    done += 1
-                    bar.update(t_src.infos[name].nbytes)
-                    bar.set_postfix_str(f"tensors {done}/{len(order)}", refresh=False)
+            merger = _BlockMerger(t_src, r_src, b_src, imps, tied, alphas, missing_importance, power, beta, eps)
+            blocks = [(i, name, start, stop) for i, shard in enumerate(shards) for name in shard
+                      for start, stop in _blocks(t_src.infos[name].shape, chunk_numel)]
+            writers: list[StreamingSafetensorsWriter] = []
+            finished = 0
+            # One reader thread fetches the next block while this one computes (reads release the GIL).
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(merger.read, *blocks[0][1:]) if blocks else None
+                for k, (i, name, start, stop) in enumerate(blocks):
+                    inputs = pending.result()
+                    pending = pool.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
+                    if k == 0 or blocks[k - 1][0] != i:
+                        for writer in writers:
+                            writer.close()
+                        layout = {n: (t_src.infos[n].dtype, t_src.infos[n].shape) for n in shards[i]}
+                        writers = [StreamingSafetensorsWriter(d / names[i], layout, {"format": "pt"})
+                                   for d in subdirs]
+                    for writer, result in zip(writers, merger.merge(name, inputs)):
+                        writer.write(name, result)
+                    bar.update(inputs["target"].numel() * inputs["target"].element_size())
+                    if stop is None or stop == t_src.infos[name].shape[0]:
+                        finished += 1
+                        bar.set_postfix_str(f"tensors {finished}/{len(order)}", refresh=False)
                 for writer in writers:
                     writer.close()
             bar.close()
@@ -278,50 +292,64 @@ def _check_importance(s: torch.Tensor, key: str, label: str) -> None:
         raise MergeError(f"{label}: importance {key!r} is negative, NaN or inf")
 
 
-def _merge_tensor(name, t_src, r_src, b_src, imps, tied, alphas, missing, power, beta, eps, chunk_numel,
-                  writers) -> None:
-    """Merge one tensor block by block and hand each block to every writer (one per alpha).
+class _BlockMerger:
+    """Reads the inputs of one block of one tensor and merges them (every alpha at once).
 
-    Inputs are checked through cheap derived quantities (τ, the result); only when one is not finite
-    are the inputs examined one by one to name the culprit.
+    Inputs are checked through cheap derived quantities (τ, the result); only when one is not
+    finite are the inputs examined one by one to name the culprit.
     """
-    info = t_src.infos[name]
-    source = tied.get(name) if tied.get(name) in t_src.infos else None
-    imp_keys = None if imps is None else [_importance_key(name, imp, tied) for imp in imps]
-    keep = imps is not None and None in imp_keys and missing == "keep"
-    for start, stop in _blocks(info.shape, chunk_numel):
-        theta_t = t_src.read(name, start, stop)
-        if not info.is_float:
-            results = [theta_t] * len(alphas)
-        elif keep or all(a == 0 for a in alphas):
-            if not _all_finite(theta_t):
-                raise MergeError(f"{t_src.label}: tensor {name!r} contains NaN or inf")
-            results = [theta_t] * len(alphas)
-        else:
-            if source is not None:  # a tied alias present in the file: it must equal its source
-                for src in {t_src, r_src, b_src}:
-                    if not torch.equal(src.read(name, start, stop), src.read(source, start, stop)):
-                        raise MergeError(f"{src.label}: tied tensors {name!r} and {source!r} differ")
-            theta_r = r_src.read(name, start, stop)
-            theta_t32 = theta_t.float()
-            theta_b = theta_t32 if b_src is t_src else b_src.read(name, start, stop)
-            tau = task_vector(theta_r, theta_b)
-            if not _all_finite(tau):
-                _name_non_finite(name, [(r_src, theta_r), (b_src, theta_b)], "task vector")
-            del theta_r, theta_b
-            weight = None
-            if imps is not None and None not in imp_keys:
-                s_f, s_r = (imp.read(k, start, stop) for imp, k in zip(imps, imp_keys))
-                _check_importance(s_f, imp_keys[0], imps[0].label)
-                _check_importance(s_r, imp_keys[1], imps[1].label)
-                weight = perta_weights(s_f, s_r, power, beta, eps)
-                del s_f, s_r
-            results = negate_task_vector_many(theta_t32, tau, alphas, weight, dtype=theta_t.dtype)
-            for a, r in zip(alphas, results):
-                if not _all_finite(r):
-                    _name_non_finite(name, [(t_src, theta_t)], f"merged tensor (alpha={a})")
-        for writer, result in zip(writers, results):
-            writer.write(name, result)
+
+    def __init__(self, t_src, r_src, b_src, imps, tied, alphas, missing, power, beta, eps):
+        self.t_src, self.r_src, self.b_src, self.imps, self.tied = t_src, r_src, b_src, imps, tied
+        self.alphas, self.missing, self.power, self.beta, self.eps = alphas, missing, power, beta, eps
+
+    def _imp_keys(self, name: str) -> list[str | None] | None:
+        return None if self.imps is None else [_importance_key(name, imp, self.tied) for imp in self.imps]
+
+    def _copies_target(self, name: str) -> bool:
+        keys = self._imp_keys(name)
+        keep = keys is not None and None in keys and self.missing == "keep"
+        return keep or all(a == 0 for a in self.alphas) or not self.t_src.infos[name].is_float
+
+    def read(self, name: str, start: int | None, stop: int | None) -> dict[str, torch.Tensor]:
+        inputs = {"target": self.t_src.read(name, start, stop)}
+        if self._copies_target(name):
+            return inputs
+        source = self.tied.get(name)
+        if source in self.t_src.infos:  # a tied alias present in the files: it must equal its source
+            for src in {self.t_src, self.r_src, self.b_src}:
+                if not torch.equal(src.read(name, start, stop), src.read(source, start, stop)):
+                    raise MergeError(f"{src.label}: tied tensors {name!r} and {source!r} differ")
+        inputs["reinforced"] = self.r_src.read(name, start, stop)
+        if self.b_src is not self.t_src:
+            inputs["base"] = self.b_src.read(name, start, stop)
+        keys = self._imp_keys(name)
+        if keys is not None and None not in keys:
+            inputs["forget"], inputs["retain"] = (imp.read(k, start, stop) for imp, k in zip(self.imps, keys))
+        return inputs
+
+    def merge(self, name: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        theta_t = inputs["target"]
+        if self._copies_target(name):
+            if self.t_src.infos[name].is_float and not _all_finite(theta_t):
+                raise MergeError(f"{self.t_src.label}: tensor {name!r} contains NaN or inf")
+            return [theta_t] * len(self.alphas)
+        theta_t32 = theta_t.float()
+        theta_b = inputs.get("base", theta_t32)
+        tau = task_vector(inputs["reinforced"], theta_b)
+        if not _all_finite(tau):
+            _name_non_finite(name, [(self.r_src, inputs["reinforced"]), (self.b_src, theta_b)], "task vector")
+        weight = None
+        if "forget" in inputs:
+            keys = self._imp_keys(name)
+            _check_importance(inputs["forget"], keys[0], self.imps[0].label)
+            _check_importance(inputs["retain"], keys[1], self.imps[1].label)
+            weight = perta_weights(inputs["forget"], inputs["retain"], self.power, self.beta, self.eps)
+        results = negate_task_vector_many(theta_t32, tau, self.alphas, weight, dtype=theta_t.dtype)
+        for a, result in zip(self.alphas, results):
+            if not _all_finite(result):
+                _name_non_finite(name, [(self.t_src, theta_t)], f"merged tensor (alpha={a})")
+        return results
 
 
 def _name_non_finite(name: str, inputs, what: str) -> None:
