@@ -106,6 +106,9 @@ def merge_checkpoints(
         raise MergeError(f"{output}: output exists; pass --overwrite true to replace it")
     target, reinforced = Path(target), Path(reinforced)
     base = target if base is None else Path(base)
+    inputs = [target, reinforced, base] + [Path(p).parent for p in (forget_importance, retain_importance) if p]
+    if any(output.resolve() == p.resolve() or output.resolve() in p.resolve().parents for p in inputs):
+        raise MergeError(f"{output}: output must not be, or contain, an input directory")
     _check_configs(target, reinforced, base)
     with ExitStack() as stack:
         try:
@@ -133,7 +136,8 @@ def merge_checkpoints(
             subdirs = [tmp] if single else [tmp / alpha_dir_name(a) for a in alphas]
             record = dict(method=method, alpha=alphas if not single else alphas[0], target=str(target),
                           reinforced=str(reinforced), base=str(base), power=power, beta=beta, eps=eps,
-                          forget_importance=str(forget_importance), retain_importance=str(retain_importance),
+                          forget_importance=forget_importance and str(forget_importance),
+                          retain_importance=retain_importance and str(retain_importance),
                           missing_importance=missing_importance)
             for subdir, a in zip(subdirs, alphas):
                 _copy_non_weight_files(target, subdir)
@@ -386,8 +390,13 @@ def cli_main(argv: Sequence[str] | None = None) -> None:
     """``perta merge ...``: parse the arguments of :func:`merge_checkpoints` (or a ``--config`` YAML)."""
     from jsonargparse import CLI
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    # jsonargparse booleans take a value; also accept the bare switches ``--overwrite`` and friends.
+    switches = {"--overwrite", "--allow_pickle", "--progress"}
+    args = [f"{a}=true" if a in switches and (i + 1 == len(args) or args[i + 1].startswith("--")) else a
+            for i, a in enumerate(args)]
     try:
-        paths = CLI(merge_checkpoints, args=list(argv) if argv is not None else None, as_positional=False)
+        paths = CLI(merge_checkpoints, args=args, as_positional=False)
     except (MergeError, CheckpointError) as e:
         sys.exit(f"perta merge: error: {e}")
     for path in paths:

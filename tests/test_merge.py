@@ -133,6 +133,7 @@ def test_cli_with_yaml_config_and_base(models, tmp_path):
     config.write_text(f"target: {root / 'target'}\nreinforced: {root / 'reinforced'}\nbase: {root / 'reinforced'}\n"
                       f"method: tv\nalpha: [2.0]\noutput: {tmp_path / 'cli'}\nprogress: false\n")
     cli_main(["--config", str(config)])  # in-process; the subprocess entry point is tested with pickles
+    cli_main(["--config", str(config), "--overwrite"])  # a bare switch is accepted
     merged, t = _state(tmp_path / "cli" / "alpha_2.0"), _state(root / "target")
     for name in t:  # base = reinforced: τ = 0, so the target comes back unchanged
         assert torch.equal(merged[name], t[name])
@@ -266,6 +267,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     merge_checkpoints(td, rd, tmp_path / "out", method="tv", overwrite=True, progress=False)
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["out", "r", "t"]
+    with pytest.raises(MergeError, match="must not be, or contain, an input"):
+        merge_checkpoints(td, rd, td, method="tv", overwrite=True, progress=False)
+    assert (td / "model.safetensors").exists()
 
 
 def test_pickle_refused_unless_allowed(tmp_path):
