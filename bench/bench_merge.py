@@ -14,8 +14,9 @@ Creates a synthetic bf16 Llama-like checkpoint (TinyLlama-1.1B shapes, layers sc
 
 Before every timed run all input files are read once, so every run starts with warm page cache.
 
-Wall time is measured inside the child; peak RSS is the child's ``ru_maxrss`` from ``os.wait4``.
-The data directory is deleted at the end unless ``--keep``.
+Wall time and peak RSS (``VmHWM``, which counts touched pages of memory-mapped files too) are
+measured inside the child. The data directory is deleted at the end unless ``--keep``;
+``--reuse`` times an existing one instead of generating.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -149,7 +149,9 @@ def child(mode: str, root: Path, shard_bytes: int) -> None:
     out = root / f"out_{mode}"
     start = time.perf_counter()
     {"floor": run_floor, "stream": run_stream, "naive": run_naive}[mode](root, out, shard_bytes)
-    print(json.dumps({"wall": time.perf_counter() - start}))
+    wall = time.perf_counter() - start
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(json.dumps({"wall": wall, "hwm_kib": int(status["VmHWM"].split()[0])}))
 
 
 def warm_cache(root: Path) -> None:
@@ -163,14 +165,15 @@ def warm_cache(root: Path) -> None:
 def measure(mode: str, root: Path, shard_bytes: int) -> tuple[float, float]:
     shutil.rmtree(root / f"out_{mode}", ignore_errors=True)
     warm_cache(root)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--dir", str(root),
-                             "--shard_bytes", str(shard_bytes)], stdout=subprocess.PIPE, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{mode} failed with status {status}")
+    done = subprocess.run([sys.executable, __file__, "--child", mode, "--dir", str(root),
+                           "--shard_bytes", str(shard_bytes)], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed with status {done.returncode}")
     shutil.rmtree(root / f"out_{mode}", ignore_errors=True)
-    return json.loads(stdout.strip().splitlines()[-1])["wall"], usage.ru_maxrss / 2**20  # GiB
+    # Peak RSS is the child's own VmHWM: ru_maxrss from wait4 would include the parent's peak
+    # (generation) inherited across fork + exec.
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["wall"], result["hwm_kib"] / 2**20  # GiB
 
 
 def main() -> None:
@@ -181,19 +184,23 @@ def main() -> None:
     parser.add_argument("--shard_bytes", type=int, default=5 * 10**9)
     parser.add_argument("--modes", default="floor,stream,naive")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    parser.add_argument("--reuse", action="store_true", help="time checkpoints already in --dir")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.shard_bytes)
         return
-    if args.dir.exists():
-        raise SystemExit(f"{args.dir} exists; remove it or pick another --dir")
+    if args.dir.exists() and not args.reuse:
+        raise SystemExit(f"{args.dir} exists; remove it, pick another --dir or pass --reuse")
     try:
         start = time.perf_counter()
-        n = generate(args.dir, args.params, args.shard_bytes)
+        if args.reuse:
+            n = sum(math.prod(s) for s in model_shapes(args.params).values())
+        else:
+            n = generate(args.dir, args.params, args.shard_bytes)
         model_gib = 2 * n / 2**30
-        print(f"generated {n / 1e9:.2f}B params ({model_gib:.2f} GiB bf16) in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        how = "reused" if args.reuse else f"generated in {time.perf_counter() - start:.0f} s"
+        print(f"{n / 1e9:.2f}B params ({model_gib:.2f} GiB bf16), {how}", flush=True)
         results = {m: [] for m in args.modes.split(",")}
         for repeat in range(args.repeats):
             for mode in results:
