@@ -7,6 +7,11 @@ Inputs are read one tensor at a time (large tensors by blocks of rows), so peak 
 blocks, not a model. Every header is checked before any output is written. Several ``α`` are
 merged in one pass over the inputs, into ``output/alpha_<α>`` each. The result is written to a
 temporary directory beside ``output`` and renamed into place.
+
+Tied weights: when the config ties word embeddings, the tied name (e.g. ``lm_head.weight``) is
+usually absent from the safetensors and its importance entry, if any, is ignored in favour of the
+source's. If both names are in the checkpoints, their inputs must be equal (checked) and both are
+merged with the source's importance, so they stay identical.
 """
 
 from __future__ import annotations

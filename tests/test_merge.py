@@ -285,3 +285,15 @@ def test_pickle_refused_unless_allowed(tmp_path):
     out = _state(merge_checkpoints(td, rd, tmp_path / "o", alpha=0.5, method="tv", allow_pickle=True,
                                    progress=False)[0])
     torch.testing.assert_close(out["a.weight"], _expected(t["a.weight"], r["a.weight"], 0.5))
+
+
+def test_progress_bar_on_stderr_and_truncated_file_named(tmp_path, capfd):
+    _, _, td, rd = _raw_pair(tmp_path)
+    merge_checkpoints(td, rd, tmp_path / "o", method="tv", progress=True)
+    err = capfd.readouterr().err
+    assert "perta merge" in err and "tensors 3/3" in err
+    data = (rd / "model.safetensors").read_bytes()
+    (rd / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(MergeError, match=r"r/model\.safetensors: tensor '.*' has inconsistent offsets or the file is truncated"):
+        merge_checkpoints(td, rd, tmp_path / "o2", method="tv", progress=False)
+    assert not (tmp_path / "o2").exists()
