@@ -114,13 +114,13 @@ def layer_type(name: str) -> str:
 
 def weights_by_layer_type(forget: Path, retain: Path, samples: int = 20000) -> dict[str, torch.Tensor]:
     """PerTA weights w = s_f / (s_f + s_r + ε) of every parameter, grouped by layer type (subsampled)."""
+    from perta_lightning.checkpoint_io import TensorSource
     from perta_lightning.functional.weights import perta_weights
-    from perta_lightning.merge import open_importance
 
     groups: dict[str, list[torch.Tensor]] = {}
-    with open_importance(forget) as s_f, open_importance(retain) as s_r:
-        for name in sorted(s_f.keys()):
-            w = perta_weights(s_f.get(name), s_r.get(name)).flatten()
+    with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
+        for name in sorted(s_f.infos):
+            w = perta_weights(s_f.read(name), s_r.read(name)).flatten()
             groups.setdefault(layer_type(name), []).append(w)
     generator = torch.Generator().manual_seed(0)
     out = {}
@@ -170,13 +170,13 @@ def weight_concentration(forget: Path, retain: Path) -> list[dict[str, Any]]:
     """Per parameter tensor: layer index, layer type, mean PerTA weight and share of weights above 0.5."""
     import re
 
+    from perta_lightning.checkpoint_io import TensorSource
     from perta_lightning.functional.weights import perta_weights
-    from perta_lightning.merge import open_importance
 
     rows = []
-    with open_importance(forget) as s_f, open_importance(retain) as s_r:
-        for name in sorted(s_f.keys()):
-            w = perta_weights(s_f.get(name), s_r.get(name))
+    with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
+        for name in sorted(s_f.infos):
+            w = perta_weights(s_f.read(name), s_r.read(name))
             layer = re.search(r"layers\.(\d+)\.", name)
             rows.append({"name": name, "layer": int(layer.group(1)) if layer else None, "type": layer_type(name),
                          "mean_weight": w.mean().item(), "share_above_half": (w > 0.5).float().mean().item(),
