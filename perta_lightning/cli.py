@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,6 +44,20 @@ def lightning_main(args: list[str] | None = None) -> None:
         args=args,
         auto_configure_optimizers=True,
     )
+
+
+def parse_function_config(path: str | Path) -> Any:
+    """Parse (without running) a YAML config of a function subcommand, chosen by the file name's first word.
+
+    ``merge*.yaml`` is checked by ``perta merge``'s parser, ``pipeline*.yaml`` by ``perta pipeline``'s, and so
+    on: each such module has a ``build_parser()`` returning its jsonargparse parser.
+    """
+    path = Path(path)
+    command = path.stem.split("_")[0].split("-")[0].split(".")[0]
+    if command not in _FUNCTION_SUBCOMMANDS:
+        raise ValueError(f"{path}: cannot tell which perta command it configures (name it <command>*.yaml)")
+    module = importlib.import_module(_FUNCTION_SUBCOMMANDS[command].split(":")[0])
+    return module.build_parser().parse_args(["--config", str(path)])
 
 
 def _usage() -> str:

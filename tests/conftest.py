@@ -1,10 +1,71 @@
+"""Shared fixtures: a tiny synthetic benchmark with its tokenizer, and a tiny Llama saved as a HF dir."""
+
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.tiny_assets import make_tiny_assets
+from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
+
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tofu_reference() -> Path:
+    """The real TOFU files in ../shared/tofu_reference (or $PERTA_TOFU_REFERENCE); skip when absent."""
+    where = Path(os.environ.get("PERTA_TOFU_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "tofu_reference"))
+    if not (where / "llama2-7b_full.eval_log_aggregated.json").is_file():
+        pytest.skip(f"TOFU reference files not found in {where}")
+    return where
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory) -> Path:
+    """A 10-author synthetic benchmark with a 320-token BPE tokenizer in ``<dir>/tokenizer``."""
+    out = tmp_path_factory.mktemp("bench") / "data"
+    spec = SyntheticSpec(num_authors=10, seed=0, num_background_authors=2, num_world_items=8)
+    return write_benchmark(spec, str(out), tokenizer_vocab_size=320)
+
+
+def tiny_model_config(tokenizer) -> dict:
+    return dict(TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_benchmark, tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with the benchmark's tokenizer, saved as a HF directory."""
+    from perta_lightning.data.tofu import load_tokenizer
+    from perta_lightning.modules.finetune import load_causal_lm, save_hf_directory
+
+    tokenizer_dir = str(tiny_benchmark / "tokenizer")
+    model = load_causal_lm(None, tiny_model_config(load_tokenizer(tokenizer_dir)), seed=0)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    save_hf_directory(model, tokenizer_dir, str(out))
+    return out
+
+# ---- importance: a tiny local TOFU folder and model, and single-process importance at it
+from tests.tiny_assets import make_tiny_assets  # noqa: E402
 
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 

@@ -83,7 +83,8 @@ class TofuDataModule(LightningDataModule):
     Args:
         source: where the splits come from (local folder, hub, or the synthetic generator).
         tokenizer: path or hub id of the tokenizer (usually the model directory).
-        train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...).
+        train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...), or a
+            list of splits trained on together (e.g. ``[full, world_corpus]`` to replay pre-training data).
         val_split: optional split whose answer loss is logged as ``val_loss``.
         paired_split: optional second split zipped into each training batch under ``paired_*`` keys.
         forget_split: when given together with ``paired_split``, checked to share no question with it.
@@ -102,7 +103,7 @@ class TofuDataModule(LightningDataModule):
         self,
         source: TofuSource,
         tokenizer: str,
-        train_split: str = "full",
+        train_split: str | list[str] = "full",
         val_split: str | None = None,
         paired_split: str | None = None,
         batch_size: int = 16,
@@ -124,9 +125,14 @@ class TofuDataModule(LightningDataModule):
         self.tokenizer: Any = None
         self.datasets: dict[str, Dataset] = {}
 
-    def _encoded(self, split: str, formatter: QAFormatter, num_examples: int | None = None) -> EncodedQA:
-        rows = subsample(load_split(self.source, split), num_examples, self.hparams.subsample_seed)
-        return EncodedQA(rows, formatter, self.source.describe(split))
+    def _rows(self, splits: str | list[str]) -> list[dict[str, Any]]:
+        names = [splits] if isinstance(splits, str) else list(splits)
+        return [row for name in names for row in load_split(self.source, name)]
+
+    def _encoded(self, splits: str | list[str], formatter: QAFormatter, num_examples: int | None = None) -> EncodedQA:
+        rows = subsample(self._rows(splits), num_examples, self.hparams.subsample_seed)
+        where = ", ".join(self.source.describe(name) for name in ([splits] if isinstance(splits, str) else splits))
+        return EncodedQA(rows, formatter, where)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -137,9 +143,7 @@ class TofuDataModule(LightningDataModule):
         train = self._encoded(hp.train_split, formatter, hp.num_examples)
         if hp.paired_split is not None:
             check_disjoint(
-                load_split(self.source, hp.train_split),
-                load_split(self.source, hp.paired_split),
-                f"{self.source.describe(hp.train_split)} vs {self.source.describe(hp.paired_split)}",
+                self._rows(hp.train_split), self._rows(hp.paired_split), f"{hp.train_split} vs {hp.paired_split}"
             )
             train = _Paired(train, self._encoded(hp.paired_split, formatter))
         self.datasets["train"] = train

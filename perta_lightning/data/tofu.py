@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+
 IGNORE_INDEX = -100
 
 #: Columns every split must have, and the extra ones of the evaluation (``*_perturbed``) splits.
@@ -36,25 +38,32 @@ DEFAULT_DATE_STRING = "10 Apr 2025"
 
 @dataclass
 class TofuSource:
-    """Where TOFU-format splits come from. Exactly one of ``path`` or ``hub`` is used.
+    """Where TOFU-format splits come from. Exactly one of ``path``, ``hub`` or ``synthetic`` is used.
 
     Args:
         path: a local folder holding ``<split>.json`` files (JSON lines or a JSON list), such as the one
             ``perta data synthetic`` writes.
         hub: a Hugging Face dataset id, e.g. ``locuslab/TOFU``; the split name is the hub config name.
         hub_revision: optional revision (commit or tag) of the hub dataset, for reproducibility.
+        synthetic: generate the seeded synthetic benchmark in memory.
     """
 
     path: str | None = None
     hub: str | None = None
     hub_revision: str | None = None
+    synthetic: SyntheticSpec | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError(f"TofuSource needs exactly one of path= or hub=, got path={self.path!r}, hub={self.hub!r}")
+        given = [name for name in ("path", "hub", "synthetic") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"TofuSource needs exactly one of path=, hub= or synthetic=, got {given or 'none'}")
 
     def describe(self, split: str) -> str:
-        return str(Path(self.path) / f"{split}.json") if self.path else f"{self.hub}:{split}"
+        if self.path is not None:
+            return str(Path(self.path) / f"{split}.json")
+        if self.hub is not None:
+            return f"{self.hub}:{split}"
+        return f"synthetic(num_authors={self.synthetic.num_authors}, seed={self.synthetic.seed}):{split}"
 
 
 def _read_json_rows(file: Path) -> list[dict[str, Any]]:
@@ -84,6 +93,11 @@ def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_CO
         if not file.is_file():
             raise FileNotFoundError(f"TOFU split {split!r} not found: no file {file}")
         rows = _read_json_rows(file)
+    elif source.synthetic is not None:
+        splits = generate_benchmark(source.synthetic)
+        if split not in splits:
+            raise KeyError(f"{where}: no such split; the generator writes {sorted(splits)}")
+        rows = splits[split]
     else:
         import datasets  # imported lazily: only hub users pay for it
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from perta_lightning.functional.losses import answer_nll
 from perta_lightning.io import atomic_directory
@@ -33,6 +34,9 @@ class CausalLMModule(LightningModule):
         torch_dtype: dtype the weights are loaded in (``float32``, ``bfloat16``, ...).
         seed: seed for the initialisation of a model trained from scratch.
         gradient_checkpointing: trade compute for memory on large models.
+        optimizer: a callable taking the parameters (LightningCLI builds it from ``class_path`` and
+            ``init_args``, e.g. ``torch.optim.AdamW`` with ``lr``); only trainable parameters are passed.
+        lr_scheduler: optional callable taking the optimizer; stepped every optimizer step.
     """
 
     def __init__(
@@ -44,17 +48,28 @@ class CausalLMModule(LightningModule):
         torch_dtype: str = "float32",
         seed: int = 0,
         gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if (model is None) == (model_config is None):
             raise ValueError("CausalLMModule needs exactly one of model= (a pretrained path) or model_config=")
         if model_config is not None and tokenizer is None:
             raise ValueError("a model trained from scratch (model_config=) needs tokenizer=")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model = load_causal_lm(model, model_config, torch_dtype, seed)
+        self.model.train()  # from_pretrained returns the model in eval mode
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.tokenizer_path = tokenizer or model
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -86,7 +101,12 @@ class CausalLMModule(LightningModule):
 
     def describe_run(self) -> dict[str, Any]:
         """Everything that made this model: module and data hyper-parameters and the trainer's settings."""
-        info: dict[str, Any] = {"module": type(self).__name__, "hparams": dict(self.hparams)}
+        info: dict[str, Any] = {
+            "module": type(self).__name__,
+            "hparams": dict(self.hparams),
+            "optimizer": repr(self.optimizer_factory),
+            "lr_scheduler": repr(self.scheduler_factory),
+        }
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "hparams"):
             info["data"] = {key: _jsonable(value) for key, value in dict(datamodule.hparams).items()}

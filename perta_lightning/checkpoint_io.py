@@ -1,0 +1,276 @@
+"""Tensor-at-a-time reading and writing of Hugging Face checkpoints.
+
+* :class:`TensorSource` reads a (sharded) safetensors checkpoint, or a pickle ``.bin`` one when
+  explicitly allowed, one tensor, or one block of rows of a tensor, at a time.
+* :class:`StreamingSafetensorsWriter` writes one safetensors shard whose header is known up front,
+  appending tensor bytes as they are computed, so a shard is never held in memory.
+* :func:`plan_shards` splits an ordered list of tensors into shards the way ``save_pretrained``
+  does, and :func:`shard_file_names` names them.
+
+No maths here and no global state: every handle lives in the object that opened it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFE_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+TORCH_TO_SAFE = {v: k for k, v in SAFE_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.(safetensors|bin)\.index\.json$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or importance file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it looks like, read from headers only."""
+
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int = 0  # absolute byte offset of the tensor's data in ``file``
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.tensor([], dtype=SAFE_DTYPES[self.dtype]).element_size()
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor infos of one ``.safetensors`` file, from its JSON header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        file_size = path.stat().st_size
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    infos = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in SAFE_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        info = TensorInfo(entry["dtype"], tuple(entry["shape"]), path, 8 + length + begin)
+        if end - begin != info.nbytes or info.offset + info.nbytes > file_size:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets or the file is truncated")
+        infos[name] = info
+    return infos
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a sharded index with a 'weight_map' ({e})") from e
+    return {name: index_path.parent / file for name, file in weight_map.items()}
+
+
+class TensorSource:
+    """Read tensors of a checkpoint by name, whole or by blocks of rows (first dimension).
+
+    Build with :meth:`from_model_dir` (a Hugging Face model directory) or :meth:`from_path` (a
+    ``.safetensors`` file or a ``*.safetensors.index.json``). Use as a context manager.
+    """
+
+    def __init__(self, infos: dict[str, TensorInfo], label: str, pickled: dict[str, torch.Tensor] | None = None):
+        self.infos = infos
+        self.label = label
+        self._pickled = pickled
+        self._handles: dict[Path, object] = {}  # open files, closed by close()
+
+    @classmethod
+    def from_path(cls, path: Path) -> TensorSource:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        if path.name.endswith(".json"):
+            infos: dict[str, TensorInfo] = {}
+            weight_map = _read_index(path)
+            for file in sorted(set(weight_map.values())):
+                if not file.is_file():
+                    raise CheckpointError(f"{path}: shard {file.name} listed in weight_map does not exist")
+                for name, info in read_safetensors_header(file).items():
+                    if weight_map.get(name) != file:
+                        raise CheckpointError(f"{path}: tensor {name!r} in {file.name} is not mapped to it")
+                    infos[name] = info
+            missing = set(weight_map) - set(infos)
+            if missing:
+                raise CheckpointError(f"{path}: weight_map names {sorted(missing)[:5]} absent from their shards")
+            return cls(infos, str(path))
+        if path.suffix == ".safetensors":
+            return cls(read_safetensors_header(path), str(path))
+        raise CheckpointError(f"{path}: expected a .safetensors file or a *.safetensors.index.json")
+
+    @classmethod
+    def from_model_dir(cls, directory: Path, allow_pickle: bool = False) -> TensorSource:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: no such model directory")
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            if (directory / name).is_file():
+                source = cls.from_path(directory / name)
+                source.label = str(directory)
+                return source
+        for name in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
+            if (directory / name).is_file():
+                if not allow_pickle:
+                    raise CheckpointError(
+                        f"{directory / name}: pickle checkpoint refused; convert it to safetensors or pass "
+                        "--allow_pickle true (it is then loaded with torch.load(weights_only=True))"
+                    )
+                return cls._from_pickle(directory / name, str(directory))
+        raise CheckpointError(f"{directory}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+    @classmethod
+    def _from_pickle(cls, path: Path, label: str) -> TensorSource:
+        files = sorted(set(_read_index(path).values())) if path.name.endswith(".json") else [path]
+        tensors: dict[str, torch.Tensor] = {}
+        infos: dict[str, TensorInfo] = {}
+        for file in files:
+            # mmap keeps the shard on disk; weights_only refuses arbitrary pickled objects.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name, tensor in state.items():
+                if tensor.dtype not in TORCH_TO_SAFE:
+                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+                tensors[name] = tensor
+                infos[name] = TensorInfo(TORCH_TO_SAFE[tensor.dtype], tuple(tensor.shape), file, len(infos))
+        return cls(infos, label, pickled=tensors)
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or its rows ``start:stop`` when given (0-d tensors are always whole).
+
+        Safetensors are read with plain positioned reads into a fresh buffer rather than through a
+        memory map, so resident memory stays one block (mapped file pages would count in RSS), and
+        the read releases the GIL.
+        """
+        info = self.infos[name]
+        whole = start is None or len(info.shape) == 0
+        if self._pickled is not None:
+            tensor = self._pickled[name]
+            return tensor.clone() if whole else tensor[start:stop].clone()
+        shape = info.shape if whole else (stop - start, *info.shape[1:])
+        row_bytes = 0 if whole else info.nbytes // info.shape[0]
+        offset = info.offset + (0 if whole else start * row_bytes)
+        buffer = torch.empty(shape, dtype=SAFE_DTYPES[info.dtype])
+        view = buffer.reshape(-1).view(torch.uint8).numpy() if buffer.numel() else bytearray()
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        done = 0
+        while done < len(view):
+            n = os.preadv(handle.fileno(), [memoryview(view)[done:]], offset + done)
+            if not n:
+                raise CheckpointError(f"{info.file}: unexpected end of file reading {name!r}")
+            done += n
+        return buffer
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        self._pickled = None
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``1000000``, ``"20KB"``, ``"5GB"`` (powers of 1000) or ``"4GiB"`` (powers of 1024)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MiB or bytes)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    return int(number * (1024 if "I" in unit else 1000) ** power)
+
+
+def plan_shards(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Split ``(name, nbytes)`` in order into shards of at most ``max_shard_bytes`` (a larger tensor
+    gets a shard of its own), like ``save_pretrained``."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(n_shards: int) -> list[str]:
+    if n_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file tensor by tensor (and block by block) in a fixed order.
+
+    The header, with every offset, is written on construction from ``layout`` (``name -> (dtype
+    code, shape)``, in file order); :meth:`write` then appends bytes, which must come in that order.
+    :meth:`close` checks every byte was written.
+    """
+
+    def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, object] = {"__metadata__": metadata}
+        self._expected: list[tuple[str, int]] = []
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            nbytes = math.prod(shape) * torch.tensor([], dtype=SAFE_DTYPES[dtype]).element_size()
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        self._path = path
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._index = 0
+        self._written = 0  # bytes of the current tensor written so far
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        expected_name, nbytes = self._expected[self._index]
+        if name != expected_name:
+            raise RuntimeError(f"{self._path}: wrote {name!r} where {expected_name!r} was expected")
+        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(data)
+        self._written += data.nbytes
+        if self._written > nbytes:
+            raise RuntimeError(f"{self._path}: too many bytes for {name!r}")
+        if self._written == nbytes:
+            self._index += 1
+            self._written = 0
+
+    def close(self) -> None:
+        self._file.close()
+        if self._index != len(self._expected):
+            raise RuntimeError(f"{self._path}: closed before every tensor was written")

@@ -1,0 +1,60 @@
+"""The PerTA per-parameter weight rule.
+
+For each parameter entry, with forget importance ``s_f ≥ 0`` and retain importance ``s_r ≥ 0``::
+
+    w = s_f^p / (s_f^p + β · s_r^p + ε)
+
+so ``w ∈ [0, 1)``: close to 1 where the entry matters for the forget set only, close to 0 where it
+matters for the retain set. With uniform importance ``s_f = s_r = c > 0`` and ``ε ≪ c^p`` every
+weight is ``1 / (1 + β)``, so PerTA reduces to plain task-vector negation with ``α / (1 + β)``.
+
+``ε`` only guards ``0 / 0``: an entry with no importance on either set gets ``w = 0`` (it is left
+at ``θ_t``). Its default, ``DEFAULT_EPS = 1e-20``, is far below typical squared-gradient
+importances of large models (often 1e-8 … 1e-16, where 1e-12 would visibly bias ``w`` towards 0)
+and far above the float32 underflow limit (~1e-38). Pass ``eps=0`` to forbid the guard: then an
+entry with ``s_f = s_r = 0`` gives NaN, which the merge reports as an error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DEFAULT_EPS = 1e-20
+
+
+def perta_weights(
+    forget_importance: Tensor,
+    retain_importance: Tensor,
+    power: float = 1.0,
+    beta: float = 1.0,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """PerTA weights ``w = s_f^p / (s_f^p + β · s_r^p + ε)`` in float32.
+
+    Args:
+        forget_importance: ``s_f``, shape ``S``, non-negative, any float dtype.
+        retain_importance: ``s_r``, shape ``S``, non-negative, any float dtype.
+        power: exponent ``p > 0``; ``p = 1`` skips the power.
+        beta: weight ``β ≥ 0`` of the retain importance.
+        eps: ``ε ≥ 0`` added to the denominator.
+
+    Returns:
+        ``w``, shape ``S``, float32.
+    """
+    if forget_importance.shape != retain_importance.shape:
+        raise ValueError(
+            f"perta_weights: shape {tuple(forget_importance.shape)} != {tuple(retain_importance.shape)}"
+        )
+    if power <= 0 or beta < 0 or eps < 0:
+        raise ValueError(f"perta_weights: need power > 0, beta >= 0, eps >= 0; got {power}, {beta}, {eps}")
+    s_f = forget_importance.float()
+    s_r = retain_importance.float()
+    if power != 1:
+        s_f = s_f.pow(power)
+        s_r = s_r.pow(power)
+    # One fresh buffer: den = s_f + β·s_r (+ ε), then w = s_f / den in place.
+    den = torch.add(s_f, s_r, alpha=beta)
+    if eps:
+        den.add_(eps)
+    return torch.div(s_f, den, out=den)

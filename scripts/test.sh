@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv, then run the test suite. Extra arguments go to pytest (e.g. -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+exec python -m pytest "$@"

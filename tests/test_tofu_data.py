@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from perta_lightning.data.datamodule import TofuDataModule, subsample
+from perta_lightning.data.tofu import (
+    IGNORE_INDEX,
+    QAFormatter,
+    TofuSource,
+    check_disjoint,
+    collate_examples,
+    load_split,
+    load_tokenizer,
+    pad_batch,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_benchmark):
+    return load_tokenizer(str(tiny_benchmark / "tokenizer"))
+
+
+def test_plain_template_masks_the_prompt(tokenizer):
+    formatter = QAFormatter(tokenizer, use_chat_template=False)
+    encoded = formatter.encode("Where was Ana born?", "In Kahaven.")
+    prompt = tokenizer("Question: Where was Ana born?\nAnswer: ")["input_ids"]
+    answer = tokenizer("In Kahaven.", add_special_tokens=False)["input_ids"]
+    assert encoded["input_ids"] == prompt + answer + [tokenizer.eos_token_id]
+    assert encoded["labels"] == [IGNORE_INDEX] * len(prompt) + answer + [tokenizer.eos_token_id]
+    assert tokenizer.decode(encoded["input_ids"]) == "Question: Where was Ana born?\nAnswer: In Kahaven.<|eos|>"
+
+
+def test_chat_template_with_system_prompt(tokenizer):
+    formatter = QAFormatter(tokenizer, system_prompt="Be brief.")
+    assert formatter.use_chat_template
+    assert formatter.prompt_text("Who?") == "<|system|>Be brief.\n<|user|>Who?\n<|assistant|>"
+    encoded = formatter.encode("Who?", "Ana.")
+    labelled = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Ana.<|eos|>"
+    prompt_tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][: -len(labelled)])
+    assert prompt_tokens[0] == "<|system|>" and prompt_tokens[-1] == "<|assistant|>"
+
+
+def test_max_length_cuts_the_answer_not_the_prompt(tokenizer):
+    prompt = QAFormatter(tokenizer, system_prompt=None).prompt_ids("Where was the author born?")
+    formatter = QAFormatter(tokenizer, system_prompt=None, max_length=len(prompt) + 4)
+    encoded = formatter.encode("Where was the author born?", "A long answer " * 10)
+    assert len(encoded["input_ids"]) == len(prompt) + 4
+    assert encoded["input_ids"][-1] == tokenizer.eos_token_id
+    assert encoded["input_ids"][: len(prompt)] == prompt
+    assert sum(label != IGNORE_INDEX for label in encoded["labels"]) == 4
+
+
+def test_padding_sides():
+    assert pad_batch([[1, 2, 3], [4]], 0, "right").tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert pad_batch([[1, 2, 3], [4]], 0, "left").tolist() == [[1, 2, 3], [0, 0, 4]]
+    batch = collate_examples([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7], "labels": [7]}], 0, "left")
+    assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6], [-100, 7]]
+
+
+def write_rows(folder, name, rows):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text("\n".join(json.dumps(row) for row in rows))
+
+
+def test_errors_name_the_file_and_column(tmp_path):
+    write_rows(tmp_path, "bad", [{"question": "q"}])
+    with pytest.raises(ValueError, match=r"bad\.json: column 'answer' is missing"):
+        load_split(TofuSource(path=str(tmp_path)), "bad")
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.json: the split is empty"):
+        load_split(TofuSource(path=str(tmp_path)), "empty")
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        load_split(TofuSource(path=str(tmp_path)), "nothere")
+    with pytest.raises(ValueError, match="column 'question'"):
+        check_disjoint([{"question": "q1"}], [{"question": "q1"}], "forget vs retain")
+    with pytest.raises(ValueError, match="exactly one of"):
+        TofuSource(path="a", hub="b")
+
+
+def test_subsample_is_seeded_and_ordered():
+    rows = [{"i": i} for i in range(50)]
+    picked = subsample(rows, 10, seed=1)
+    assert picked == subsample(rows, 10, seed=1) and picked != subsample(rows, 10, seed=2)
+    assert [row["i"] for row in picked] == sorted(row["i"] for row in picked)
+    assert subsample(rows, None, 0) == rows
+
+
+def test_datamodule_batches(tiny_benchmark):
+    dm = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_benchmark / "tokenizer"),
+                        train_split="forget10", paired_split="retain90", batch_size=4, shuffle=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 4 and batch["index"].tolist() == [0, 1, 2, 3]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert "paired_input_ids" in batch and batch["paired_index"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="also appear"):
+        bad = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_benchmark / "tokenizer"),
+                             train_split="forget10", paired_split="full")
+        bad.setup("fit")
+
+
+def test_tokenizer_has_specials_and_roundtrips(tokenizer):
+    assert tokenizer.eos_token == "<|eos|>" and tokenizer.pad_token == "<|pad|>"
+    text = "Kari Lusada was born in 1980."
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert torch.tensor(tokenizer("x")["input_ids"]).dtype == torch.long
