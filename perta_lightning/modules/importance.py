@@ -272,6 +272,8 @@ def cli_main(argv: Sequence[str] | None = None) -> None:
     cli = LightningCLI(
         ImportanceModule,
         ImportanceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         args=list(argv) if argv is not None else None,
         run=False,
         trainer_defaults=importance_trainer_defaults(),
