@@ -46,7 +46,7 @@ class IndexedValues(Metric):
 
     def ordered(self) -> dict[str, torch.Tensor]:
         """``{"index": (N,), name: (N, ...)}`` sorted by index, each index once."""
-        if not self.index:
+        if isinstance(self.index, list) and not self.index:  # after a sync the state is one tensor
             raise RuntimeError(f"{type(self).__name__}: compute() before any update()")
         index = dim_zero_cat(self.index)
         unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
