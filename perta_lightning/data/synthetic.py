@@ -101,7 +101,7 @@ class SyntheticSpec:
 
     num_authors: int = 40
     seed: int = 0
-    num_background_authors: int = 30
+    num_background_authors: int = 6
     num_world_items: int = 30
 
 
@@ -272,8 +272,8 @@ def write_benchmark(
     return Path(output)
 
 
-def synthetic(output: str, num_authors: int = 40, seed: int = 0, num_background_authors: int = 30,
-              num_world_items: int = 30, tokenizer_vocab_size: int | None = 1024, overwrite: bool = False) -> None:
+def synthetic(output: str, num_authors: int = 40, seed: int = 0, num_background_authors: int = 6,
+              num_world_items: int = 30, tokenizer_vocab_size: int | None = 768, overwrite: bool = False) -> None:
     """Write the synthetic fictitious-authors benchmark in the TOFU layout (and a tokenizer trained on it).
 
     Args:

@@ -1,0 +1,173 @@
+"""``TofuEvalDataModule``: the TOFU evaluation sets as test dataloaders, one per set.
+
+Sets, in dataloader order: ``forget``, ``retain``, ``real_authors``, ``world_facts`` and (for the MIA)
+``holdout``. A batch holds, for its ``B`` examples:
+
+* ``score_input_ids`` / ``score_attention_mask`` / ``score_labels``: every answer to score, right padded,
+  in one block so a single forward pass scores them all: rows ``[0, B)`` are the answers, then ``B``
+  paraphrased answers when the set has them (forget, retain), then ``B * K`` perturbed answers
+  (example-major: rows of example ``b`` are ``b*K .. b*K+K-1`` of that part);
+* ``prompt_ids`` / ``prompt_mask``: the questions alone, left padded, for batched greedy generation;
+* ``index`` (row in the set), ``eval_set`` (the set's name), ``num_perturbed`` and ``has_paraphrase``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from perta_lightning.data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_SYSTEM_PROMPT,
+    QAFormatter,
+    TofuSource,
+    collate_examples,
+    load_split,
+    load_tokenizer,
+    pad_batch,
+)
+
+EVAL_SETS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+
+
+class EvalSet(Dataset):
+    """One evaluation set, encoded once. Every row must have ``K`` perturbed answers when any has."""
+
+    def __init__(self, name: str, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
+        self.name, self.rows = name, rows
+        self.has_paraphrase = name in ("forget", "retain")
+        self.num_perturbed = len(rows[0].get("perturbed_answer", [])) if name != "holdout" else 0
+        if name != "holdout" and self.num_perturbed == 0:
+            raise ValueError(f"{where}: row 0, column 'perturbed_answer' is missing or empty")
+        self.items = []
+        for index, row in enumerate(rows):
+            perturbed = row.get("perturbed_answer", []) if name != "holdout" else []
+            if len(perturbed) != self.num_perturbed or not all(isinstance(a, str) for a in perturbed):
+                raise ValueError(
+                    f"{where}: row {index}, column 'perturbed_answer' has {len(perturbed)} answers, "
+                    f"row 0 has {self.num_perturbed}"
+                )
+            answers = [row["answer"]] + ([row["paraphrased_answer"]] if self.has_paraphrase else []) + perturbed
+            self.items.append(
+                {
+                    "index": index,
+                    "scored": [formatter.encode(row["question"], answer) for answer in answers],
+                    "prompt": formatter.prompt_ids(row["question"]),
+                }
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.items[item]
+
+
+def collate_eval(items: list[dict[str, Any]], pad_token_id: int, name: str, has_paraphrase: bool, num_perturbed: int) -> dict[str, Any]:
+    """Batch an evaluation set (layout in the module docstring)."""
+    per_example = 1 + int(has_paraphrase) + num_perturbed
+    # block order: all answers, all paraphrases, then perturbed answers example-major
+    order = [item["scored"][0] for item in items]
+    if has_paraphrase:
+        order += [item["scored"][1] for item in items]
+    first_perturbed = 1 + int(has_paraphrase)
+    order += [encoded for item in items for encoded in item["scored"][first_perturbed:per_example]]
+    scored = collate_examples(order, pad_token_id, side="right")
+    prompts = [item["prompt"] for item in items]
+    return {
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "score_input_ids": scored["input_ids"],
+        "score_attention_mask": scored["attention_mask"],
+        "score_labels": scored["labels"],
+        "prompt_ids": pad_batch(prompts, pad_token_id, side="left"),
+        "prompt_mask": pad_batch([[1] * len(p) for p in prompts], 0, side="left"),
+        "eval_set": name,
+        "num_perturbed": num_perturbed,
+        "has_paraphrase": has_paraphrase,
+    }
+
+
+class TofuEvalDataModule(LightningDataModule):
+    """TOFU evaluation data (forget, retain, real authors, world facts, holdout) as test dataloaders.
+
+    Args:
+        source: where the splits come from (local folder, hub, or the synthetic generator).
+        tokenizer: tokenizer path, usually the evaluated model's directory.
+        forget_split: the forget set with paraphrased and perturbed answers (``forget10_perturbed``).
+        retain_split: the retain evaluation set (``retain_perturbed``).
+        real_authors_split: the real-authors set (``None`` to skip it; Model Utility then is not computed).
+        world_facts_split: the world-facts set (``None`` to skip it).
+        holdout_split: questions never trained on, for the Min-K% MIA against the forget set (``None``: no MIA).
+        max_examples: evaluate the first ``max_examples`` rows of each set (TOFU's ``ds_size``; all when ``None``).
+        batch_size: examples per batch and per process (each scored with all its answers in one pass).
+        max_length: longest prompt + answer in tokens.
+        system_prompt: system message for chat templates.
+        date_string: pinned date for chat templates that print one.
+        use_chat_template: ``None`` uses the tokenizer's template when it has one.
+    """
+
+    def __init__(
+        self,
+        source: TofuSource,
+        tokenizer: str,
+        forget_split: str = "forget10_perturbed",
+        retain_split: str | None = "retain_perturbed",
+        real_authors_split: str | None = "real_authors_perturbed",
+        world_facts_split: str | None = "world_facts_perturbed",
+        holdout_split: str | None = "holdout10",
+        max_examples: int | None = None,
+        batch_size: int = 8,
+        max_length: int = 256,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        date_string: str = DEFAULT_DATE_STRING,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_examples is not None and max_examples <= 0:
+            raise ValueError(f"max_examples must be positive, got {max_examples}")
+        self.save_hyperparameters()
+        self.source = source
+        self.tokenizer_path = tokenizer
+        self.splits = {
+            "forget": forget_split,
+            "retain": retain_split,
+            "real_authors": real_authors_split,
+            "world_facts": world_facts_split,
+            "holdout": holdout_split,
+        }
+        self.sets: dict[str, EvalSet] = {}
+        self.tokenizer: Any = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
+        formatter = QAFormatter(self.tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
+        for name, split in self.splits.items():
+            if split is None:
+                continue
+            required = ("question", "answer") + (() if name == "holdout" else ("perturbed_answer",))
+            if name in ("forget", "retain"):
+                required += ("paraphrased_answer",)
+            rows = load_split(self.source, split, required)[: hp.max_examples]
+            self.sets[name] = EvalSet(name, rows, formatter, self.source.describe(split))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        loaders = []
+        for name, dataset in self.sets.items():
+            collate = partial(
+                collate_eval,
+                pad_token_id=self.tokenizer.pad_token_id,
+                name=name,
+                has_paraphrase=dataset.has_paraphrase,
+                num_perturbed=dataset.num_perturbed,
+            )
+            loaders.append(DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=collate))
+        return loaders

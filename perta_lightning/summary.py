@@ -1,0 +1,201 @@
+"""Reading evaluation files and summarising them: Forget Quality, Model Utility and the 12 sub-scores.
+
+Three layouts are read, recognised by their top-level keys:
+
+* ours (``"format": "perta-tofu-eval/1"``), written by :class:`perta_lightning.evaluate.TofuEvaluator`;
+* the original TOFU ``eval_log_aggregated.json`` (keys ``eval_log.json``, ``eval_log_forget.json``,
+  ``eval_real_author_wo_options.json``, ``eval_real_world_wo_options.json``), from per-example values;
+* open-unlearning's ``TOFU_EVAL.json`` (``forget_truth_ratio`` with per-example ``score = 1/R``, other
+  sub-scores from ``agg_value``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perta_lightning.functional import tofu_metrics as F
+
+FORMAT = "perta-tofu-eval/1"
+SETS = ("retain", "forget", "real_authors", "world_facts")
+SUB_METRICS = ("probability", "rouge", "truth_ratio")
+UTILITY_KEYS = tuple(f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m in SUB_METRICS)
+
+_TOFU_FILES = {
+    "retain": "eval_log.json",
+    "forget": "eval_log_forget.json",
+    "real_authors": "eval_real_author_wo_options.json",
+    "world_facts": "eval_real_world_wo_options.json",
+}
+_OPEN_UNLEARNING_KEYS = {
+    "forget_probability": "forget_Q_A_Prob",
+    "forget_rouge": "forget_Q_A_ROUGE",
+    "forget_truth_ratio": "forget_truth_ratio",
+    "retain_probability": "retain_Q_A_Prob",
+    "retain_rouge": "retain_Q_A_ROUGE",
+    "retain_truth_ratio": "retain_Truth_Ratio",
+    "real_authors_probability": "ra_Q_A_Prob_normalised",
+    "real_authors_rouge": "ra_Q_A_ROUGE",
+    "real_authors_truth_ratio": "ra_Truth_Ratio",
+    "world_facts_probability": "wf_Q_A_Prob_normalised",
+    "world_facts_rouge": "wf_Q_A_ROUGE",
+    "world_facts_truth_ratio": "wf_Truth_Ratio",
+}
+
+
+@dataclass
+class EvaluationRecord:
+    """What a summary needs from one evaluation file.
+
+    Attributes:
+        path: the file.
+        sub_scores: ``{"<set>_<probability|rouge|truth_ratio>": value}`` for the sets the file has.
+        forget_truth_ratios: per-example ``R`` on the forget set (TOFU convention), in example order.
+        forget_questions: the forget questions (or prompts containing them) when the file has them.
+        mia_auc: Min-K% MIA AUC on forget vs holdout, when the file has it.
+    """
+
+    path: str
+    sub_scores: dict[str, float]
+    forget_truth_ratios: torch.Tensor
+    forget_questions: list[str] | None = None
+    mia_auc: float | None = None
+
+
+def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise KeyError(f"{where}: missing key {key!r}")
+    return mapping[key]
+
+
+def _values(mapping: dict[str, Any], key: str, where: str) -> list[Any]:
+    """Per-example values of a TOFU log column, ordered by the integer example index."""
+    column = _require(mapping, key, where)
+    if isinstance(column, list):
+        return column
+    return [column[k] for k in sorted(column, key=int)]
+
+
+def _tofu_record(data: dict[str, Any], path: str) -> EvaluationRecord:
+    scores: dict[str, float] = {}
+    ratios = None
+    questions = None
+    for name, file_key in _TOFU_FILES.items():
+        log = _require(data, file_key, path)
+        where = f"{path}[{file_key!r}]"
+        answer_nll = torch.tensor(_values(log, "avg_gt_loss", where), dtype=torch.float64)
+        perturbed = torch.tensor(_values(log, "average_perturb_loss", where), dtype=torch.float64)
+        correct = torch.tensor(_values(log, "avg_paraphrased_loss", where), dtype=torch.float64)
+        ratio = F.truth_ratio(correct, perturbed)
+        if name in ("retain", "forget"):
+            scores[f"{name}_probability"] = F.answer_probability(answer_nll).mean().item()
+        else:
+            scores[f"{name}_probability"] = F.probability_with_options(answer_nll, perturbed).mean().item()
+        scores[f"{name}_rouge"] = sum(_values(log, "rougeL_recall", where)) / answer_nll.numel()
+        scores[f"{name}_truth_ratio"] = F.truth_ratio_score(ratio, forget=name == "forget")
+        if name == "forget":
+            ratios = ratio
+            if "generated_text" in log:
+                questions = [str(entry[0]) for entry in _values(log, "generated_text", where)]
+    return EvaluationRecord(path, scores, ratios, questions)
+
+
+def _open_unlearning_record(data: dict[str, Any], path: str) -> EvaluationRecord:
+    scores = {}
+    for ours, theirs in _OPEN_UNLEARNING_KEYS.items():
+        if theirs in data:
+            scores[ours] = float(_require(data[theirs], "agg_value", f"{path}[{theirs!r}]"))
+    by_index = _require(data["forget_truth_ratio"], "value_by_index", f"{path}['forget_truth_ratio']")
+    inverse = [float(by_index[k]["score"]) for k in sorted(by_index, key=int)]
+    ratios = 1.0 / torch.tensor(inverse, dtype=torch.float64)  # open-unlearning stores 1/R
+    questions = None
+    rouge = data.get("forget_Q_A_ROUGE", {}).get("value_by_index")
+    if rouge and all("input" in rouge[k] for k in rouge):
+        questions = [str(rouge[k]["input"]) for k in sorted(rouge, key=int)]
+    mia = data.get("mia_min_k", {}).get("agg_value")
+    return EvaluationRecord(path, scores, ratios, questions, None if mia is None else float(mia))
+
+
+def _our_record(data: dict[str, Any], path: str) -> EvaluationRecord:
+    aggregates = _require(data, "aggregates", path)
+    forget = _require(_require(data, "examples", path), "forget", f"{path}['examples']")
+    where = f"{path}['examples']['forget']"
+    scores = {key: float(aggregates[key]) for key in (f"{s}_{m}" for s in SETS for m in SUB_METRICS) if aggregates.get(key) is not None}
+    ratios = torch.tensor(_require(forget, "truth_ratio", where), dtype=torch.float64)
+    return EvaluationRecord(path, scores, ratios, list(_require(forget, "question", where)), aggregates.get("mia_min_k_auc"))
+
+
+def load_evaluation(path: str | Path) -> EvaluationRecord:
+    """Read one evaluation file in any of the three layouts (see the module docstring)."""
+    path = str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"evaluation file not found: {path}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    if data.get("format") == FORMAT:
+        return _our_record(data, path)
+    if "eval_log_forget.json" in data:
+        return _tofu_record(data, path)
+    if "forget_truth_ratio" in data:
+        return _open_unlearning_record(data, path)
+    raise ValueError(
+        f"{path}: unknown evaluation layout; expected 'format': {FORMAT!r}, a TOFU eval_log_aggregated.json "
+        f"(key 'eval_log_forget.json') or an open-unlearning TOFU_EVAL.json (key 'forget_truth_ratio')"
+    )
+
+
+def check_same_forget_set(
+    questions: list[str] | None, count: int, reference: EvaluationRecord, where: str = "the evaluated model"
+) -> None:
+    """Raise when the retain reference was evaluated on another forget set (count or questions differ).
+
+    Questions are compared by containment, so a bare question matches a templated prompt holding it.
+    """
+    if reference.forget_truth_ratios.numel() != count:
+        raise ValueError(
+            f"retain reference {reference.path}: its forget set has {reference.forget_truth_ratios.numel()} "
+            f"examples but {where} has {count}; evaluate both on the same forget split"
+        )
+    if questions is None or reference.forget_questions is None:
+        return
+    for index, (ours, theirs) in enumerate(zip(questions, reference.forget_questions)):
+        if ours not in theirs and theirs not in ours:
+            raise ValueError(
+                f"retain reference {reference.path}: forget example {index} is {theirs!r} there but {ours!r} in "
+                f"{where}; evaluate both on the same forget split"
+            )
+
+
+def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, float | None]:
+    """Forget Quality (KS p-value against the retain model), Model Utility and the 12 sub-scores."""
+    ckpt, retain = load_evaluation(ckpt_result), load_evaluation(retain_result)
+    check_same_forget_set(ckpt.forget_questions, ckpt.forget_truth_ratios.numel(), retain, str(ckpt.path))
+    quality, statistic = F.forget_quality(ckpt.forget_truth_ratios, retain.forget_truth_ratios)
+    missing = [key for key in UTILITY_KEYS if key not in ckpt.sub_scores]
+    summary: dict[str, float | None] = {
+        "forget_quality": quality,
+        "ks_statistic": statistic,
+        "model_utility": None if missing else F.harmonic_mean([ckpt.sub_scores[k] for k in UTILITY_KEYS]),
+    }
+    for key in (f"{s}_{m}" for s in SETS for m in SUB_METRICS):
+        summary[key] = ckpt.sub_scores.get(key)
+    if ckpt.mia_auc is not None and retain.mia_auc is not None:
+        summary["mia_min_k_auc"] = ckpt.mia_auc
+        summary["privleak"] = F.privleak(ckpt.mia_auc, retain.mia_auc)
+    return summary
+
+
+def summarize_main(argv: list[str]) -> None:
+    """``perta summarize --ckpt_result A.json --retain_result B.json``: print the summary as one JSON object."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="perta summarize", description=summarize.__doc__)
+    parser.add_function_arguments(summarize)
+    args = parser.parse_args(argv)
+    print(json.dumps(summarize(args.ckpt_result, args.retain_result), indent=2))

@@ -1,0 +1,111 @@
+"""The evaluator on a tiny random Llama: batched equals a naive loop, 2 processes equal 1, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perta_lightning.data.tofu import TofuSource
+from perta_lightning.evaluate import evaluate_model
+from perta_lightning.summary import summarize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from naive_eval import naive_evaluate  # noqa: E402
+from tiny import make_tiny_setup  # noqa: E402
+
+SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
+          "world_facts": "world_facts_perturbed", "holdout": "holdout10"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data, model = make_tiny_setup(root)
+    batched = root / "eval.json"
+    evaluate_model(str(model), TofuSource(path=str(data)), output_json=str(batched), max_examples=5, batch_size=3,
+                   max_new_tokens=8, accelerator="cpu")
+    return root, data, model, json.loads(batched.read_text())
+
+
+def test_batched_equals_naive_loop(tiny):
+    root, data, model, batched = tiny
+    naive = naive_evaluate(str(model), TofuSource(path=str(data)), SPLITS, max_new_tokens=8, max_examples=5)
+    for name, columns in naive["examples"].items():
+        ours = batched["examples"][name]
+        assert ours["index"] == list(range(5))
+        for key, values in columns.items():
+            if not values or (key not in ours and name != "forget"):
+                continue  # the naive loop computes extraction strength and Min-K% everywhere
+            if key == "generation":
+                assert ours[key] == values, name
+            else:
+                flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+                flat_ours = [x for v in ours[key] for x in (v if isinstance(v, list) else [v])]
+                assert flat_ours == pytest.approx(flat, abs=1e-5), (name, key)
+    for key, value in naive["aggregates"].items():
+        assert batched["aggregates"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_json_layout_and_self_reference(tiny, tmp_path):
+    root, data, model, batched = tiny
+    assert batched["format"] == "perta-tofu-eval/1"
+    for key in ("forget_quality", "model_utility", "privleak", "mia_min_k_auc", "forget_extraction_strength"):
+        assert key in batched["aggregates"]
+    summary = summarize(root / "eval.json", root / "eval.json")
+    assert summary["forget_quality"] == 1.0 and summary["privleak"] == pytest.approx(0.0)
+    # evaluating against itself as the retain reference fills Forget Quality and PrivLeak in the file
+    out = tmp_path / "with_ref.json"
+    result = evaluate_model(str(model), TofuSource(path=str(data)), output_json=str(out), retain_result=str(root / "eval.json"),
+                            max_examples=5, batch_size=5, max_new_tokens=8, accelerator="cpu",
+                            retain_split=None, real_authors_split=None, world_facts_split=None)
+    assert result["aggregates"]["forget_quality"] == 1.0
+    assert result["aggregates"]["privleak"] == pytest.approx(0.0)
+    assert result["aggregates"]["model_utility"] is None  # utility sets were skipped
+    assert json.loads(out.read_text())["aggregates"] == result["aggregates"]
+
+
+def test_retain_reference_from_another_forget_split_is_refused(tiny, tmp_path):
+    root, data, model, _ = tiny
+    common = dict(max_new_tokens=4, accelerator="cpu", retain_split=None, real_authors_split=None,
+                  world_facts_split=None, holdout_split=None)
+    with pytest.raises(ValueError, match="has 5 examples but"):
+        evaluate_model(str(model), TofuSource(path=str(data)), retain_result=str(root / "eval.json"), max_examples=4, **common)
+    other = json.loads((root / "eval.json").read_text())
+    other["examples"]["forget"]["question"][2] = "Who wrote something else entirely?"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="forget example 2"):
+        evaluate_model(str(model), TofuSource(path=str(data)), retain_result=str(tmp_path / "other.json"), max_examples=5, **common)
+
+
+def test_model_directory_without_tokenizer_is_refused(tiny, tmp_path):
+    _, data, model, _ = tiny
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in Path(model).iterdir():
+        if not file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(file, bare / file.name)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        evaluate_model(str(bare), TofuSource(path=str(data)), accelerator="cpu")
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one(tiny, tmp_path):
+    """Same per-process batches (size 1) on one and on two processes give bit-identical files; the 5
+    examples split 3 + 2 so rank 1 repeats one example as DistributedSampler padding."""
+    root, data, model, _ = tiny
+    batched = evaluate_model(str(model), TofuSource(path=str(data)), max_examples=5, batch_size=1, max_new_tokens=8,
+                             accelerator="cpu")
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = Path(__file__).parent / "helpers" / "ddp_eval.py"
+    run = subprocess.run([sys.executable, str(script), str(data), str(model), str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["settings"]["world_size"] == 2
+    assert ddp["examples"] == batched["examples"]
+    assert ddp["aggregates"] == batched["aggregates"]
