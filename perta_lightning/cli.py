@@ -40,7 +40,9 @@ def lightning_main(args: list[str] | None = None) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        # Each stage writes the settings that made it beside its artifact (perta_hparams.json, the
+        # evaluation's "settings"), so LightningCLI's own config.yaml in the working directory is not wanted.
+        save_config_callback=None,
         args=args,
         auto_configure_optimizers=True,
     )
