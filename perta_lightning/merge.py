@@ -369,10 +369,14 @@ def _name_non_finite(name: str, inputs, what: str) -> None:
 
 
 def _copy_non_weight_files(source: Path, destination: Path) -> None:
-    """Copy config, generation config, tokenizer and anything else that is not a weight file."""
+    """Copy config, generation config, tokenizer and anything else that is not a weight file.
+
+    The target's own provenance files (``perta_*.json``: how it was trained, merged or staged) describe the
+    target, not the merge, and are not copied; the merge writes its own ``perta_merge.json``.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        if item.name.startswith(".") or WEIGHT_FILE_PATTERN.fullmatch(item.name) or item.name == "perta_merge.json":
+        if item.name.startswith((".", "perta_")) or WEIGHT_FILE_PATTERN.fullmatch(item.name):
             continue
         if item.is_dir():
             shutil.copytree(item, destination / item.name)
