@@ -35,3 +35,10 @@ def test_two_processes_equal_one(strategy, tiny_assets, single_process, tmp_path
         for split in ("forget", "retain"):
             actual = load_file(tmp_path / statistic / f"{split}.safetensors")
             assert_close_stats(actual, load_file(single_process[statistic][split]))
+    if strategy in ("fsdp_flat", "fsdp2", "zero3"):
+        # the fine-tuning module saves gathered full weights, not this rank's shard
+        saved, original = load_file(tmp_path / "saved" / "model.safetensors"), load_file(
+            Path(tiny_assets["model"]) / "model.safetensors")
+        assert saved.keys() == original.keys()
+        for name, tensor in original.items():
+            assert saved[name].shape == tensor.shape and saved[name].equal(tensor), name

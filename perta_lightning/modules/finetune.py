@@ -90,12 +90,17 @@ class CausalLMModule(LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.output_dir is None:
             return
+        from perta_lightning.distributed import full_state_dict
+
+        # Collective under FSDP and ZeRO-3 (every rank enters it); the full state lands on rank zero only.
+        state_dict = full_state_dict(self.trainer.strategy, self)
         save_hf_directory(
             self.model,
             self.tokenizer_path,
             self.hparams.output_dir,
             hparams=self.describe_run(),
             is_global_zero=self.trainer.is_global_zero,
+            state_dict=state_dict,
         )
         self.trainer.strategy.barrier("perta_save_hf")
 

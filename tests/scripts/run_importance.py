@@ -31,6 +31,26 @@ def make_strategy(name: str):
     raise ValueError(name)
 
 
+SAVE_CHECKED = ("fsdp_flat", "fsdp2", "zero3")
+
+
+def save_unchanged(strategy_name: str, model: str, data: str, output: str) -> None:
+    """One fit step at learning rate 0, then save: under sharding the saved weights must be the gathered
+    full ones, equal to the model we started from."""
+    from functools import partial
+
+    import lightning as L
+    import torch
+
+    from perta_lightning.data.datamodule import TofuDataModule
+    from perta_lightning.modules.finetune import CausalLMModule
+
+    module = CausalLMModule(model=model, output_dir=f"{output}/saved", optimizer=partial(torch.optim.SGD, lr=0.0))
+    data_module = TofuDataModule(TofuSource(path=data), model, train_split="forget10", batch_size=2)
+    L.Trainer(accelerator="cpu", devices=2, strategy=make_strategy(strategy_name), max_steps=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0).fit(module, data_module)
+
+
 def main() -> None:
     strategy_name, model, data, output = sys.argv[1:5]
     statistics = sys.argv[5].split(",") if len(sys.argv) > 5 else ["grad", "fisher"]
@@ -40,6 +60,8 @@ def main() -> None:
             trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": make_strategy(strategy_name),
                             "enable_progress_bar": False},
         )
+    if strategy_name in SAVE_CHECKED:
+        save_unchanged(strategy_name, model, data, output)
 
 
 if __name__ == "__main__":
