@@ -1,6 +1,6 @@
 """Batched TOFU evaluation vs a naive loop on a demo-size Llama (hidden 256, 4 layers, ~5M parameters).
 
-    PYTHONPATH=. python bench/bench_eval.py [--runs 3] [--max-examples 20] [--max-new-tokens 32]
+    PYTHONPATH=. python bench/bench_eval.py [--runs 3] [--max-examples 20] [--max-new-tokens 32] [--threads 2]
 
 Both evaluate forget, retain, real authors, world facts and holdout sets: the naive loop scores one
 example and one answer per forward pass and generates one question at a time; the evaluator scores a
@@ -11,6 +11,7 @@ KV cache. Prints the median wall time of each and checks that the numbers agree.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -36,13 +37,15 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both paths")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     data, model = make_tiny_setup(root, num_authors=40, hidden=256, layers=4, vocab_size=1024, intermediate=1024)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters())
     source = TofuSource(path=str(data))
     fast_times, naive_times = [], []
+    load_before = os.getloadavg()
     for _ in range(args.runs):
         start = time.perf_counter()
         fast = evaluate_model(str(model), source, max_examples=args.max_examples, batch_size=args.batch_size,
@@ -63,13 +66,15 @@ def main() -> None:
             ours = torch.tensor(fast["examples"][name][key], dtype=torch.float64).flatten()
             difference = (flat - ours).abs().max().item()
             if difference > 1e-5:
-                print(f"  {name}.{key}: max |difference| {difference:.2e}")
+                relative = ((flat - ours).abs() / flat.abs().clamp(min=1e-12)).max().item()
+                print(f"  {name}.{key}: max |difference| {difference:.2e}, max relative {relative:.2e}")
             if key != "extraction_strength":  # a discrete score: one argmax tie flipped moves it by 1/N
                 worst = max(worst, difference)
     examples = sum(len(c["answer_nll"]) for c in naive["examples"].values())
     fast_median, naive_median = statistics.median(fast_times), statistics.median(naive_times)
+    print(f"load average before/after: {load_before} / {os.getloadavg()}")
     print(f"model: Llama hidden 256, 4 layers, {params / 1e6:.2f}M parameters; {examples} examples over 5 sets, "
-          f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, torch threads=2")
+          f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, torch threads={args.threads}")
     print(f"batched evaluator: runs {[round(t, 1) for t in fast_times]} s, median {fast_median:.1f} s")
     print(f"naive loop:        runs {[round(t, 1) for t in naive_times]} s, median {naive_median:.1f} s")
     print(f"speed-up: {naive_median / fast_median:.1f}x; max |difference| of continuous per-example values {worst:.2e}; "

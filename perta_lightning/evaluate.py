@@ -1,7 +1,8 @@
 """``TofuEvaluator``: TOFU evaluation of a Hugging Face model directory, under any Lightning strategy.
 
-Each test batch is scored in one forward pass (answers, paraphrases and every perturbed answer) and its
-questions are answered by batched greedy generation (left padding, KV cache). Per-example values go into
+Each test batch encodes its questions once (left padded) and scores every answer, paraphrase and perturbed
+answer against that key/value cache in one more pass (:mod:`perta_lightning.prompt_cache`); the same cache
+seeds batched greedy generation. Per-example values go into
 ``IndexedValues`` metrics ("cat" states keyed by example index), so the result is the same on one
 process and on many. At the end rank zero writes one JSON file (atomically)::
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from transformers import DynamicCache
 
 from perta_lightning.data.evaluation import TofuEvalDataModule
 from perta_lightning.data.tofu import TofuSource, load_tokenizer
@@ -28,6 +30,7 @@ from perta_lightning.functional.losses import example_nll
 from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues
 from perta_lightning.modules.finetune import load_causal_lm
+from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
 from perta_lightning.summary import FORMAT, UTILITY_KEYS, check_same_forget_set, load_evaluation, summarize_main
 
 __all__ = ["TofuEvaluator", "evaluate_model", "summarize_main"]
@@ -89,19 +92,20 @@ class TofuEvaluator(LightningModule):
                                   datamodule.source.describe(datamodule.splits["forget"]))
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Greedy continuations ``(B, max_new_tokens)``, cut after EOS and padded with -1."""
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix: DynamicCache | None = None) -> torch.Tensor:
+        """Greedy continuations ``(B, max_new_tokens)``, cut before EOS and padded with -1.
+
+        ``prefix``: the prompts' cache without their last token (:func:`encode_prefix`); it is extended in place.
+        """
         width = self.hparams.max_new_tokens
         out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=width, do_sample=False,
-            use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            input_ids=prompt_ids, attention_mask=prompt_mask, cache=prefix, max_new_tokens=width,
+            do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
         )[:, prompt_ids.shape[1]:]
+        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
         ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
-        for row in range(out.shape[0]):
-            tokens = out[row].tolist()
-            if self.tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(self.tokenizer.eos_token_id)]
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
         return ids
 
     def decode(self, ids: torch.Tensor) -> str:
@@ -111,9 +115,11 @@ class TofuEvaluator(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         name, index = batch["eval_set"], batch["index"]
         size, num_perturbed = index.numel(), batch["num_perturbed"]
-        logits = self.model(input_ids=batch["score_input_ids"], attention_mask=batch["score_attention_mask"],
-                            use_cache=False).logits
-        labels = batch["score_labels"]
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        prefix = encode_prefix(self.model, prompt_ids, prompt_mask)
+        logits = score_answers(self.model, prefix, prompt_ids, prompt_mask, batch["answer_ids"], batch["answer_mask"],
+                               batch["answer_example"])
+        labels = block_labels(batch["answer_labels"])
         nll_sum, count = example_nll(logits, labels)
         mean_nll = nll_sum.double() / count
         values = {"answer_nll": mean_nll[:size]}
@@ -129,7 +135,7 @@ class TofuEvaluator(LightningModule):
         if "min_k_score" in columns:
             values["min_k_score"] = F.min_k_score(logits[:size], labels[:size], self.hparams.mink_k)
         if "generated_ids" in columns:
-            ids = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+            ids = self.generate(prompt_ids, prompt_mask, prefix)
             rows = self.trainer.datamodule.sets[name].rows
             references = [rows[i]["answer"] for i in index.tolist()]
             values["generated_ids"] = ids

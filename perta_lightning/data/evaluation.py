@@ -3,11 +3,13 @@
 Sets, in dataloader order: ``forget``, ``retain``, ``real_authors``, ``world_facts`` and (for the MIA)
 ``holdout``. A batch holds, for its ``B`` examples:
 
-* ``score_input_ids`` / ``score_attention_mask`` / ``score_labels``: every answer to score, right padded,
-  in one block so a single forward pass scores them all: rows ``[0, B)`` are the answers, then ``B``
-  paraphrased answers when the set has them (forget, retain), then ``B * K`` perturbed answers
-  (example-major: rows of example ``b`` are ``b*K .. b*K+K-1`` of that part);
-* ``prompt_ids`` / ``prompt_mask``: the questions alone, left padded, for batched greedy generation;
+* ``answer_ids`` / ``answer_mask`` / ``answer_labels``: every answer to score (its tokens and EOS, without the
+  question), right padded, ``(N, A)``: rows ``[0, B)`` are the answers, then ``B`` paraphrased answers when
+  the set has them (forget, retain), then ``B * K`` perturbed answers (example-major: rows of example ``b``
+  are ``b*K .. b*K+K-1`` of that part); labels are the tokens, -100 on padding;
+* ``answer_example``: ``(N,)`` the example (batch row) each answer belongs to;
+* ``prompt_ids`` / ``prompt_mask``: the questions alone, left padded. The evaluator encodes them once, scores
+  every answer against their key/value cache (:mod:`perta_lightning.prompt_cache`) and generates from it;
 * ``index`` (row in the set), ``eval_set`` (the set's name), ``num_perturbed`` and ``has_paraphrase``.
 """
 
@@ -23,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from perta_lightning.data.tofu import (
     DEFAULT_DATE_STRING,
     DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
     QAFormatter,
     TofuSource,
-    collate_examples,
     load_split,
     load_tokenizer,
     pad_batch,
@@ -51,12 +53,13 @@ class EvalSet(Dataset):
                     f"{where}: row {index}, column 'perturbed_answer' has {len(perturbed)} answers, "
                     f"row 0 has {self.num_perturbed}"
                 )
+            prompt = formatter.prompt_ids(row["question"])
             answers = [row["answer"]] + ([row["paraphrased_answer"]] if self.has_paraphrase else []) + perturbed
             self.items.append(
                 {
                     "index": index,
-                    "scored": [formatter.encode(row["question"], answer) for answer in answers],
-                    "prompt": formatter.prompt_ids(row["question"]),
+                    "answers": [answer_tokens(formatter.encode(row["question"], answer), prompt) for answer in answers],
+                    "prompt": prompt,
                 }
             )
 
@@ -67,22 +70,31 @@ class EvalSet(Dataset):
         return self.items[item]
 
 
+def answer_tokens(encoded: dict[str, list[int]], prompt: list[int]) -> list[int]:
+    """The answer part (labelled tokens, EOS included) of an encoded pair whose input starts with ``prompt``."""
+    start = len(prompt)
+    if encoded["input_ids"][:start] != prompt or encoded["labels"][start:] != encoded["input_ids"][start:]:
+        raise ValueError("encoded question-answer pair does not split into the prompt and labelled answer tokens")
+    return encoded["input_ids"][start:]
+
+
 def collate_eval(items: list[dict[str, Any]], pad_token_id: int, name: str, has_paraphrase: bool, num_perturbed: int) -> dict[str, Any]:
     """Batch an evaluation set (layout in the module docstring)."""
     per_example = 1 + int(has_paraphrase) + num_perturbed
     # block order: all answers, all paraphrases, then perturbed answers example-major
-    order = [item["scored"][0] for item in items]
+    order = [(b, item["answers"][0]) for b, item in enumerate(items)]
     if has_paraphrase:
-        order += [item["scored"][1] for item in items]
+        order += [(b, item["answers"][1]) for b, item in enumerate(items)]
     first_perturbed = 1 + int(has_paraphrase)
-    order += [encoded for item in items for encoded in item["scored"][first_perturbed:per_example]]
-    scored = collate_examples(order, pad_token_id, side="right")
+    order += [(b, answer) for b, item in enumerate(items) for answer in item["answers"][first_perturbed:per_example]]
+    answers = [answer for _, answer in order]
     prompts = [item["prompt"] for item in items]
     return {
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        "score_input_ids": scored["input_ids"],
-        "score_attention_mask": scored["attention_mask"],
-        "score_labels": scored["labels"],
+        "answer_ids": pad_batch(answers, pad_token_id, side="right"),
+        "answer_mask": pad_batch([[1] * len(a) for a in answers], 0, side="right"),
+        "answer_labels": pad_batch(answers, IGNORE_INDEX, side="right"),
+        "answer_example": torch.tensor([b for b, _ in order], dtype=torch.long),
         "prompt_ids": pad_batch(prompts, pad_token_id, side="left"),
         "prompt_mask": pad_batch([[1] * len(p) for p in prompts], 0, side="left"),
         "eval_set": name,

@@ -1,0 +1,72 @@
+"""Score many answers to one prompt with the prompt encoded once (a shared key/value cache).
+
+A TOFU example scores ``2 + K`` answers to the same question. Running the model over
+``prompt ++ answer`` for each of them re-encodes the prompt ``2 + K`` times, and the prompt is most of
+the tokens. Causal attention means the prompt's keys and values do not depend on the answer, so:
+
+1. ``encode_prefix``: run the ``B`` prompts, left padded to ``(B, P)``, *without their last token*
+   (column ``P - 1``) once, keeping the cache of ``P - 1`` positions per layer;
+2. ``score_answers``: gather that cache to the ``N`` answers (``example[n]`` is the prompt of answer ``n``)
+   and run only ``[last prompt token] ++ answer`` per answer, ``(N, 1 + A)`` tokens. Output position ``t``
+   predicts token ``t + 1`` of that block, so the logits and the labels ``[-100] ++ answer`` have the usual
+   next-token layout of :mod:`perta_lightning.functional.losses`, restricted to the answer.
+
+The same prefix cache then seeds generation, which only has to run the last prompt token before decoding.
+Positions follow Hugging Face ``generate``: ``cumsum(mask) - 1`` over the left-padded prompt, so row ``b``
+sees the same positions as its unpadded sequence, and the numbers equal a one-sequence-at-a-time pass up to
+float rounding of the masked attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+IGNORE_INDEX = -100
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``(B, P)`` of left-padded prompts: ``cumsum(mask) - 1``, 0 on padding (as ``generate``)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prefix(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
+    """Key/value cache of the left-padded prompts ``(B, P)`` without their last column ``(B, P - 1)``."""
+    if prompt_ids.shape[1] < 2 or not bool(prompt_mask[:, -1].all()):
+        raise ValueError(f"prompts must be left padded and at least 2 tokens long, got shape {tuple(prompt_ids.shape)}")
+    out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+                position_ids=prompt_positions(prompt_mask)[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
+    if sliding:
+        raise NotImplementedError(f"{type(model).__name__}: sliding-window cache layers {sliding} cannot be shared "
+                                  "across answers; prompt-cache scoring supports full-attention models")
+    return cache
+
+
+def score_answers(
+    model: torch.nn.Module,
+    prefix: DynamicCache,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    example: torch.Tensor,
+) -> torch.Tensor:
+    """Logits ``(N, 1 + A, V)`` of ``[last prompt token of example[n]] ++ answer_ids[n]`` after the prefix.
+
+    ``answer_ids`` / ``answer_mask``: ``(N, A)`` right padded; ``example``: ``(N,)`` prompt row of each answer.
+    ``prefix`` (from :func:`encode_prefix`) is left unchanged. Logit ``[n, t]`` predicts block token ``t + 1``.
+    """
+    cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, example), layer.values.index_select(0, example))
+                                         for layer in prefix.layers])
+    ids = torch.cat([prompt_ids[example, -1:], answer_ids], dim=1)
+    mask = torch.cat([prompt_mask[example], answer_mask], dim=1)
+    start = prompt_mask.long().sum(-1)[example] - 1
+    positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+
+
+def block_labels(answer_labels: torch.Tensor) -> torch.Tensor:
+    """Labels ``(N, 1 + A)`` aligned with :func:`score_answers`' input block: ``-100`` for the prompt token."""
+    return torch.nn.functional.pad(answer_labels, (1, 0), value=IGNORE_INDEX)
