@@ -42,7 +42,7 @@ from perta_lightning.checkpoint_io import (
 )
 from perta_lightning.functional.weights import DEFAULT_EPS
 
-DEFAULT_CHUNK_NUMEL = 1 << 20  # 1M entries: a float32 temporary of a block is 4 MiB and stays in cache
+DEFAULT_CHUNK_NUMEL = 1 << 19  # 512K entries: a float32 temporary of a block is 2 MiB and stays in cache
 
 
 class MergeError(ValueError):
@@ -152,28 +152,27 @@ def merge_checkpoints(
             merger = _BlockMerger(t_src, r_src, b_src, imps, tied, alphas, missing_importance, power, beta, eps)
             blocks = [(i, name, start, stop) for i, shard in enumerate(shards) for name in shard
                       for start, stop in _blocks(t_src.infos[name].shape, chunk_numel)]
-            writers: list[StreamingSafetensorsWriter] = []
+            shard_writers = _ShardWriters(subdirs, names, shards, t_src)
             finished = 0
-            # One reader thread fetches the next block while this one computes (reads release the GIL).
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(merger.read, *blocks[0][1:]) if blocks else None
+            # Three threads: a reader fetches block k+1 and a writer writes block k-1 while this one
+            # computes block k (file reads and writes release the GIL). One block in flight each way.
+            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+                pending = reader.submit(merger.read, *blocks[0][1:]) if blocks else None
+                written = None
                 for k, (i, name, start, stop) in enumerate(blocks):
                     inputs = pending.result()
-                    pending = pool.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
-                    if k == 0 or blocks[k - 1][0] != i:
-                        for writer in writers:
-                            writer.close()
-                        layout = {n: (t_src.infos[n].dtype, t_src.infos[n].shape) for n in shards[i]}
-                        writers = [StreamingSafetensorsWriter(d / names[i], layout, {"format": "pt"})
-                                   for d in subdirs]
-                    for writer, result in zip(writers, merger.merge(name, inputs)):
-                        writer.write(name, result)
+                    pending = reader.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
+                    results = merger.merge(name, inputs)
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(shard_writers.write, i, name, results)
                     bar.update(inputs["target"].numel() * inputs["target"].element_size())
                     if stop is None or stop == t_src.infos[name].shape[0]:
                         finished += 1
                         bar.set_postfix_str(f"tensors {finished}/{len(order)}", refresh=False)
-                for writer in writers:
-                    writer.close()
+                if written is not None:
+                    written.result()
+                shard_writers.close()
             bar.close()
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total},
@@ -187,6 +186,30 @@ def merge_checkpoints(
         finally:
             torch.set_num_threads(previous_threads)
     return [output] if single else [output / alpha_dir_name(a) for a in alphas]
+
+
+class _ShardWriters:
+    """The output shards of every ``α``, opened shard by shard as blocks arrive in file order."""
+
+    def __init__(self, subdirs: list[Path], names: list[str], shards: list[list[str]], t_src: TensorSource):
+        self.subdirs, self.names, self.shards, self.t_src = subdirs, names, shards, t_src
+        self.shard: int | None = None
+        self.writers: list[StreamingSafetensorsWriter] = []
+
+    def write(self, shard: int, name: str, results: list[torch.Tensor]) -> None:
+        if shard != self.shard:
+            self.close()
+            layout = {n: (self.t_src.infos[n].dtype, self.t_src.infos[n].shape) for n in self.shards[shard]}
+            self.writers = [StreamingSafetensorsWriter(d / self.names[shard], layout, {"format": "pt"})
+                            for d in self.subdirs]
+            self.shard = shard
+        for writer, result in zip(self.writers, results):
+            writer.write(name, result)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
 
 
 def _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps) -> None:
