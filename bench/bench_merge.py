@@ -7,8 +7,8 @@ Creates a synthetic bf16 Llama-like checkpoint (TinyLlama-1.1B shapes, layers sc
 (sharded, with an index). Then runs, each in its own subprocess, interleaved per repeat:
 
 * ``floor``  read every byte of every tensor of the four inputs, 2 MiB at a time, into one
-             reused buffer (plain positioned reads from the page cache, no compute) and write the target's tensors as
-             the output shards (same writer), nothing else;
+             reused buffer (plain positioned reads from the page cache, no compute) and write
+             the target's tensors as the output shards (same writer), nothing else;
 * ``floor_mmap`` the floor as first defined: ``safe_open(...).get_tensor`` of the four inputs and
              the same writes. ``get_tensor`` maps the file without copying, so only the target's
              bytes are ever touched (by the writer): it skips reading ~5/6 of the input and is
@@ -110,7 +110,8 @@ def weight_map(index: Path) -> dict[str, Path]:
 def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
     import os
 
-    from perta_lightning.checkpoint_io import StreamingSafetensorsWriter, TensorSource, plan_shards, shard_file_names
+    from perta_lightning.checkpoint_io import (StreamingSafetensorsWriter, TensorSource, plan_shards,
+                                               shard_file_names)
 
     srcs = [TensorSource.from_path(i) for i in sources(root)]
     target = srcs[0]
@@ -258,7 +259,8 @@ def main() -> None:
                 print(f"repeat {repeat} {mode:6s} wall {wall:7.1f} s  peak RSS {rss:6.2f} GiB", flush=True)
         floor = statistics.median(w for w, _ in results["floor"]) if "floor" in results else float("nan")
         print(f"\nload average at the end: {os.getloadavg()}")
-        print("\n| run | walls (s) | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |\n|---|---|---|---|---|---|")
+        print("\n| run | walls (s) | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |")
+        print("|---|---|---|---|---|---|")
         for mode, runs in results.items():
             wall = statistics.median(w for w, _ in runs)
             rss = max(r for _, r in runs)
