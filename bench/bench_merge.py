@@ -6,9 +6,16 @@ Creates a synthetic bf16 Llama-like checkpoint (TinyLlama-1.1B shapes, layers sc
 ``--params``) sharded like a real one: target, reinforced and float32 forget / retain importance
 (sharded, with an index). Then runs, each in its own subprocess, interleaved per repeat:
 
-* ``floor``  read every tensor of the four inputs with ``safe_open`` and write the target's
-             tensors as the output shards (same writer), nothing else;
+* ``floor``  read every byte of every tensor of the four inputs, 2 MiB at a time, into one
+             reused buffer (plain positioned reads from the page cache, no compute) and write
+             the target's tensors as the output shards (same writer), nothing else;
+* ``floor_mmap`` the floor as first defined: ``safe_open(...).get_tensor`` of the four inputs and
+             the same writes. ``get_tensor`` maps the file without copying, so only the target's
+             bytes are ever touched (by the writer): it skips reading ~5/6 of the input and is
+             kept only to compare with earlier figures;
 * ``stream`` :func:`perta_lightning.merge.merge_checkpoints` with ``method="perta"``;
+* ``stream_base`` the same call to the code in ``--baseline_src`` (e.g. an export of main), to
+             time a change side by side;
 * ``naive``  load all four inputs into dicts, compute per tensor, ``save_file`` each shard
              (one intra-op thread, like the streaming merge).
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
+FLOOR_CHUNK_BYTES = 2 << 20  # the floor reads in 2 MiB pieces into one reused buffer
 
 
 def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
@@ -99,6 +108,39 @@ def weight_map(index: Path) -> dict[str, Path]:
 
 
 def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
+    import os
+
+    from perta_lightning.checkpoint_io import (StreamingSafetensorsWriter, TensorSource, plan_shards,
+                                               shard_file_names)
+
+    srcs = [TensorSource.from_path(i) for i in sources(root)]
+    target = srcs[0]
+    buffer = torch.empty(FLOOR_CHUNK_BYTES, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    files = {}
+    shards = plan_shards([(n, i.nbytes) for n, i in target.infos.items()], shard_bytes)
+    out.mkdir()
+    for shard, file in zip(shards, shard_file_names(len(shards))):
+        writer = StreamingSafetensorsWriter(out / file, {n: (target.infos[n].dtype, target.infos[n].shape)
+                                                         for n in shard}, {"format": "pt"})
+        for name in shard:
+            for src in reversed(srcs):  # the target last: its chunks are written from the buffer
+                info = src.infos[name]
+                if info.file not in files:
+                    files[info.file] = os.open(info.file, os.O_RDONLY)
+                for begin in range(0, info.nbytes, FLOOR_CHUNK_BYTES):
+                    size = min(FLOOR_CHUNK_BYTES, info.nbytes - begin)
+                    done = 0
+                    while done < size:
+                        done += os.preadv(files[info.file], [view[done:size]], info.offset + begin + done)
+                    if src is target:
+                        writer.write(name, buffer[:size])
+        writer.close()
+    for fd in files.values():
+        os.close(fd)
+
+
+def run_floor_mmap(root: Path, out: Path, shard_bytes: int) -> None:
     from perta_lightning.checkpoint_io import StreamingSafetensorsWriter, TensorSource, plan_shards, shard_file_names
 
     maps = [weight_map(i) for i in sources(root)]
@@ -148,7 +190,9 @@ def run_naive(root: Path, out: Path, shard_bytes: int) -> None:
 def child(mode: str, root: Path, shard_bytes: int) -> None:
     out = root / f"out_{mode}"
     start = time.perf_counter()
-    {"floor": run_floor, "stream": run_stream, "naive": run_naive}[mode](root, out, shard_bytes)
+    runs = {"floor": run_floor, "floor_mmap": run_floor_mmap, "stream": run_stream, "stream_base": run_stream,
+            "naive": run_naive}
+    runs[mode](root, out, shard_bytes)
     wall = time.perf_counter() - start
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     print(json.dumps({"wall": wall, "hwm_kib": int(status["VmHWM"].split()[0])}))
@@ -162,11 +206,16 @@ def warm_cache(root: Path) -> None:
                 pass
 
 
-def measure(mode: str, root: Path, shard_bytes: int) -> tuple[float, float]:
+def measure(mode: str, root: Path, shard_bytes: int, baseline_src: Path | None = None) -> tuple[float, float]:
     shutil.rmtree(root / f"out_{mode}", ignore_errors=True)
     warm_cache(root)
+    env = None
+    if mode == "stream_base":
+        if baseline_src is None:
+            raise SystemExit("mode stream_base needs --baseline_src")
+        env = {**os.environ, "PYTHONPATH": str(baseline_src)}
     done = subprocess.run([sys.executable, __file__, "--child", mode, "--dir", str(root),
-                           "--shard_bytes", str(shard_bytes)], stdout=subprocess.PIPE, text=True)
+                           "--shard_bytes", str(shard_bytes)], stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed with status {done.returncode}")
     shutil.rmtree(root / f"out_{mode}", ignore_errors=True)
@@ -183,6 +232,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/perta_bench"))
     parser.add_argument("--shard_bytes", type=int, default=5 * 10**9)
     parser.add_argument("--modes", default="floor,stream,naive")
+    parser.add_argument("--baseline_src", type=Path, help="package root timed by mode stream_base")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--reuse", action="store_true", help="time checkpoints already in --dir")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -204,15 +254,18 @@ def main() -> None:
         results = {m: [] for m in args.modes.split(",")}
         for repeat in range(args.repeats):
             for mode in results:
-                wall, rss = measure(mode, args.dir, args.shard_bytes)
+                wall, rss = measure(mode, args.dir, args.shard_bytes, args.baseline_src)
                 results[mode].append((wall, rss))
                 print(f"repeat {repeat} {mode:6s} wall {wall:7.1f} s  peak RSS {rss:6.2f} GiB", flush=True)
         floor = statistics.median(w for w, _ in results["floor"]) if "floor" in results else float("nan")
-        print(f"\n| run | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |\n|---|---|---|---|---|")
+        print(f"\nload average at the end: {os.getloadavg()}")
+        print("\n| run | walls (s) | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |")
+        print("|---|---|---|---|---|---|")
         for mode, runs in results.items():
             wall = statistics.median(w for w, _ in runs)
             rss = max(r for _, r in runs)
-            print(f"| {mode} | {wall:.1f} | {wall / floor:.2f} | {rss:.2f} | {rss / model_gib:.1%} |")
+            walls = ", ".join(f"{w:.1f}" for w, _ in runs)
+            print(f"| {mode} | {walls} | {wall:.1f} | {wall / floor:.2f} | {rss:.2f} | {rss / model_gib:.1%} |")
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -40,10 +40,9 @@ from perta_lightning.checkpoint_io import (
     plan_shards,
     shard_file_names,
 )
-from perta_lightning.functional.task_vectors import negate_task_vector_many, task_vector
-from perta_lightning.functional.weights import DEFAULT_EPS, perta_weights
+from perta_lightning.functional.weights import DEFAULT_EPS
 
-DEFAULT_CHUNK_NUMEL = 1 << 20  # 1M entries: a float32 temporary of a block is 4 MiB and stays in cache
+DEFAULT_CHUNK_NUMEL = 1 << 19  # 512K entries (2 MiB float32 temporaries): fastest of 128K-1M measured
 
 
 class MergeError(ValueError):
@@ -153,28 +152,27 @@ def merge_checkpoints(
             merger = _BlockMerger(t_src, r_src, b_src, imps, tied, alphas, missing_importance, power, beta, eps)
             blocks = [(i, name, start, stop) for i, shard in enumerate(shards) for name in shard
                       for start, stop in _blocks(t_src.infos[name].shape, chunk_numel)]
-            writers: list[StreamingSafetensorsWriter] = []
+            shard_writers = _ShardWriters(subdirs, names, shards, t_src)
             finished = 0
-            # One reader thread fetches the next block while this one computes (reads release the GIL).
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(merger.read, *blocks[0][1:]) if blocks else None
+            # Three threads: a reader fetches block k+1 and a writer writes block k-1 while this one
+            # computes block k (file reads and writes release the GIL). One block in flight each way.
+            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+                pending = reader.submit(merger.read, *blocks[0][1:]) if blocks else None
+                written = None
                 for k, (i, name, start, stop) in enumerate(blocks):
                     inputs = pending.result()
-                    pending = pool.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
-                    if k == 0 or blocks[k - 1][0] != i:
-                        for writer in writers:
-                            writer.close()
-                        layout = {n: (t_src.infos[n].dtype, t_src.infos[n].shape) for n in shards[i]}
-                        writers = [StreamingSafetensorsWriter(d / names[i], layout, {"format": "pt"})
-                                   for d in subdirs]
-                    for writer, result in zip(writers, merger.merge(name, inputs)):
-                        writer.write(name, result)
+                    pending = reader.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
+                    results = merger.merge(name, inputs)
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(shard_writers.write, i, name, results)
                     bar.update(inputs["target"].numel() * inputs["target"].element_size())
                     if stop is None or stop == t_src.infos[name].shape[0]:
                         finished += 1
                         bar.set_postfix_str(f"tensors {finished}/{len(order)}", refresh=False)
-                for writer in writers:
-                    writer.close()
+                if written is not None:
+                    written.result()
+                shard_writers.close()
             bar.close()
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total},
@@ -188,6 +186,30 @@ def merge_checkpoints(
         finally:
             torch.set_num_threads(previous_threads)
     return [output] if single else [output / alpha_dir_name(a) for a in alphas]
+
+
+class _ShardWriters:
+    """The output shards of every ``α``, opened shard by shard as blocks arrive in file order."""
+
+    def __init__(self, subdirs: list[Path], names: list[str], shards: list[list[str]], t_src: TensorSource):
+        self.subdirs, self.names, self.shards, self.t_src = subdirs, names, shards, t_src
+        self.shard: int | None = None
+        self.writers: list[StreamingSafetensorsWriter] = []
+
+    def write(self, shard: int, name: str, results: list[torch.Tensor]) -> None:
+        if shard != self.shard:
+            self.close()
+            layout = {n: (self.t_src.infos[n].dtype, self.t_src.infos[n].shape) for n in self.shards[shard]}
+            self.writers = [StreamingSafetensorsWriter(d / self.names[shard], layout, {"format": "pt"})
+                            for d in self.subdirs]
+            self.shard = shard
+        for writer, result in zip(self.writers, results):
+            writer.write(name, result)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
 
 
 def _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps) -> None:
@@ -296,21 +318,29 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _check_importance(s: torch.Tensor, key: str, label: str) -> None:
-    if s.numel() and not (bool(s.amin() >= 0) and _all_finite(s)):  # NaN fails the comparison
-        raise MergeError(f"{label}: importance {key!r} is negative, NaN or inf")
-
-
 class _BlockMerger:
     """Reads the inputs of one block of one tensor and merges them (every alpha at once).
 
-    Inputs are checked through cheap derived quantities (τ, the result); only when one is not
-    finite are the inputs examined one by one to name the culprit.
+    Per block, with ``θ_t`` in bf16 and float32 importances, the work is six elementwise passes
+    over float32 scratch buffers that are reused from block to block (no fresh temporaries):
+
+    1. ``t32 ← θ_t`` (bf16 → float32 copy; skipped when ``θ_t`` is float32),
+    2. ``τ ← θ_r − t32`` (``θ_r`` is converted inside the kernel; the result is exact),
+    3. ``w ← s_f^p + β s_r^p``, 4. ``w ← w + ε``, 5. ``w ← s_f^p / w`` (in place; ``p = 1`` skips
+       the powers), bit for bit :func:`~perta_lightning.functional.weights.perta_weights`,
+    6. ``θ_u ← t32 − α τ ⊙ w`` per ``α``, one ``addcmul`` written straight into the output dtype,
+
+    plus three reductions: ``aminmax`` of each importance (negative, NaN or ``+inf`` raises) and
+    one sum of each result. Non-finite ``θ_t``, ``θ_r``, ``θ_base`` or ``τ`` always makes the
+    result non-finite (``α ≠ 0`` and ``0 ≤ w ≤ 1``: ``α τ w`` is NaN or ``±inf``, and so is
+    ``θ_t − α τ w``), so checking the result suffices; only then are the inputs examined one by
+    one to name the culprit.
     """
 
     def __init__(self, t_src, r_src, b_src, imps, tied, alphas, missing, power, beta, eps):
         self.t_src, self.r_src, self.b_src, self.imps, self.tied = t_src, r_src, b_src, imps, tied
         self.alphas, self.missing, self.power, self.beta, self.eps = alphas, missing, power, beta, eps
+        self._scratch: dict[str, torch.Tensor] = {}  # float32 buffers, grown to the largest block
 
     def _imp_keys(self, name: str) -> list[str | None] | None:
         return None if self.imps is None else [_importance_key(name, imp, self.tied) for imp in self.imps]
@@ -337,35 +367,81 @@ class _BlockMerger:
             inputs["forget"], inputs["retain"] = (imp.read(k, start, stop) for imp, k in zip(self.imps, keys))
         return inputs
 
+    def _buffer(self, key: str, numel: int) -> torch.Tensor:
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[key] = torch.empty(numel, dtype=torch.float32)
+        return buffer[:numel]
+
+    def _float32(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        """``tensor`` flattened, in float32: itself when it already is, else copied into scratch."""
+        flat = tensor.reshape(-1)
+        return flat if flat.dtype == torch.float32 else self._buffer(key, flat.numel()).copy_(flat)
+
     def merge(self, name: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         theta_t = inputs["target"]
         if self._copies_target(name):
             if self.t_src.infos[name].is_float and not _all_finite(theta_t):
                 raise MergeError(f"{self.t_src.label}: tensor {name!r} contains NaN or inf")
             return [theta_t] * len(self.alphas)
-        theta_t32 = theta_t.float()
-        theta_b = inputs.get("base", theta_t32)
-        tau = task_vector(inputs["reinforced"], theta_b)
-        if not _all_finite(tau):
-            _name_non_finite(name, [(self.r_src, inputs["reinforced"]), (self.b_src, theta_b)], "task vector")
+        n = theta_t.numel()
+        t32 = self._float32(theta_t, "target")
+        b32 = t32 if "base" not in inputs else self._float32(inputs["base"], "base")
+        tau = self._buffer("tau", n)
+        reinforced = inputs["reinforced"].reshape(-1)
+        if reinforced.dtype == torch.float64:  # float64 arithmetic would differ from task_vector's
+            reinforced = self._float32(reinforced, "reinforced")
+        torch.sub(reinforced, b32, out=tau)  # one float32 operand: the kernel computes in float32
         weight = None
         if "forget" in inputs:
             keys = self._imp_keys(name)
-            _check_importance(inputs["forget"], keys[0], self.imps[0].label)
-            _check_importance(inputs["retain"], keys[1], self.imps[1].label)
-            weight = perta_weights(inputs["forget"], inputs["retain"], self.power, self.beta, self.eps)
-        results = negate_task_vector_many(theta_t32, tau, self.alphas, weight, dtype=theta_t.dtype)
-        for a, result in zip(self.alphas, results):
+            s_f, s_r = (self._float32(inputs[k], k) for k in ("forget", "retain"))
+            for s, key, imp in zip((s_f, s_r), keys, self.imps):
+                _check_importance_minmax(s, key, imp.label)
+            if self.power != 1:
+                s_f = torch.pow(s_f, self.power, out=self._buffer("forget_p", n))
+                s_r = torch.pow(s_r, self.power, out=self._buffer("retain_p", n))
+            weight = torch.add(s_f, s_r, alpha=self.beta, out=self._buffer("weight", n))
+            if self.eps:
+                weight.add_(self.eps)
+            torch.div(s_f, weight, out=weight)
+        results = []
+        for a in self.alphas:
+            if a == 0:
+                result = theta_t.clone()
+            else:
+                result = torch.empty(n, dtype=theta_t.dtype)
+                if weight is None:
+                    torch.add(t32, tau, alpha=-a, out=result)
+                else:
+                    torch.addcmul(t32, tau, weight, value=-a, out=result)
+                result = result.view(theta_t.shape)
             if not _all_finite(result):
-                _name_non_finite(name, [(self.t_src, theta_t)], f"merged tensor (alpha={a})")
+                _name_non_finite(name, [(self.t_src, theta_t), (self.r_src, inputs["reinforced"]),
+                                        (self.b_src, inputs.get("base", theta_t))], tau, weight, a)
+            results.append(result)
         return results
 
 
-def _name_non_finite(name: str, inputs, what: str) -> None:
+def _check_importance_minmax(s: torch.Tensor, key: str, label: str) -> None:
+    """One pass: ``min >= 0`` fails on a negative entry or NaN (NaN propagates), ``max < inf`` on ``+inf``."""
+    if s.numel():
+        low, high = torch.aminmax(s)
+        if not (bool(low >= 0) and bool(high < math.inf)):
+            raise MergeError(f"{label}: importance {key!r} is negative, NaN or inf")
+
+
+def _name_non_finite(name: str, inputs, tau: torch.Tensor, weight: torch.Tensor | None, alpha: float) -> None:
+    """Raise naming why the merge of ``name`` is not finite: an input, ``τ``, ``w`` or the result."""
     for src, tensor in inputs:
         if not _all_finite(tensor):
             raise MergeError(f"{src.label}: tensor {name!r} contains NaN or inf")
-    raise MergeError(f"{what} {name!r} contains NaN or inf (float32 overflow)")
+    if not _all_finite(tau):
+        raise MergeError(f"task vector {name!r} contains NaN or inf (float32 overflow)")
+    if weight is not None and not _all_finite(weight):
+        raise MergeError(f"PerTA weight {name!r} contains NaN "
+                         "(s_f = s_r = 0 with eps = 0, or s^p overflows float32)")
+    raise MergeError(f"merged tensor (alpha={alpha}) {name!r} contains NaN or inf (float32 overflow)")
 
 
 def _copy_non_weight_files(source: Path, destination: Path) -> None:

@@ -297,3 +297,86 @@ def test_progress_bar_on_stderr_and_truncated_file_named(tmp_path, capfd):
     with pytest.raises(MergeError, match=r"r/model\.safetensors: tensor '.*' has inconsistent offsets or the file is truncated"):
         merge_checkpoints(td, rd, tmp_path / "o2", method="tv", progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+# ---------------------------------------------------------------- in-place fast path against the functional
+
+
+def _perta_dirs(tmp_path: Path, dtype: torch.dtype, base: bool):
+    torch.manual_seed(4)
+    t = {k: torch.randn(shape).to(dtype) for k, shape in (("a.weight", (9, 6)), ("b.bias", (6,)), ("c.scale", ()))}
+    r = {k: (v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64)).to(dtype) for k, v in t.items()}
+    b = {k: (v.double() - 0.1 * torch.randn(v.shape, dtype=torch.float64)).to(dtype) for k, v in t.items()}
+    s_f = {k: torch.rand(v.shape) for k, v in t.items()}
+    s_r = {k: torch.rand(v.shape) for k, v in t.items()}
+    s_f["a.weight"][0, :3] = 0  # w = 0 entries
+    s_r["a.weight"][1, :3] = 0  # w close to 1 entries
+    save_file(s_f, tmp_path / "sf.safetensors")
+    save_file(s_r, tmp_path / "sr.safetensors")
+    dirs = [_raw_dir(tmp_path / k, v) for k, v in (("t", t), ("r", r), ("b", b)) if base or k != "b"]
+    return (t, r, b if base else None, s_f, s_r), dirs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("power,beta,eps",
+                         [(1.0, 1.0, EPS), (2.0, 0.5, EPS), (1.0, 0.0, EPS), (1.0, 1.0, 0.0), (0.5, 3.0, 1e-3)])
+@pytest.mark.parametrize("base", [False, True])
+def test_fast_path_equals_functional_bit_for_bit(tmp_path, dtype, power, beta, eps, base):
+    from perta_lightning.functional.task_vectors import unlearn
+    from perta_lightning.functional.weights import perta_weights
+
+    (t, r, b, s_f, s_r), dirs = _perta_dirs(tmp_path, dtype, base)
+    alphas = [0.0, 0.7, -1.5]
+    for method in ("perta", "tv"):
+        imp = {}
+        if method == "perta":
+            imp = dict(forget_importance=tmp_path / "sf.safetensors",
+                       retain_importance=tmp_path / "sr.safetensors", power=power, beta=beta, eps=eps)
+        outs = merge_checkpoints(dirs[0], dirs[1], tmp_path / f"o_{method}", alpha=alphas, method=method,
+                                 base=dirs[2] if base else None, chunk_numel=12, progress=False, **imp)
+        for alpha, out in zip(alphas, outs):
+            merged = _state(out)
+            for name in t:
+                w = perta_weights(s_f[name], s_r[name], power, beta, eps) if method == "perta" else None
+                expected = unlearn(t[name], r[name], alpha, base=None if b is None else b[name], weight=w)
+                assert merged[name].dtype == dtype, (method, alpha, name)
+                assert torch.equal(merged[name], expected), (method, alpha, name)
+
+
+NON_FINITE = {  # each culprit sits where s_f = 0, so w = 0 there: only NaN propagation can reveal it
+    "target": (lambda t, r, b, s_f, s_r: t["a.weight"].__setitem__((0, 1), float("inf")),
+               r"/t: tensor 'a\.weight'"),
+    "reinforced": (lambda t, r, b, s_f, s_r: r["a.weight"].__setitem__((0, 2), float("nan")),
+                   r"/r: tensor 'a\.weight'"),
+    "base": (lambda t, r, b, s_f, s_r: b["b.bias"].__setitem__(0, float("-inf")), r"/b: tensor 'b\.bias'"),
+    "retain +inf": (lambda t, r, b, s_f, s_r: s_r["a.weight"].__setitem__((2, 2), float("inf")),
+                    r"sr\.safetensors: importance 'a\.weight' is negative, NaN or inf"),
+    "forget +inf": (lambda t, r, b, s_f, s_r: s_f["c.scale"].fill_(float("inf")),
+                    r"sf\.safetensors: importance 'c\.scale' is negative, NaN or inf"),
+    "task vector overflow": (lambda t, r, b, s_f, s_r: (r["a.weight"].__setitem__((3, 3), 3e38),
+                                                        b["a.weight"].__setitem__((3, 3), -3e38)),
+                             r"task vector 'a\.weight' contains NaN or inf \(float32 overflow\)"),
+    "0/0 weight": (lambda t, r, b, s_f, s_r: s_r["a.weight"].__setitem__((0, 0), 0.0),
+                   r"PerTA weight 'a\.weight' contains NaN"),
+}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_non_finite_anywhere_raises_naming_the_key(tmp_path, case):
+    torch.manual_seed(5)
+    t = {"a.weight": torch.randn(7, 5), "b.bias": torch.randn(5), "c.scale": torch.randn(())}
+    r, b = ({k: v + torch.randn(v.shape) for k, v in t.items()} for _ in range(2))
+    s_f, s_r = ({k: torch.rand(v.shape) + 0.1 for k, v in t.items()} for _ in range(2))
+    s_f["a.weight"][0] = 0
+    s_f["b.bias"][0] = 0
+    NON_FINITE[case][0](t, r, b, s_f, s_r)
+    save_file(s_f, tmp_path / "sf.safetensors")
+    save_file(s_r, tmp_path / "sr.safetensors")
+    td, rd, bd = (_raw_dir(tmp_path / k, v) for k, v in (("t", t), ("r", r), ("b", b)))
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(MergeError, match=NON_FINITE[case][1]):
+        merge_checkpoints(td, rd, tmp_path / "out", alpha=[1.0, 0.5], base=bd, chunk_numel=10,
+                          eps=0.0 if case == "0/0 weight" else EPS, progress=False,
+                          forget_importance=tmp_path / "sf.safetensors",
+                          retain_importance=tmp_path / "sr.safetensors")
+    _no_leftovers(tmp_path, before)
