@@ -292,7 +292,8 @@ def full_state_dict(strategy: Strategy, pl_module: torch.nn.Module, attribute: s
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        # offload_to_cpu on a CPU run makes FSDP free the unsharded flat parameter it is reading from.
+        config = FullStateDictConfig(offload_to_cpu=strategy.root_device.type != "cpu", rank0_only=True)
         with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
             state = strategy.model.state_dict()
     elif kind == "fsdp2":

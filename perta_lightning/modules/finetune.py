@@ -64,8 +64,16 @@ class CausalLMModule(LightningModule):
             self.model.gradient_checkpointing_enable()
         self.tokenizer_path = tokenizer or model
 
+    def configure_model(self) -> None:
+        from perta_lightning import distributed
+
+        if isinstance(self.trainer.strategy, distributed.ModelParallelStrategy):  # FSDP2
+            distributed.apply_fully_shard(self.model, self.device_mesh)
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        # trainer.model: the parameters as the strategy wrapped them (FSDP's flat parameters, for one)
+        parameters = self.trainer.model.parameters() if self._trainer is not None else self.parameters()
+        optimizer = self.optimizer_factory([p for p in parameters if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -87,7 +95,9 @@ class CausalLMModule(LightningModule):
         loss = self.answer_loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # on_train_end, not on_fit_end: the strategy is still set up here (Lightning tears it down, and FSDP
+        # frees its flat parameters, before on_fit_end).
         if self.hparams.output_dir is None:
             return
         from perta_lightning.distributed import full_state_dict
