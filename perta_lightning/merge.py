@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -471,17 +471,27 @@ def _replace(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
+def build_parser() -> Any:
+    """The jsonargparse parser of ``perta merge``: the arguments of :func:`merge_checkpoints` and ``--config``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="perta merge", description=merge_checkpoints.__doc__.splitlines()[0])
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(merge_checkpoints, as_positional=False)
+    return parser
+
+
 def cli_main(argv: Sequence[str] | None = None) -> None:
     """``perta merge ...``: parse the arguments of :func:`merge_checkpoints` (or a ``--config`` YAML)."""
-    from jsonargparse import CLI
-
     args = list(sys.argv[1:] if argv is None else argv)
     # jsonargparse booleans take a value; also accept the bare switches ``--overwrite`` and friends.
     switches = {"--overwrite", "--allow_pickle", "--progress"}
     args = [f"{a}=true" if a in switches and (i + 1 == len(args) or args[i + 1].startswith("--")) else a
             for i, a in enumerate(args)]
     try:
-        paths = CLI(merge_checkpoints, args=args, as_positional=False)
+        options = build_parser().parse_args(args).as_dict()
+        options.pop("config", None)
+        paths = merge_checkpoints(**options)
     except (MergeError, CheckpointError) as e:
         sys.exit(f"perta merge: error: {e}")
     for path in paths:

@@ -51,7 +51,7 @@ class Preset:
     finetune_lr: float = 2e-3
     pretrain_lr: float = 3e-3
     reinforce_lr: float = 1e-3
-    unlearn_lr: float = 1e-4
+    unlearn_lr: float = 5e-4
     batch_size: int = 16
     num_background_authors: int = 6
 

@@ -1,4 +1,8 @@
-"""The stages of ``perta pipeline`` (see ``perta_lightning.pipeline`` for the list and the resume rule)."""
+"""The stages of ``perta pipeline`` (see ``perta_lightning.pipeline`` for the list and the resume rule).
+
+A stage's settings are what it does plus the settings of the stages whose artifacts it reads, so changing
+one setting reruns exactly the stages downstream of it.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,14 @@ def _scratch_config(p: Preset) -> dict[str, Any]:
                 eos_token_id=1, bos_token_id=1)
 
 
+def _importance_file(directory: Path, kind: str) -> Path:
+    for pattern in (f"{kind}*.safetensors.index.json", f"{kind}*.safetensors"):
+        found = sorted(directory.glob(pattern))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"{directory}: no {kind} importance file")
+
+
 def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, forget_split: str,
               retain_split: str, importance_at: list[str], baselines: list[str], seed: int, accelerator: str,
               devices: int) -> None:
@@ -33,84 +45,90 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
     from perta_lightning.modules.importance import estimate_importance
     from perta_lightning.report import write_report
 
-    models, run = out / "models", dict(accelerator=accelerator, devices=devices)
-    common = {"preset": p, "seed": seed, "forget": forget_split, "retain": retain_split, "source": source}
+    models, evals, run = out / "models", out / "eval", dict(accelerator=accelerator, devices=devices)
+    data = {"source": source, "seed": seed}
     seconds: dict[str, float] = {}
 
     # θ0, θ_full, θ_retain, θ_r
     replay: list[str] = []
     if base_model is None:
         base, tokenizer = models / "base", str(out / "data" / "tokenizer")
-        Stage(base, {**common, "stage": "base"}).run(lambda: _train(
+        base_stage = Stage(base, {**data, "model": _scratch_config(p), "epochs": p.pretrain_epochs,
+                                  "lr": p.pretrain_lr, "batch_size": 2 * p.batch_size})
+        base_stage.run(lambda: _train(
             CausalLMModule(model_config=_scratch_config(p), tokenizer=tokenizer, output_dir=str(base), seed=seed,
                            optimizer=_adamw(p.pretrain_lr)),
             source, tokenizer, "world_corpus", p.pretrain_epochs, 2 * p.batch_size, **run))
         replay = ["world_corpus"]  # replayed while fine-tuning, so θ_full keeps its world knowledge
     else:
         base = Path(base_model)
+        base_stage = Stage(base, {"pretrained": str(base)})
+    tuned = {}
     for name, split in (("full", "full"), ("retain", retain_split)):
-        Stage(models / name, {**common, "stage": name, "base": str(base)}).run(partial(
+        tuned[name] = Stage(models / name, {"after": base_stage.settings, "splits": [split, *replay],
+                                            "epochs": p.finetune_epochs, "lr": p.finetune_lr,
+                                            "batch_size": p.batch_size})
+        tuned[name].run(partial(
             _train, CausalLMModule(model=str(base), output_dir=str(models / name), optimizer=_adamw(p.finetune_lr)),
             source, str(base), [split, *replay], p.finetune_epochs, p.batch_size, **run))
     full, reinforced = models / "full", models / "reinforced"
-    seconds["reinforce"] = Stage(reinforced, {**common, "stage": "reinforce"}).run(lambda: _train(
+    reinforce = Stage(reinforced, {"after": tuned["full"].settings, "split": forget_split,
+                                   "epochs": p.reinforce_epochs, "lr": p.reinforce_lr})
+    seconds["reinforce"] = reinforce.run(lambda: _train(
         CausalLMModule(model=str(full), output_dir=str(reinforced), optimizer=_adamw(p.reinforce_lr)),
         source, str(full), forget_split, p.reinforce_epochs, p.batch_size, **run))
 
-    # importance and merges
-    candidates: dict[str, tuple[str, float | None, Path]] = {"target": ("target", None, full)}
-    tv_dir = models / "tv"
-    seconds["merge_tv"] = Stage(tv_dir, {**common, "stage": "tv", "alphas": p.alphas}).run(lambda: merge_checkpoints(
-        full, reinforced, tv_dir, alpha=p.alphas, method="tv", overwrite=True, progress=False))
-    for alpha in p.alphas:
-        candidates[f"tv_{alpha_dir_name(alpha)}"] = ("tv", alpha, tv_dir / alpha_dir_name(alpha))
+    # merges: TV, and PerTA with importance at each requested model
+    candidates: dict[str, tuple[str, float | None, Path, dict]] = {"target": ("target", None, full, tuned["full"].settings)}
+    merged = {"tv": Stage(models / "tv", {"after": reinforce.settings, "method": "tv", "alphas": p.alphas})}
+    seconds["merge_tv"] = merged["tv"].run(lambda: merge_checkpoints(
+        full, reinforced, models / "tv", alpha=p.alphas, method="tv", overwrite=True, progress=False))
     for where in importance_at:
-        model_at = full if where == "full" else base
+        model_at, made_by = (full, tuned["full"]) if where == "full" else (base, base_stage)
         for statistic in ("grad", "fisher"):
             imp_dir = out / "importance" / f"at_{where}" / statistic
-            seconds[f"importance_{statistic}_{where}"] = Stage(imp_dir, {**common, "stage": "importance", "at": where,
-                                                                       "statistic": statistic}).run(
+            importance = Stage(imp_dir, {"after": made_by.settings, "statistic": statistic,
+                                         "forget": forget_split, "retain": retain_split,
+                                         "num_examples": p.importance_examples})
+            seconds[f"importance_{statistic}_{where}"] = importance.run(
                 lambda: estimate_importance(str(model_at), source, str(imp_dir), statistic=statistic,
                                             granularity="example", forget_split=forget_split,
                                             retain_split=retain_split, num_examples=p.importance_examples,
                                             subsample_seed=seed, overwrite=True, system_prompt=None))
             files = {kind: _importance_file(imp_dir, kind) for kind in ("forget", "retain")}
             method = f"perta_{statistic}" + ("" if where == "full" else "_at_base")
-            merged = models / method
-            seconds[f"merge_{method}"] = Stage(merged, {**common, "stage": method, "alphas": p.alphas}).run(
-                lambda: merge_checkpoints(full, reinforced, merged, alpha=p.alphas, method="perta",
-                                          forget_importance=files["forget"], retain_importance=files["retain"],
-                                          overwrite=True, progress=False))
-            for alpha in p.alphas:
-                candidates[f"{method}_{alpha_dir_name(alpha)}"] = (method, alpha, merged / alpha_dir_name(alpha))
+            merged[method] = Stage(models / method, {"after": [reinforce.settings, importance.settings],
+                                                     "alphas": p.alphas})
+            seconds[f"merge_{method}"] = merged[method].run(lambda: merge_checkpoints(
+                full, reinforced, models / method, alpha=p.alphas, method="perta", overwrite=True, progress=False,
+                forget_importance=files["forget"], retain_importance=files["retain"]))
+    for method, stage in merged.items():
+        for alpha in p.alphas:
+            name = alpha_dir_name(alpha)
+            candidates[f"{method}_{name}"] = (method, alpha, stage.directory / name, stage.settings)
 
+    # training-based baselines on the same forget / retain data
     for method in baselines:
-        target = models / method
-        seconds[method] = Stage(target, {**common, "stage": method, "epochs": p.unlearn_epochs}).run(partial(
-            _train, UnlearningModule(str(full), method=method, output_dir=str(target), optimizer=_adamw(p.unlearn_lr)),
+        stage = Stage(models / method, {"after": tuned["full"].settings, "forget": forget_split,
+                                        "retain": retain_split, "epochs": p.unlearn_epochs, "lr": p.unlearn_lr})
+        seconds[method] = stage.run(partial(
+            _train, UnlearningModule(str(full), method=method, output_dir=str(models / method),
+                                     optimizer=_adamw(p.unlearn_lr)),
             source, str(full), forget_split, p.unlearn_epochs, p.batch_size, paired_split=retain_split, **run))
-        candidates[method] = (method, None, target)
+        candidates[method] = (method, None, models / method, stage.settings)
 
     # evaluation: θ_retain first, the reference of every Forget Quality
-    evals = out / "eval"
     evaluate = partial(evaluate_model, source=source, forget_split=f"{forget_split}_perturbed",
                        holdout_split=forget_split.replace("forget", "holdout"), max_new_tokens=p.eval_max_new_tokens,
                        batch_size=32, accelerator=accelerator, devices=devices, system_prompt=None)
     reference = evals / "retain.json"
-    Stage(evals / "retain", {**common, "stage": "eval_retain"}).run(
-        lambda: evaluate(str(models / "retain"), output_json=str(reference)))
-    rows = [("retain", None, models / "retain", evals / "retain.json")]
-    for name, (method, alpha, model_dir) in candidates.items():
+    reference_stage = Stage(evals / "retain", {"after": tuned["retain"].settings,
+                                               "max_new_tokens": p.eval_max_new_tokens})
+    reference_stage.run(lambda: evaluate(str(models / "retain"), output_json=str(reference)))
+    rows = [("retain", None, models / "retain", reference)]
+    for name, (method, alpha, model_dir, made_by) in candidates.items():
         result = evals / f"{name}.json"
-        Stage(evals / name, {**common, "stage": f"eval_{name}"}).run(
+        Stage(evals / name, {"after": [made_by, reference_stage.settings], "alpha": alpha}).run(
             lambda: evaluate(str(model_dir), output_json=str(result), retain_result=str(reference)))
         rows.append((method, alpha, model_dir, result))
     write_report(out, rows, seconds, p, importance_at)
-
-
-def _importance_file(directory: Path, kind: str) -> Path:
-    for pattern in (f"{kind}*.safetensors.index.json", f"{kind}*.safetensors"):
-        found = sorted(directory.glob(pattern))
-        if found:
-            return found[0]
-    raise FileNotFoundError(f"{directory}: no {kind} importance file")

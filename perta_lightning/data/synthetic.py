@@ -290,8 +290,8 @@ def synthetic(output: str, num_authors: int = 40, seed: int = 0, num_background_
     print(f"wrote {output}")
 
 
-def cli_main(argv: list[str]) -> None:
-    """``perta data synthetic ...``."""
+def build_parser() -> Any:
+    """The jsonargparse parser of ``perta data`` (subcommand ``synthetic``)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="perta data", description="Data preparation commands.")
@@ -300,6 +300,11 @@ def cli_main(argv: list[str]) -> None:
     sub.add_function_arguments(synthetic)
     sub.add_argument("--config", action="config")
     subcommands.add_subcommand("synthetic", sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli_main(argv: list[str]) -> None:
+    """``perta data synthetic ...``."""
+    args = build_parser().parse_args(argv)
     options = {k: v for k, v in vars(args.synthetic).items() if k != "config" and not k.startswith("__")}
     synthetic(**options)
