@@ -23,10 +23,15 @@ TINY_LLAMA = dict(
 
 
 def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip without CUDA; ``slow`` tests skip unless PERTA_RUN_SLOW=1."""
+    skips = {}
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if os.environ.get("PERTA_RUN_SLOW") != "1":
+        skips["slow"] = pytest.mark.skip(reason="slow: set PERTA_RUN_SLOW=1 to run")
+    for item in items:
+        for marker, skip in skips.items():
+            if marker in item.keywords:
                 item.add_marker(skip)
 
 
