@@ -23,7 +23,11 @@ from lightning.pytorch import Trainer
 from perta_lightning.data.datamodule import TofuDataModule
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.modules.finetune import CausalLMModule
-from perta_lightning.modules.importance import ImportanceDataModule, ImportanceModule, importance_trainer_defaults
+from perta_lightning.modules.importance import (
+    ImportanceDataModule,
+    ImportanceModule,
+    importance_trainer_defaults,
+)
 from tests.tiny_assets import make_tiny_assets, write_tofu_folder
 
 QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,

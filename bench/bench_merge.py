@@ -110,8 +110,12 @@ def weight_map(index: Path) -> dict[str, Path]:
 def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
     import os
 
-    from perta_lightning.checkpoint_io import (StreamingSafetensorsWriter, TensorSource, plan_shards,
-                                               shard_file_names)
+    from perta_lightning.checkpoint_io import (
+        StreamingSafetensorsWriter,
+        TensorSource,
+        plan_shards,
+        shard_file_names,
+    )
 
     srcs = [TensorSource.from_path(i) for i in sources(root)]
     target = srcs[0]
@@ -141,7 +145,12 @@ def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
 
 
 def run_floor_mmap(root: Path, out: Path, shard_bytes: int) -> None:
-    from perta_lightning.checkpoint_io import StreamingSafetensorsWriter, TensorSource, plan_shards, shard_file_names
+    from perta_lightning.checkpoint_io import (
+        StreamingSafetensorsWriter,
+        TensorSource,
+        plan_shards,
+        shard_file_names,
+    )
 
     maps = [weight_map(i) for i in sources(root)]
     handles = {}

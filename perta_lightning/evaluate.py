@@ -31,7 +31,13 @@ from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues
 from perta_lightning.modules.finetune import load_causal_lm
 from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
-from perta_lightning.summary import FORMAT, UTILITY_KEYS, check_same_forget_set, load_evaluation, summarize_main
+from perta_lightning.summary import (
+    FORMAT,
+    UTILITY_KEYS,
+    check_same_forget_set,
+    load_evaluation,
+    summarize_main,
+)
 
 __all__ = ["TofuEvaluator", "evaluate_model", "summarize_main"]
 

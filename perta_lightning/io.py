@@ -31,6 +31,12 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, output)
+
+
+def replace_directory(tmp: Path, output: Path) -> None:
+    """Move the finished directory ``tmp`` to ``output``; an existing ``output`` is moved aside first, so
+    ``output`` is always either the old or the new complete directory, and the old one is deleted after."""
     if output.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
         os.replace(output, trash / output.name)
@@ -64,7 +70,7 @@ def safetensors_files_for(directory: str | os.PathLike, stem: str) -> list[Path]
 
 
 def write_safetensors_sharded(
-    tensors: Iterator[tuple[str, "torch.Tensor"]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
     directory: str | os.PathLike,
     stem: str,
     metadata: dict[str, str],
@@ -86,7 +92,7 @@ def write_safetensors_sharded(
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.tmp-", dir=directory))
     try:
         shards: list[dict[str, str]] = []  # per shard: tensor name -> temporary file name
-        current: dict[str, "torch.Tensor"] = {}
+        current: dict[str, torch.Tensor] = {}
         size = 0
 
         def flush() -> None:

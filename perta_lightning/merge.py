@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from perta_lightning.checkpoint_io import (
     shard_file_names,
 )
 from perta_lightning.functional.weights import DEFAULT_EPS
+from perta_lightning.io import replace_directory
 
 DEFAULT_CHUNK_NUMEL = 1 << 19  # 512K entries (2 MiB float32 temporaries): fastest of 128K-1M measured
 
@@ -179,7 +179,7 @@ def merge_checkpoints(
                          "weight_map": {n: f for shard, f in zip(shards, names) for n in shard}}
                 for subdir in subdirs:
                     (subdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _replace(tmp, output)
+            replace_directory(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -458,17 +458,6 @@ def _copy_non_weight_files(source: Path, destination: Path) -> None:
             shutil.copytree(item, destination / item.name)
         else:
             shutil.copy2(item, destination / item.name)
-
-
-def _replace(tmp: Path, output: Path) -> None:
-    """Move ``tmp`` to ``output``; an existing ``output`` is moved aside first and deleted after."""
-    if output.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, trash / output.name)
-        os.replace(tmp, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
 
 
 def build_parser() -> Any:

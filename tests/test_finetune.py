@@ -31,8 +31,8 @@ def write_config(path, **sections):
 def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_model_config
     from perta_lightning.data.tofu import load_tokenizer
+    from tests.conftest import tiny_model_config
 
     tokenizer_dir = str(tiny_benchmark / "tokenizer")
     trainer = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,

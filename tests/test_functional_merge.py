@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from perta_lightning.functional.task_vectors import negate_task_vector, negate_task_vector_many, task_vector, unlearn
+from perta_lightning.functional.task_vectors import (
+    negate_task_vector,
+    negate_task_vector_many,
+    task_vector,
+    unlearn,
+)
 from perta_lightning.functional.weights import perta_weights
 
 T = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # θ_t

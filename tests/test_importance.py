@@ -15,7 +15,6 @@ from perta_lightning.data.tofu import QAFormatter, TofuSource, load_split, load_
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.importance import estimate_importance
-
 from tests.conftest import CPU
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from perta_lightning.functional import tofu_metrics as F
-from perta_lightning.metrics import AnswerProbability, IndexedValues, MeanOfValues, MinKMiaAUC, ProbabilityWithOptions, TruthRatio
+from perta_lightning.metrics import (
+    AnswerProbability,
+    IndexedValues,
+    MeanOfValues,
+    MinKMiaAUC,
+    ProbabilityWithOptions,
+    TruthRatio,
+)
 
 
 def test_probabilities_by_hand():
