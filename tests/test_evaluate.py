@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.evaluate import evaluate_model
@@ -97,8 +98,15 @@ def test_two_processes_equal_one(tiny, tmp_path):
     """Same per-process batches (size 1) on one and on two processes give bit-identical files; the 5
     examples split 3 + 2 so rank 1 repeats one example as DistributedSampler padding."""
     root, data, model, _ = tiny
-    batched = evaluate_model(str(model), TofuSource(path=str(data)), max_examples=5, batch_size=1, max_new_tokens=8,
-                             accelerator="cpu")
+    # Lightning gives each of the 2 CPU processes one intra-op thread; the one-process run uses one too, so both
+    # run the same kernels (a 2-thread matmul sums in another order and differs in the last float bit).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batched = evaluate_model(str(model), TofuSource(path=str(data)), max_examples=5, batch_size=1,
+                                 max_new_tokens=8, accelerator="cpu")
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "ddp.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     script = Path(__file__).parent / "helpers" / "ddp_eval.py"
