@@ -73,8 +73,29 @@ def markdown(table: list[dict[str, Any]], settings: Any, seconds: dict[str, floa
              "/ world-facts scores. *collapsed*: Model Utility below half of the target's.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[column]) for column in COLUMNS) + " |" for row in table]
+    lines += importance_point_comparison(table)
     lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(seconds.items())), ""]
     return "\n".join(lines)
+
+
+def importance_point_comparison(table: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines comparing PerTA with importance at θ_full and at θ0, α by α (empty when not run)."""
+    lines = []
+    for statistic in ("grad", "fisher"):
+        at_full = {row["alpha"]: row for row in table if row["method"] == f"perta_{statistic}"}
+        at_base = {row["alpha"]: row for row in table if row["method"] == f"perta_{statistic}_at_base"}
+        if not at_base:
+            continue
+        if not lines:
+            lines = ["", "## Importance at θ_full against importance at θ0", "",
+                     "| statistic | alpha | FQ at θ_full | FQ at θ0 | MU at θ_full | MU at θ0 |",
+                     "|---|---|---|---|---|---|"]
+        for alpha in sorted(at_full.keys() & at_base.keys()):
+            full, base = at_full[alpha], at_base[alpha]
+            lines.append(f"| {statistic} | {_fmt(alpha)} | {_fmt(full['forget_quality'])} | "
+                         f"{_fmt(base['forget_quality'])} | {_fmt(full['model_utility'])} | "
+                         f"{_fmt(base['model_utility'])} |")
+    return lines
 
 
 def plot_tradeoff(table: list[dict[str, Any]], path: Path) -> None:

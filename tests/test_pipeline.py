@@ -47,6 +47,19 @@ def test_rerun_skips_every_stage(tiny_run, capsys):
     assert "running" not in capsys.readouterr().out
 
 
+def test_adding_importance_at_theta0_runs_only_the_new_stages(tiny_run, capsys):
+    before = {path: path.stat().st_mtime_ns for path in tiny_run.rglob(STAGE_FILE)}
+    pipeline(output=str(tiny_run), preset="tiny", importance_at=["full", "base"])
+    after = {path: path.stat().st_mtime_ns for path in tiny_run.rglob(STAGE_FILE)}
+    assert all(after[path] == stamp for path, stamp in before.items())  # nothing already done was redone
+    new = {path.parent.relative_to(tiny_run).as_posix() for path in after.keys() - before.keys()}
+    assert {"importance/at_base/grad", "importance/at_base/fisher", "models/perta_grad_at_base"} <= new
+    assert all("at_base" in name for name in new)
+    rows = json.loads((tiny_run / "report.json").read_text())["rows"]
+    assert {row["alpha"] for row in rows if row["method"] == "perta_fisher_at_base"} == {1.0, 4.0}
+    assert "## Importance at θ_full against importance at θ0" in (tiny_run / "report.md").read_text()
+
+
 def test_notebook_executes_on_the_run(tiny_run):
     import nbformat
     from nbclient import NotebookClient
