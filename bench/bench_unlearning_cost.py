@@ -33,7 +33,7 @@ def main() -> None:
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
-    from perta_lightning.pipeline import PRESETS, _train
+    from perta_lightning.pipeline import PRESETS, train_stage
     from perta_lightning.pipeline_stages import _adamw
 
     p, run = PRESETS[args.preset], Path(args.run)
@@ -49,7 +49,7 @@ def main() -> None:
     for _ in range(args.repeats):
         scratch = Path(tempfile.mkdtemp(prefix="perta-cost-"))
         try:
-            reinforce = timed(lambda: _train(
+            reinforce = timed(lambda: train_stage(
                 CausalLMModule(model=str(full), output_dir=str(scratch / "reinforced"), optimizer=_adamw(p.reinforce_lr)),
                 source, str(full), "forget10", p.reinforce_epochs, p.batch_size, **train))
             for statistic in ("grad", "fisher"):
@@ -66,7 +66,7 @@ def main() -> None:
                                                    method="tv", progress=False))
             times.setdefault("tv", []).append(reinforce + merge)
             for method in ("grad_ascent", "grad_diff", "npo"):
-                times.setdefault(method, []).append(timed(lambda: _train(
+                times.setdefault(method, []).append(timed(lambda: train_stage(
                     UnlearningModule(str(full), method=method, output_dir=str(scratch / method),
                                      optimizer=_adamw(p.unlearn_lr)),
                     source, str(full), "forget10", p.unlearn_epochs, p.batch_size, paired_split="retain90", **train)))

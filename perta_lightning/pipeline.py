@@ -96,21 +96,19 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v)))
 
 
-def _trainer(epochs: int, accelerator: str, devices: int) -> Any:
+def train_stage(module: Any, source: TofuSource, tokenizer: str, split: str | list[str], epochs: int,
+                batch_size: int, accelerator: str, devices: int, paired_split: str | None = None) -> None:
+    """Fit ``module`` for ``epochs`` on ``split`` (plus ``paired_split`` batches); the module saves itself."""
     import lightning as L
 
-    return L.Trainer(accelerator=accelerator, devices=devices, max_epochs=epochs, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=0)
-
-
-def _train(module: Any, source: TofuSource, tokenizer: str, split: str | list[str], epochs: int, batch_size: int,
-           accelerator: str, devices: int, paired_split: str | None = None) -> None:
     from perta_lightning.data.datamodule import TofuDataModule
 
     data = TofuDataModule(source, tokenizer, train_split=split, paired_split=paired_split, batch_size=batch_size,
                           system_prompt=None)
-    _trainer(epochs, accelerator, devices).fit(module, data)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, data)
 
 
 def pipeline(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from perta_lightning.data.tofu import TofuSource
-from perta_lightning.pipeline import Preset, Stage, _train
+from perta_lightning.pipeline import Preset, Stage, train_stage
 
 
 def _adamw(lr: float) -> Any:
@@ -55,7 +55,7 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
         base, tokenizer = models / "base", str(out / "data" / "tokenizer")
         base_stage = Stage(base, {**data, "model": _scratch_config(p), "epochs": p.pretrain_epochs,
                                   "lr": p.pretrain_lr, "batch_size": 2 * p.batch_size})
-        base_stage.run(lambda: _train(
+        base_stage.run(lambda: train_stage(
             CausalLMModule(model_config=_scratch_config(p), tokenizer=tokenizer, output_dir=str(base), seed=seed,
                            optimizer=_adamw(p.pretrain_lr)),
             source, tokenizer, "world_corpus", p.pretrain_epochs, 2 * p.batch_size, **run))
@@ -69,12 +69,12 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
                                             "epochs": p.finetune_epochs, "lr": p.finetune_lr,
                                             "batch_size": p.batch_size})
         tuned[name].run(partial(
-            _train, CausalLMModule(model=str(base), output_dir=str(models / name), optimizer=_adamw(p.finetune_lr)),
+            train_stage, CausalLMModule(model=str(base), output_dir=str(models / name), optimizer=_adamw(p.finetune_lr)),
             source, str(base), [split, *replay], p.finetune_epochs, p.batch_size, **run))
     full, reinforced = models / "full", models / "reinforced"
     reinforce = Stage(reinforced, {"after": tuned["full"].settings, "split": forget_split,
                                    "epochs": p.reinforce_epochs, "lr": p.reinforce_lr})
-    seconds["reinforce"] = reinforce.run(lambda: _train(
+    seconds["reinforce"] = reinforce.run(lambda: train_stage(
         CausalLMModule(model=str(full), output_dir=str(reinforced), optimizer=_adamw(p.reinforce_lr)),
         source, str(full), forget_split, p.reinforce_epochs, p.batch_size, **run))
 
@@ -112,7 +112,7 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
         stage = Stage(models / method, {"after": tuned["full"].settings, "forget": forget_split,
                                         "retain": retain_split, "epochs": p.unlearn_epochs, "lr": p.unlearn_lr})
         seconds[method] = stage.run(partial(
-            _train, UnlearningModule(str(full), method=method, output_dir=str(models / method),
+            train_stage, UnlearningModule(str(full), method=method, output_dir=str(models / method),
                                      optimizer=_adamw(p.unlearn_lr)),
             source, str(full), forget_split, p.unlearn_epochs, p.batch_size, paired_split=retain_split, **run))
         candidates[method] = (method, None, models / method, stage.settings)
