@@ -54,14 +54,16 @@ class Preset:
     unlearn_lr: float = 5e-4
     batch_size: int = 16
     num_background_authors: int = 6
+    perta_beta: float = 1.0
 
 
 PRESETS = {
     "tiny": Preset(num_authors=20, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=6,
-                   finetune_epochs=8, reinforce_epochs=3, unlearn_epochs=2, alphas=[1.0, 4.0],
+                   finetune_epochs=8, reinforce_epochs=3, unlearn_epochs=2, alphas=[1.0, 8.0], perta_beta=16.0,
                    importance_examples=20, eval_max_new_tokens=24, num_background_authors=2),
     "demo": Preset(num_authors=40, hidden_size=128, num_layers=3, vocab_size=768, pretrain_epochs=15,
-                   finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, alphas=[0.5, 1.0, 2.0, 4.0],
+                   finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5,
+                   alphas=[0.5, 1.0, 2.0, 4.0, 8.0, 16.0], perta_beta=16.0,
                    importance_examples=40, eval_max_new_tokens=32),
 }
 
@@ -119,6 +121,7 @@ def pipeline(
     forget_split: str = "forget10",
     retain_split: str = "retain90",
     alphas: list[float] | None = None,
+    perta_beta: float | None = None,
     importance_at: list[Literal["full", "base"]] | None = None,
     baselines: list[Literal["grad_ascent", "grad_diff", "npo"]] | None = None,
     seed: int = 0,
@@ -135,6 +138,9 @@ def pipeline(
         forget_split: the forget split (``forget01``, ``forget05``, ``forget10``).
         retain_split: the matching retain split (``retain99``, ``retain95``, ``retain90``).
         alphas: α grid of the merges (the preset's by default).
+        perta_beta: β of the PerTA weight w = s_f / (s_f + β·s_r + ε) (the preset's by default: 16, which
+            protects parameters the retain set needs much more strongly than the paper's default β = 1; the
+            weights are then smaller, so PerTA's useful α are larger than TV's).
         importance_at: models at which importance is estimated (default ``[full]``); adding ``base`` adds
             PerTA rows with importance at θ0, to compare with importance at θ_full.
         baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
@@ -147,6 +153,8 @@ def pipeline(
     from perta_lightning.pipeline_stages import run_study
 
     settings = replace(PRESETS[preset], alphas=list(alphas or PRESETS[preset].alphas))
+    if perta_beta is not None:
+        settings = replace(settings, perta_beta=perta_beta)
     out = Path(output)
     L.seed_everything(seed, verbose=False)
     if source is None:

@@ -98,10 +98,10 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
             files = {kind: _importance_file(imp_dir, kind) for kind in ("forget", "retain")}
             method = f"perta_{statistic}" + ("" if where == "full" else "_at_base")
             merged[method] = Stage(models / method, {"after": [reinforce.settings, importance.settings],
-                                                     "alphas": p.alphas})
+                                                     "alphas": p.alphas, "beta": p.perta_beta})
             seconds[f"merge_{method}"] = merged[method].run(lambda: merge_checkpoints(
-                full, reinforced, models / method, alpha=p.alphas, method="perta", overwrite=True, progress=False,
-                forget_importance=files["forget"], retain_importance=files["retain"]))
+                full, reinforced, models / method, alpha=p.alphas, method="perta", beta=p.perta_beta, overwrite=True,
+                progress=False, forget_importance=files["forget"], retain_importance=files["retain"]))
     for method, stage in merged.items():
         for alpha in p.alphas:
             name = alpha_dir_name(alpha)

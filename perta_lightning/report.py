@@ -133,15 +133,15 @@ def layer_type(name: str) -> str:
     return "norm" if "norm" in name else "other"
 
 
-def weights_by_layer_type(forget: Path, retain: Path, samples: int = 20000) -> dict[str, torch.Tensor]:
-    """PerTA weights w = s_f / (s_f + s_r + ε) of every parameter, grouped by layer type (subsampled)."""
+def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, samples: int = 20000) -> dict[str, torch.Tensor]:
+    """PerTA weights w = s_f / (s_f + β·s_r + ε) of every parameter, grouped by layer type (subsampled)."""
     from perta_lightning.checkpoint_io import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     groups: dict[str, list[torch.Tensor]] = {}
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name)).flatten()
+            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta).flatten()
             groups.setdefault(layer_type(name), []).append(w)
     generator = torch.Generator().manual_seed(0)
     out = {}
@@ -182,13 +182,14 @@ def write_report(out: Path, rows: list[tuple[str, float | None, Path, Path]], se
     imp = out / "importance" / f"at_{importance_at[0]}" / "grad"
     from perta_lightning.pipeline_stages import _importance_file
 
-    plot_weights(weights_by_layer_type(_importance_file(imp, "forget"), _importance_file(imp, "retain")),
-                 out / "weights.png", f"PerTA-grad weights by layer type (importance at θ_{importance_at[0]})")
+    beta = settings.perta_beta
+    plot_weights(weights_by_layer_type(_importance_file(imp, "forget"), _importance_file(imp, "retain"), beta),
+                 out / "weights.png", f"PerTA-grad weights by layer type (β = {beta:g}, importance at θ_{importance_at[0]})")
     return table
 
 
-def weight_concentration(forget: Path, retain: Path) -> list[dict[str, Any]]:
-    """Per parameter tensor: layer index, layer type, mean PerTA weight and share of weights above 0.5."""
+def weight_concentration(forget: Path, retain: Path, beta: float = 1.0) -> list[dict[str, Any]]:
+    """Per parameter tensor: layer index, layer type, mean PerTA weight (with ``beta``) and share above 0.5."""
     import re
 
     from perta_lightning.checkpoint_io import TensorSource
@@ -197,7 +198,7 @@ def weight_concentration(forget: Path, retain: Path) -> list[dict[str, Any]]:
     rows = []
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name))
+            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta)
             layer = re.search(r"layers\.(\d+)\.", name)
             rows.append({"name": name, "layer": int(layer.group(1)) if layer else None, "type": layer_type(name),
                          "mean_weight": w.mean().item(), "share_above_half": (w > 0.5).float().mean().item(),
