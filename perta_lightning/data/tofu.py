@@ -27,9 +27,8 @@ from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
 
 IGNORE_INDEX = -100
 
-#: Columns every split must have, and the extra ones of the evaluation (``*_perturbed``) splits.
+#: Columns every split must have.
 BASE_COLUMNS = ("question", "answer")
-PERTURBED_COLUMNS = ("paraphrased_answer", "perturbed_answer")
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about authors concisely."
 #: Pinned so that chat templates that print today's date (Llama 3) give the same tokens every day.
@@ -216,11 +215,6 @@ def collate_examples(examples: Sequence[dict[str, Any]], pad_token_id: int, side
     if "index" in examples[0]:
         batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)
     return batch
-
-
-def resolve_tokenizer_dir(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> str:
-    """The tokenizer lives beside the model unless told otherwise."""
-    return tokenizer_name_or_path or model_name_or_path
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
