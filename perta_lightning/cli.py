@@ -13,10 +13,15 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from perta_lightning.errors import PertaError
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -67,6 +72,36 @@ def _usage() -> str:
     return f"usage: perta {{{names}}} [--help] ...\n\n{__doc__}"
 
 
+#: OS errors that are the user's environment (a full disk, a folder that cannot be written), not bugs.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                       errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message for a user error, or ``None`` when ``error`` is a bug (keep its traceback)."""
+    if isinstance(error, PertaError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+        where = error.filename if error.filename is not None else "(no path given)"
+        return f"{where}: {error.strerror or error}"
+    return None
+
+
+def run_command(command: str, work: Callable[[], Any]) -> Any:
+    """Run ``work``; a user error becomes ``perta <command>: error: <message>`` and exit status 2.
+
+    Bugs keep their traceback; ``PERTA_DEBUG=1`` keeps the traceback of user errors as well.
+    """
+    try:
+        return work()
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or os.environ.get("PERTA_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"perta {command}: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -74,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in _LIGHTNING_SUBCOMMANDS:
-        lightning_main([command, *rest])
+        run_command(command, lambda: lightning_main([command, *rest]))
         return
     if command not in _FUNCTION_SUBCOMMANDS:
-        sys.exit(f"perta: unknown command {command!r}\n{_usage()}")
+        print(f"perta: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
     module_name, function_name = _FUNCTION_SUBCOMMANDS[command].split(":")
-    getattr(importlib.import_module(module_name), function_name)(rest)
+    run_command(command, lambda: getattr(importlib.import_module(module_name), function_name)(rest))
 
 
 if __name__ == "__main__":
