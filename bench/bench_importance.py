@@ -21,13 +21,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from perta_lightning.data.datamodule import TofuDataModule
-from perta_lightning.data.tofu import TofuSource
+from perta_lightning.data.importance import ImportanceDataModule
+from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.modules.finetune import CausalLMModule
-from perta_lightning.modules.importance import (
-    ImportanceDataModule,
-    ImportanceModule,
-    importance_trainer_defaults,
-)
+from perta_lightning.modules.importance import ImportanceModule, importance_trainer_defaults
 from tests.tiny_assets import make_tiny_assets, write_tofu_folder
 
 QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,
@@ -61,13 +58,13 @@ def main() -> None:
     model, source = str(assets["model"]), TofuSource(path=str(data_dir))
     runs: dict[str, list[float]] = {"train_epoch": [], "grad": [], "fisher_batch": [], "fisher_example": []}
     for round_index in range(args.rounds):
-        data = TofuDataModule(source, model, train_split="full", batch_size=args.batch_size, shuffle=False)
+        data = TofuDataModule(source, PromptFormat(tokenizer=model), train_split="full", batch_size=args.batch_size, shuffle=False)
         runs["train_epoch"].append(timed_fit(Finetune(model=model), data, max_epochs=1))
         for name, statistic, granularity in (("grad", "grad", "example"), ("fisher_batch", "fisher", "batch"),
                                              ("fisher_example", "fisher", "example")):
             out = root / f"out-{round_index}-{name}"
             module = ImportanceModule(model, str(out), statistic, granularity)
-            data = ImportanceDataModule(source, model, batch_size=args.batch_size)
+            data = ImportanceDataModule(source, PromptFormat(tokenizer=model), batch_size=args.batch_size)
             runs[name].append(timed_fit(module, data, **importance_trainer_defaults()))
     base = statistics.median(runs["train_epoch"])
     report = {name: {"median_s": round(statistics.median(t), 3), "ratio_to_train_epoch":

@@ -55,8 +55,7 @@ def main() -> None:
             for statistic in ("grad", "fisher"):
                 imp = scratch / statistic
                 importance = timed(lambda: estimate_importance(
-                    str(full), source, str(imp), statistic=statistic, num_examples=p.importance_examples,
-                    system_prompt=None))
+                    str(full), source, str(imp), statistic=statistic, num_examples=p.importance_examples))
                 merge = timed(lambda: merge_checkpoints(
                     full, scratch / "reinforced", scratch / f"perta_{statistic}", alpha=1.0, method="perta",
                     forget_importance=imp / "forget.safetensors", retain_importance=imp / "retain.safetensors",

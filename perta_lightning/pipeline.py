@@ -104,9 +104,10 @@ def train_stage(module: Any, source: TofuSource, tokenizer: str, split: str | li
     import lightning as L
 
     from perta_lightning.data.datamodule import TofuDataModule
+    from perta_lightning.data.tofu import PromptFormat
 
-    data = TofuDataModule(source, tokenizer, train_split=split, paired_split=paired_split, batch_size=batch_size,
-                          system_prompt=None)
+    data = TofuDataModule(source, PromptFormat(tokenizer=tokenizer), train_split=split, paired_split=paired_split,
+                          batch_size=batch_size)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)

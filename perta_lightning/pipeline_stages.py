@@ -94,7 +94,7 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
                 lambda: estimate_importance(str(model_at), source, str(imp_dir), statistic=statistic,
                                             granularity="example", forget_split=forget_split,
                                             retain_split=retain_split, num_examples=p.importance_examples,
-                                            subsample_seed=seed, overwrite=True, system_prompt=None))
+                                            subsample_seed=seed, overwrite=True))
             files = {kind: _importance_file(imp_dir, kind) for kind in ("forget", "retain")}
             method = f"perta_{statistic}" + ("" if where == "full" else "_at_base")
             merged[method] = Stage(models / method, {"after": [reinforce.settings, importance.settings],
@@ -120,7 +120,7 @@ def run_study(out: Path, p: Preset, source: TofuSource, base_model: str | None, 
     # evaluation: θ_retain first, the reference of every Forget Quality
     evaluate = partial(evaluate_model, source=source, forget_split=f"{forget_split}_perturbed",
                        holdout_split=forget_split.replace("forget", "holdout"), max_new_tokens=p.eval_max_new_tokens,
-                       batch_size=32, accelerator=accelerator, devices=devices, system_prompt=None)
+                       batch_size=32, accelerator=accelerator, devices=devices)
     reference = evals / "retain.json"
     reference_stage = Stage(evals / "retain", {"after": tuned["retain"].settings,
                                                "max_new_tokens": p.eval_max_new_tokens})

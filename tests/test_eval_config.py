@@ -24,7 +24,7 @@ def test_demo_eval_config_runs(tmp_path):
           f"--trainer.default_root_dir={tmp_path}",
           f"--model.init_args.model={model}", f"--model.init_args.output_json={out}",
           "--model.init_args.max_new_tokens=4",
-          f"--data.init_args.source.path={data}", f"--data.init_args.tokenizer={model}",
+          f"--data.init_args.source.path={data}",
           "--data.init_args.max_examples=3"])
     result = json.loads(out.read_text())
     assert result["splits"]["forget"] == "forget10_perturbed"

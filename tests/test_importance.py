@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from perta_lightning.data.datamodule import EncodedQA
-from perta_lightning.data.tofu import QAFormatter, TofuSource, load_split, load_tokenizer
+from perta_lightning.data.tofu import PromptFormat, QAFormatter, TofuSource, load_split, load_tokenizer
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.importance import estimate_importance
@@ -87,7 +87,7 @@ def test_subsample_and_sharded_output(tiny_assets, tmp_path):
 
     source = TofuSource(path=str(tiny_assets["data"]))
     out = estimate_importance(str(tiny_assets["model"]), source, str(tmp_path), "grad", num_examples=4,
-                              batch_size=2, trainer_kwargs=CPU, max_length=64)
+                              batch_size=2, trainer_kwargs=CPU, prompt=PromptFormat(max_length=64))
     with safe_open(str(out["forget"]), "pt") as handle:
         assert handle.metadata()["num_examples"] == "4"
     # the same statistics, sharded with an index, read back equal
@@ -117,9 +117,10 @@ def test_refuses_existing_output_and_interrupted_run(tiny_assets, single_process
 def test_split_without_answer_tokens_is_an_error(tiny_assets, tmp_path):
     from lightning.pytorch import Trainer
 
-    from perta_lightning.modules.importance import ImportanceDataModule, ImportanceModule
+    from perta_lightning.data.importance import ImportanceDataModule
+    from perta_lightning.modules.importance import ImportanceModule
 
-    data = ImportanceDataModule(TofuSource(path=str(tiny_assets["data"])), str(tiny_assets["model"]), batch_size=4)
+    data = ImportanceDataModule(TofuSource(path=str(tiny_assets["data"])), batch_size=4)
     original = data.setup
 
     def setup_without_answers(stage=None):
@@ -150,7 +151,7 @@ def test_collector_on_an_ordinary_fit_run(tiny_assets, single_process, tmp_path)
         def on_train_start(self):
             self.model.eval()
 
-    data = TofuDataModule(TofuSource(path=str(tiny_assets["data"])), str(tiny_assets["model"]),
+    data = TofuDataModule(TofuSource(path=str(tiny_assets["data"])),
                           train_split="forget10", batch_size=100, shuffle=False)
     collector = ImportanceCollector(str(tmp_path), "grad", model_dir=str(tiny_assets["model"]))
     Trainer(max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[collector], **CPU).fit(

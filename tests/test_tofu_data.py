@@ -6,6 +6,7 @@ import torch
 from perta_lightning.data.datamodule import TofuDataModule, subsample
 from perta_lightning.data.tofu import (
     IGNORE_INDEX,
+    PromptFormat,
     QAFormatter,
     TofuSource,
     check_disjoint,
@@ -89,7 +90,8 @@ def test_subsample_is_seeded_and_ordered():
 
 
 def test_datamodule_batches(tiny_benchmark):
-    dm = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_benchmark / "tokenizer"),
+    prompt = PromptFormat(tokenizer=str(tiny_benchmark / "tokenizer"))
+    dm = TofuDataModule(TofuSource(path=str(tiny_benchmark)), prompt,
                         train_split="forget10", paired_split="retain90", batch_size=4, shuffle=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -98,8 +100,8 @@ def test_datamodule_batches(tiny_benchmark):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert "paired_input_ids" in batch and batch["paired_index"].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="also appear"):
-        bad = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_benchmark / "tokenizer"),
-                             train_split="forget10", paired_split="full")
+        bad = TofuDataModule(TofuSource(path=str(tiny_benchmark)), prompt, train_split="forget10",
+                             paired_split="full")
         bad.setup("fit")
 
 
@@ -108,3 +110,91 @@ def test_tokenizer_has_specials_and_roundtrips(tokenizer):
     text = "Kari Lusada was born in 1980."
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     assert torch.tensor(tokenizer("x")["input_ids"]).dtype == torch.long
+
+
+# ---- PromptFormat: one group of formatting options for every DataModule
+
+PROMPT_DATAMODULES = [
+    "perta_lightning.data.datamodule.TofuDataModule",
+    "perta_lightning.data.evaluation.TofuEvalDataModule",
+    "perta_lightning.data.importance.ImportanceDataModule",
+]
+
+
+@pytest.mark.parametrize("class_path", PROMPT_DATAMODULES)
+def test_nested_prompt_block_in_yaml_reaches_the_formatter(class_path, tiny_benchmark, tmp_path):
+    """``prompt: {...}`` in a YAML config is parsed into a PromptFormat and used by the DataModule's setup."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    config = {"data": {"class_path": class_path, "init_args": {
+        "source": {"path": str(tiny_benchmark)},
+        "prompt": {"tokenizer": str(tiny_benchmark / "tokenizer"), "system_prompt": "Answer briefly.",
+                   "date_string": "1 Jan 2000", "max_length": 40, "use_chat_template": True}}}}
+    if class_path.endswith("TofuEvalDataModule"):
+        config["data"]["init_args"].update(forget_split="forget10_perturbed", holdout_split=None,
+                                           real_authors_split=None, world_facts_split=None)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    parser.add_argument("--config", action="config")
+    data = parser.instantiate(parser.parse_args(["--config", str(tmp_path / "data.yaml")])).data
+    assert data.prompt == PromptFormat(str(tiny_benchmark / "tokenizer"), 40, "Answer briefly.", "1 Jan 2000", True)
+    formatter = data.prompt.formatter()
+    assert formatter.system_prompt == "Answer briefly." and formatter.max_length == 40 and formatter.use_chat_template
+    data.setup("fit")
+    examples = {
+        "TofuDataModule": lambda: data.datasets["train"].examples,
+        "TofuEvalDataModule": lambda: [{"input_ids": item["prompt"]} for item in data.sets["forget"].items],
+        "ImportanceDataModule": lambda: [{"input_ids": row} for batch in data.batches for row in batch["input_ids"].tolist()],
+    }[class_path.rsplit(".", 1)[1]]()
+    system = formatter.tokenizer.convert_tokens_to_ids("<|system|>")
+    assert examples and all(example["input_ids"][0] == system for example in examples)
+    if class_path.endswith("TofuDataModule"):  # every option made it: the same ids as this formatter's
+        first = load_split(TofuSource(path=str(tiny_benchmark)), "full")[0]
+        assert examples[0]["input_ids"] == formatter.encode(first["question"], first["answer"])["input_ids"]
+
+
+def test_prompt_defaults_are_no_system_turn_and_the_models_tokenizer(tiny_benchmark):
+    prompt = PromptFormat()
+    assert prompt.tokenizer is None and prompt.system_prompt is None and prompt.date_string == "10 Apr 2025"
+    formatter = prompt.formatter(str(tiny_benchmark / "tokenizer"))  # the model directory, when the run has one
+    assert "<|system|>" not in formatter.prompt_text("Who?")
+    assert QAFormatter(formatter.tokenizer).prompt_text("Who?") == formatter.prompt_text("Who?")
+
+
+def test_prompt_without_tokenizer_or_model_is_refused(tiny_benchmark):
+    from perta_lightning.errors import PertaValueError
+
+    with pytest.raises(PertaValueError, match="prompt.tokenizer is not set"):
+        TofuDataModule(TofuSource(path=str(tiny_benchmark))).setup("fit")
+    with pytest.raises(PertaValueError, match="prompt.max_length"):
+        PromptFormat(max_length=0)
+
+
+def test_eval_datamodule_tokenizer_defaults_to_the_evaluated_model(tiny_model_dir, tiny_benchmark):
+    """No ``prompt.tokenizer``: the evaluation data is tokenized with the evaluated model's tokenizer."""
+    from lightning.pytorch import Trainer
+
+    from perta_lightning.data.evaluation import TofuEvalDataModule
+    from perta_lightning.evaluate import TofuEvaluator
+
+    data = TofuEvalDataModule(TofuSource(path=str(tiny_benchmark)), holdout_split=None, real_authors_split=None,
+                              world_facts_split=None, retain_split=None, max_examples=2)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        TofuEvaluator(str(tiny_model_dir), max_new_tokens=2), datamodule=data, verbose=False)
+    assert data.tokenizer.name_or_path == str(tiny_model_dir)
+
+
+def test_run_model_dir_prefers_the_modules_tokenizer():
+    from types import SimpleNamespace
+
+    from perta_lightning.data.tofu import run_model_dir
+
+    def trainer(**hparams):
+        return SimpleNamespace(lightning_module=SimpleNamespace(hparams=hparams))
+
+    assert run_model_dir(trainer(model="m", tokenizer="t")) == "t"
+    assert run_model_dir(trainer(model="m", tokenizer=None)) == "m"
+    assert run_model_dir(trainer()) is None and run_model_dir(None) is None

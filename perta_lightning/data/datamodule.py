@@ -16,14 +16,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from perta_lightning.data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_SYSTEM_PROMPT,
+    PromptFormat,
     QAFormatter,
     TofuSource,
     check_disjoint,
     collate_examples,
     load_split,
-    load_tokenizer,
+    run_model_dir,
 )
 
 
@@ -82,7 +81,8 @@ class TofuDataModule(LightningDataModule):
 
     Args:
         source: where the splits come from (local folder, hub, or the synthetic generator).
-        tokenizer: path or hub id of the tokenizer (usually the model directory).
+        prompt: tokenizer and prompt formatting; its ``tokenizer`` defaults to the trained module's
+            ``tokenizer`` (else ``model``), and ``system_prompt`` to none.
         train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...), or a
             list of splits trained on together (e.g. ``[full, world_corpus]`` to replay pre-training data).
         val_split: optional split whose answer loss is logged as ``val_loss``.
@@ -91,10 +91,6 @@ class TofuDataModule(LightningDataModule):
         batch_size: examples per batch and per process.
         num_examples: train on a seeded subsample of this many rows (all when ``None``).
         subsample_seed: seed of that subsample.
-        max_length: longest prompt + answer in tokens.
-        system_prompt: system message for chat templates.
-        date_string: pinned date for chat templates that print one.
-        use_chat_template: ``None`` uses the tokenizer's template when it has one.
         shuffle: shuffle the training split every epoch.
         num_workers: dataloader workers.
     """
@@ -102,17 +98,13 @@ class TofuDataModule(LightningDataModule):
     def __init__(
         self,
         source: TofuSource,
-        tokenizer: str,
+        prompt: PromptFormat = PromptFormat(),
         train_split: str | list[str] = "full",
         val_split: str | None = None,
         paired_split: str | None = None,
         batch_size: int = 16,
         num_examples: int | None = None,
         subsample_seed: int = 0,
-        max_length: int = 256,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        date_string: str = DEFAULT_DATE_STRING,
-        use_chat_template: bool | None = None,
         shuffle: bool = True,
         num_workers: int = 0,
     ) -> None:
@@ -121,7 +113,7 @@ class TofuDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.save_hyperparameters()
         self.source = source
-        self.tokenizer_path = tokenizer
+        self.prompt = prompt
         self.tokenizer: Any = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -138,8 +130,8 @@ class TofuDataModule(LightningDataModule):
         if self.datasets:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(self.tokenizer_path)
-        formatter = QAFormatter(self.tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
+        formatter = self.prompt.formatter(run_model_dir(self.trainer))
+        self.tokenizer = formatter.tokenizer
         train = self._encoded(hp.train_split, formatter, hp.num_examples)
         if hp.paired_split is not None:
             check_disjoint(

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+from perta_lightning.errors import PertaValueError
 
+#: The label of tokens that no loss or score counts (prompt and padding); PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
 
 #: Columns every split must have.
 BASE_COLUMNS = ("question", "answer")
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about authors concisely."
 #: Pinned so that chat templates that print today's date (Llama 3) give the same tokens every day.
 DEFAULT_DATE_STRING = "10 Apr 2025"
 
@@ -127,7 +128,7 @@ class QAFormatter:
 
     Args:
         tokenizer: a Hugging Face tokenizer with an EOS token.
-        system_prompt: system message for chat templates (``None`` for none).
+        system_prompt: system message for chat templates (``None``, the default: no system turn).
         date_string: pinned date for templates that print one (Llama 3).
         max_length: truncate the answer so that prompt + answer + EOS fits; the prompt is never cut.
         use_chat_template: ``None`` uses the template when the tokenizer has one.
@@ -136,7 +137,7 @@ class QAFormatter:
     def __init__(
         self,
         tokenizer: Any,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         date_string: str = DEFAULT_DATE_STRING,
         max_length: int = 256,
         use_chat_template: bool | None = None,
@@ -179,6 +180,62 @@ class QAFormatter:
         answer_ids = self.answer_ids(answer)[: max(0, self.max_length - len(prompt) - 1)]
         answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions and answers become tokens: one group of options shared by every DataModule.
+
+    In YAML it is a nested block, e.g. ``prompt: {tokenizer: runs/x/full, system_prompt: null}``.
+
+    Args:
+        tokenizer: path or hub id of the tokenizer. ``None`` (the default) means the run's model: the
+            LightningModule's ``tokenizer`` hyper-parameter when it has one, else its ``model`` directory.
+            Outside a run (no model attached) it must be set.
+        max_length: longest prompt + answer in tokens; the answer is cut, never the prompt.
+        system_prompt: system message for chat templates. ``None`` (the default) writes no system turn, so
+            an outside model is not given a prompt it never saw; configs that want one pin it (the Llama-3
+            configs pin open-unlearning's ``"You are a helpful assistant."``).
+        date_string: the date for chat templates that print one (Llama 3), pinned so that the tokens do
+            not change from day to day.
+        use_chat_template: ``None`` uses the tokenizer's chat template when it has one, else the plain
+            ``Question: ...\\nAnswer: `` prompt; ``True`` requires a template; ``False`` never uses one.
+    """
+
+    tokenizer: str | None = None
+    max_length: int = 256
+    system_prompt: str | None = None
+    date_string: str = DEFAULT_DATE_STRING
+    use_chat_template: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length <= 0:
+            raise PertaValueError(f"prompt.max_length must be positive, got {self.max_length}")
+
+    def tokenizer_path(self, model_dir: str | None = None) -> str:
+        """``tokenizer`` when set, else ``model_dir``; refuse when neither names one."""
+        path = self.tokenizer if self.tokenizer is not None else model_dir
+        if path is None:
+            raise PertaValueError(
+                "prompt.tokenizer is not set and no model is attached to default to: set prompt.tokenizer "
+                "to the tokenizer's path (usually the model directory)"
+            )
+        return str(path)
+
+    def formatter(self, model_dir: str | None = None) -> QAFormatter:
+        """Load the tokenizer (``tokenizer``, else ``model_dir``) and build the ``QAFormatter``."""
+        tokenizer = load_tokenizer(self.tokenizer_path(model_dir))
+        return QAFormatter(tokenizer, self.system_prompt, self.date_string, self.max_length, self.use_chat_template)
+
+
+def run_model_dir(trainer: Any) -> str | None:
+    """The tokenizer a run's model was saved with: the attached LightningModule's ``tokenizer``
+    hyper-parameter, else its ``model`` (``None`` when there is no trainer, module or such value).
+    ``CausalLMModule`` and its baselines, ``TofuEvaluator`` and ``ImportanceModule`` all have ``model``."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    hparams = getattr(module, "hparams", None) or {}
+    path = hparams.get("tokenizer") or hparams.get("model")
+    return str(path) if path is not None else None
 
 
 def pad_batch(

@@ -1,7 +1,7 @@
 """Importance estimation at a fixed model: one pass over a forget and a retain split, no optimizer step.
 
 ``perta importance --config configs/demo/importance.yaml`` runs ``trainer.fit`` for one epoch of
-:class:`ImportanceModule` on :class:`ImportanceDataModule` batches (forget first, then retain). The
+:class:`ImportanceModule` on :class:`~perta_lightning.data.importance.ImportanceDataModule` batches (forget first, then retain). The
 module uses manual optimization: it backpropagates the loss :class:`ImportanceCollector` expects,
 lets the collector read the reduced gradient, and drops it; parameters never change, and no
 optimizer is built unless the strategy insists (DeepSpeed: SGD with ``lr=0``, which keeps no state
@@ -18,122 +18,19 @@ backward passes per rank per example slot (the same work per rank as one process
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch import LightningModule, Trainer
 
 from perta_lightning import distributed
 from perta_lightning.callbacks.importance import ImportanceCollector
-from perta_lightning.data.datamodule import EncodedQA, subsample
-from perta_lightning.data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_SYSTEM_PROMPT,
-    QAFormatter,
-    TofuSource,
-    collate_examples,
-    load_split,
-    load_tokenizer,
-)
+from perta_lightning.data.importance import ImportanceDataModule
+from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.finetune import load_causal_lm
-
-
-class _RankBatches(IterableDataset):
-    """Pre-collated batches of this rank (Lightning injects no sampler into an IterableDataset)."""
-
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _unwrap(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return items[0]
-
-
-def rank_batches(
-    examples: Sequence[dict[str, Any]], label: str, source: str, batch_size: int, rank: int, world: int, pad_id: int
-) -> list[dict[str, Any]]:
-    """This rank's batches of one split. Examples are padded to a multiple of ``world`` with copies
-    marked ``valid = 0``, dealt round-robin, then cut into batches: every rank gets the same number of
-    batches of the same sizes, and no batch mixes splits."""
-    padded = [(example, 1.0) for example in examples]
-    padded += [(examples[0], 0.0)] * (-len(padded) % world)
-    mine = padded[rank::world]
-    batches = []
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        batch = collate_examples([example for example, _ in chunk], pad_id)
-        batch["valid"] = torch.tensor([weight for _, weight in chunk])
-        batch["split"], batch["source"] = label, source
-        batches.append(batch)
-    return batches
-
-
-class ImportanceDataModule(LightningDataModule):
-    """The forget and retain splits of a TOFU source, each on a seeded subsample of equal size.
-
-    Args:
-        source: where the splits come from.
-        tokenizer: tokenizer path (usually the model directory).
-        forget_split: split whose statistics are written as ``forget``.
-        retain_split: split whose statistics are written as ``retain``.
-        num_examples: use a seeded subsample of this many rows of each split (all when ``None``).
-        subsample_seed: seed of the subsamples.
-        batch_size: examples per batch and per process.
-        max_length: longest prompt + answer in tokens.
-        system_prompt: system message for chat templates.
-        date_string: pinned date for chat templates that print one.
-        use_chat_template: ``None`` uses the tokenizer's template when it has one.
-    """
-
-    def __init__(
-        self,
-        source: TofuSource,
-        tokenizer: str,
-        forget_split: str = "forget10",
-        retain_split: str = "retain90",
-        num_examples: int | None = None,
-        subsample_seed: int = 0,
-        batch_size: int = 8,
-        max_length: int = 256,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        date_string: str = DEFAULT_DATE_STRING,
-        use_chat_template: bool | None = None,
-    ) -> None:
-        super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.save_hyperparameters()
-        self.source = source
-        self.batches: list[dict[str, Any]] = []
-
-    def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        tokenizer = load_tokenizer(hp.tokenizer)
-        formatter = QAFormatter(tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
-        strategy = self.trainer.strategy if self.trainer else None
-        world = distributed.data_parallel_size(strategy) if strategy else 1
-        rank = distributed.data_parallel_rank(strategy) if strategy else 0
-        self.batches = []
-        for label, split in (("forget", hp.forget_split), ("retain", hp.retain_split)):
-            where = self.source.describe(split)
-            rows = subsample(load_split(self.source, split), hp.num_examples, hp.subsample_seed)
-            examples = EncodedQA(rows, formatter, where).examples
-            self.batches += rank_batches(examples, label, where, hp.batch_size, rank, world, tokenizer.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        # batch_size=1 over pre-collated batches (rather than batch_size=None) gives the loader a
-        # batch_sampler, which DeepSpeedStrategy reads to fill its logging batch size.
-        return DataLoader(_RankBatches(self.batches), batch_size=1, collate_fn=_unwrap)
 
 
 class ImportanceModule(LightningModule):
@@ -239,14 +136,15 @@ def estimate_importance(
     batch_size: int = 8,
     overwrite: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
-    **data_kwargs: Any,
+    prompt: PromptFormat = PromptFormat(),
 ) -> dict[str, Path]:
     """Estimate forget and retain importance at ``model`` in this process (or under the strategy in
-    ``trainer_kwargs``). Returns ``{"forget": path, "retain": path}`` of the written statistics (a
-    ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank zero, ``{}`` elsewhere."""
+    ``trainer_kwargs``). ``prompt.tokenizer`` defaults to ``model``. Returns ``{"forget": path, "retain": path}``
+    of the written statistics (a ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank
+    zero, ``{}`` elsewhere."""
     module = ImportanceModule(model, output_dir, statistic, granularity, overwrite=overwrite)
     data = ImportanceDataModule(
-        source, model, forget_split, retain_split, num_examples, subsample_seed, batch_size, **data_kwargs
+        source, prompt, forget_split, retain_split, num_examples, subsample_seed, batch_size
     )
     trainer = Trainer(**{**importance_trainer_defaults(), **(trainer_kwargs or {})})
     trainer.fit(module, data)
