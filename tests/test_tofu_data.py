@@ -15,6 +15,7 @@ from perta_lightning.data.tofu import (
     load_tokenizer,
     pad_batch,
 )
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,43 @@ def test_run_model_dir_prefers_the_modules_tokenizer():
     assert run_model_dir(trainer(model="m", tokenizer="t")) == "t"
     assert run_model_dir(trainer(model="m", tokenizer=None)) == "m"
     assert run_model_dir(trainer()) is None and run_model_dir(None) is None
+
+
+# ---- TofuSource.files: a path per split
+
+def test_a_file_per_split_alone_or_beside_a_folder(tmp_path):
+    write_rows(tmp_path / "a", "forget_set", [{"question": "qf", "answer": "af"}])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "retain.jsonl").write_text(json.dumps([{"question": "qr", "answer": "ar"}]))
+    write_rows(tmp_path / "c", "holdout10", [{"question": "qh", "answer": "ah"}])
+    files = {"forget10": str(tmp_path / "a" / "forget_set.json"), "retain90": str(tmp_path / "b" / "retain.jsonl")}
+    alone = TofuSource(files=files)
+    assert load_split(alone, "forget10") == [{"question": "qf", "answer": "af"}]
+    assert load_split(alone, "retain90") == [{"question": "qr", "answer": "ar"}]
+    assert alone.describe("retain90") == str(tmp_path / "b" / "retain.jsonl")
+    with pytest.raises(PertaValueError, match=r"split 'holdout10' is not in files= .*'forget10', 'retain90'"):
+        load_split(alone, "holdout10")
+    beside = TofuSource(path=str(tmp_path / "c"), files=files)
+    assert load_split(beside, "holdout10") == [{"question": "qh", "answer": "ah"}]
+    assert load_split(beside, "forget10") == [{"question": "qf", "answer": "af"}]
+
+
+def test_a_file_per_split_errors_name_the_split(tmp_path):
+    with pytest.raises(PertaFileNotFoundError, match=r"split 'forget10' not found: no file .*gone\.json \(files\['forget10'\]\)"):
+        load_split(TofuSource(files={"forget10": str(tmp_path / "gone.json")}), "forget10")
+    with pytest.raises(PertaValueError, match="files= goes alone or beside path=, not beside hub="):
+        TofuSource(hub="locuslab/TOFU", files={"forget10": "f.json"})
+    with pytest.raises(PertaValueError, match=r"files\['forget10'\] must be a non-empty path"):
+        TofuSource(files={"forget10": ""})
+    with pytest.raises(PertaValueError, match="must map split names to files"):
+        TofuSource(files={})
+
+
+def test_files_block_in_yaml(tmp_path):
+    """``source: {files: {split: file}}`` in a DataModule's YAML reaches TofuSource."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--source", type=TofuSource)
+    parsed = parser.instantiate(parser.parse_args(["--source", json.dumps({"files": {"forget10": "/x/f.json"}})]))
+    assert parsed.source.files == {"forget10": "/x/f.json"} and parsed.source.path is None
