@@ -239,3 +239,19 @@ def test_files_block_in_yaml(tmp_path):
     parser.add_argument("--source", type=TofuSource)
     parsed = parser.instantiate(parser.parse_args(["--source", json.dumps({"files": {"forget10": "/x/f.json"}})]))
     assert parsed.source.files == {"forget10": "/x/f.json"} and parsed.source.path is None
+
+
+# ---- a split whose answers are all empty scores only EOS: refused, naming the split
+
+def test_split_with_only_empty_answers_is_refused(tiny_benchmark, tmp_path):
+    from perta_lightning.data.importance import ImportanceDataModule
+
+    write_rows(tmp_path, "forget10", [{"question": f"Who is author {i}?", "answer": ""} for i in range(3)])
+    write_rows(tmp_path, "retain90", [{"question": "Who is Ana?", "answer": "A poet."}])
+    prompt = PromptFormat(tokenizer=str(tiny_benchmark / "tokenizer"))
+    source = TofuSource(path=str(tmp_path))
+    with pytest.raises(PertaValueError, match=r"forget10\.json: no answer tokens in the split, only EOS"):
+        TofuDataModule(source, prompt, train_split="forget10").setup("fit")
+    with pytest.raises(PertaValueError, match=r"forget10\.json: no answer tokens in the split, only EOS"):
+        ImportanceDataModule(source, prompt).setup("fit")
+    TofuDataModule(source, prompt, train_split="retain90").setup("fit")  # one real answer token is enough

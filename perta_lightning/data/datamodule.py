@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from perta_lightning.data.tofu import (
+    IGNORE_INDEX,
     PromptFormat,
     QAFormatter,
     TofuSource,
@@ -24,10 +25,15 @@ from perta_lightning.data.tofu import (
     load_split,
     run_model_dir,
 )
+from perta_lightning.errors import PertaValueError
 
 
 class EncodedQA(Dataset):
-    """Rows of a split encoded once with a ``QAFormatter``; optionally a seeded subsample."""
+    """Rows of a split encoded once with a ``QAFormatter`` (subsample the rows first with :func:`subsample`).
+
+    Refuses a split in which no example has an answer token besides the EOS that ends every answer: training
+    or importance on it would score EOS alone.
+    """
 
     def __init__(self, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
         self.examples = []
@@ -35,8 +41,12 @@ class EncodedQA(Dataset):
             encoded = formatter.encode(row["question"], row["answer"])
             encoded["index"] = index
             self.examples.append(encoded)
-        if not any(label != -100 for example in self.examples for label in example["labels"]):
-            raise ValueError(f"{where}: no answer tokens in the split")
+        # every example ends with a labelled EOS; more than one label means a real answer token
+        if not any(sum(label != IGNORE_INDEX for label in example["labels"]) > 1 for example in self.examples):
+            raise PertaValueError(
+                f"{where}: no answer tokens in the split, only EOS (every 'answer' is empty or cut by "
+                f"prompt.max_length={formatter.max_length})"
+            )
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -70,7 +80,7 @@ def subsample(rows: list[dict[str, Any]], num_examples: int | None, seed: int) -
     if num_examples is None or num_examples >= len(rows):
         return rows
     if num_examples <= 0:
-        raise ValueError(f"num_examples must be positive, got {num_examples}")
+        raise PertaValueError(f"num_examples must be positive, got {num_examples}")
     generator = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(rows), generator=generator)[:num_examples].tolist())
     return [rows[index] for index in keep]
@@ -86,10 +96,11 @@ class TofuDataModule(LightningDataModule):
         train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...), or a
             list of splits trained on together (e.g. ``[full, world_corpus]`` to replay pre-training data).
         val_split: optional split whose answer loss is logged as ``val_loss``.
-        paired_split: optional second split zipped into each training batch under ``paired_*`` keys.
-        forget_split: when given together with ``paired_split``, checked to share no question with it.
+        paired_split: optional second split zipped into each training batch under ``paired_*`` keys (the
+            retain split of GradDiff and NPO); checked to share no question with ``train_split``.
         batch_size: examples per batch and per process.
-        num_examples: train on a seeded subsample of this many rows (all when ``None``).
+        num_examples: train on a seeded subsample of this many rows of ``train_split`` (all when ``None``);
+            ``paired_split`` is used whole.
         subsample_seed: seed of that subsample.
         shuffle: shuffle the training split every epoch.
         num_workers: dataloader workers.
@@ -110,7 +121,7 @@ class TofuDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise PertaValueError(f"batch_size must be positive, got {batch_size}")
         self.save_hyperparameters()
         self.source = source
         self.prompt = prompt

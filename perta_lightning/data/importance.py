@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from perta_lightning import distributed
 from perta_lightning.data.datamodule import EncodedQA, subsample
 from perta_lightning.data.tofu import PromptFormat, TofuSource, collate_examples, load_split, run_model_dir
+from perta_lightning.errors import PertaValueError
 
 
 class _RankBatches(IterableDataset):
@@ -82,7 +83,7 @@ class ImportanceDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise PertaValueError(f"batch_size must be positive, got {batch_size}")
         self.save_hyperparameters()
         self.source = source
         self.prompt = prompt
