@@ -26,8 +26,9 @@ import torch
 from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
-#: The label of tokens that no loss or score counts (prompt and padding); PyTorch's cross-entropy default.
-IGNORE_INDEX = -100
+# IGNORE_INDEX, the label no loss or score counts (prompt and padding), is defined once beside the
+# losses, because functional/ imports nothing of the package outside it; data modules import it from here.
+from perta_lightning.functional.losses import IGNORE_INDEX
 
 #: Columns every split must have.
 BASE_COLUMNS = ("question", "answer")
