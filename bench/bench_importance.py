@@ -25,7 +25,7 @@ from perta_lightning.data.importance import ImportanceDataModule
 from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.modules.finetune import CausalLMModule
 from perta_lightning.modules.importance import ImportanceModule, importance_trainer_defaults
-from tests.tiny_assets import make_tiny_assets, write_tofu_folder
+from tests.tiny import make_tiny_assets, write_tofu_folder
 
 QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,
          "enable_checkpointing": False, "enable_model_summary": False}

@@ -1,15 +1,12 @@
 """``perta test --config configs/demo/eval.yaml`` runs end to end (paths pointed at a tiny model)."""
 
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
 from perta_lightning.cli import main
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_setup  # noqa: E402
+from tests.tiny import make_tiny_setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.yaml"
 

@@ -32,7 +32,7 @@ def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path
     from transformers import AutoModelForCausalLM
 
     from perta_lightning.data.tofu import load_tokenizer
-    from tests.conftest import tiny_model_config
+    from tests.tiny import tiny_model_config
 
     tokenizer_dir = str(tiny_benchmark / "tokenizer")
     trainer = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
