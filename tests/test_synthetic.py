@@ -126,7 +126,8 @@ def deadline(seconds: int, what: str):
 def test_hundreds_of_authors_do_not_exhaust_the_names():
     """700 authors used to hang: the two-syllable first names (702) ran out. Now names grow a syllable."""
     with deadline(60, "generate_benchmark(num_authors=700)"):
-        splits = generate_benchmark(SyntheticSpec(num_authors=700, seed=0, num_background_authors=6, num_world_items=30))
+        splits = generate_benchmark(SyntheticSpec(num_authors=700, seed=0, num_background_authors=6,
+                                                  num_world_items=30))
     assert len(splits["full"]) == 700 * PER_AUTHOR
     assert len({row["question"] for row in splits["full"]}) == 700 * PER_AUTHOR  # 700 distinct authors
 

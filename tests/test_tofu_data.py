@@ -148,7 +148,8 @@ def test_nested_prompt_block_in_yaml_reaches_the_formatter(class_path, tiny_benc
     examples = {
         "TofuDataModule": lambda: data.datasets["train"].examples,
         "TofuEvalDataModule": lambda: [{"input_ids": item["prompt"]} for item in data.sets["forget"].items],
-        "ImportanceDataModule": lambda: [{"input_ids": row} for batch in data.batches for row in batch["input_ids"].tolist()],
+        "ImportanceDataModule": lambda: [{"input_ids": row} for batch in data.batches
+                                         for row in batch["input_ids"].tolist()],
     }[class_path.rsplit(".", 1)[1]]()
     system = formatter.tokenizer.convert_tokens_to_ids("<|system|>")
     assert examples and all(example["input_ids"][0] == system for example in examples)
@@ -221,7 +222,8 @@ def test_a_file_per_split_alone_or_beside_a_folder(tmp_path):
 
 
 def test_a_file_per_split_errors_name_the_split(tmp_path):
-    with pytest.raises(PertaFileNotFoundError, match=r"split 'forget10' not found: no file .*gone\.json \(files\['forget10'\]\)"):
+    missing = r"split 'forget10' not found: no file .*gone\.json \(files\['forget10'\]\)"
+    with pytest.raises(PertaFileNotFoundError, match=missing):
         load_split(TofuSource(files={"forget10": str(tmp_path / "gone.json")}), "forget10")
     with pytest.raises(PertaValueError, match="files= goes alone or beside path=, not beside hub="):
         TofuSource(hub="locuslab/TOFU", files={"forget10": "f.json"})

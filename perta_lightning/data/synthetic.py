@@ -133,8 +133,9 @@ class SyntheticSpec:
         needed = names_needed(self.num_authors, self.num_background_authors, self.num_world_items)
         capacity = name_capacity()
         if needed > capacity:
-            largest = max((n for n in range(2, capacity + 1)
-                           if names_needed(n, self.num_background_authors, self.num_world_items) <= capacity), default=1)
+            fits = [n for n in range(2, capacity + 1)
+                    if names_needed(n, self.num_background_authors, self.num_world_items) <= capacity]
+            largest = fits[-1] if fits else 1
             raise PertaValueError(
                 f"num_authors={self.num_authors} needs {needed} distinct names (authors, 10 % holdout authors, "
                 f"{self.num_background_authors} background authors, {self.num_world_items} world items) but the "

@@ -1,11 +1,11 @@
 """Importance estimation at a fixed model: one pass over a forget and a retain split, no optimizer step.
 
 ``perta importance --config configs/demo/importance.yaml`` runs ``trainer.fit`` for one epoch of
-:class:`ImportanceModule` on :class:`~perta_lightning.data.importance.ImportanceDataModule` batches (forget first, then retain). The
-module uses manual optimization: it backpropagates the loss :class:`ImportanceCollector` expects,
-lets the collector read the reduced gradient, and drops it; parameters never change, and no
-optimizer is built unless the strategy insists (DeepSpeed: SGD with ``lr=0``, which keeps no state
-and is never stepped).
+:class:`ImportanceModule` on :class:`~perta_lightning.data.importance.ImportanceDataModule` batches
+(forget first, then retain). The module uses manual optimization: it backpropagates the loss
+:class:`ImportanceCollector` expects, lets the collector read the reduced gradient, and drops it;
+parameters never change, and no optimizer is built unless the strategy insists (DeepSpeed: SGD with
+``lr=0``, which keeps no state and is never stepped).
 
 ``fisher`` by ``example`` under ``W`` data-parallel ranks: sharded strategies reduce gradients inside
 backward, so per-example gradients cannot be kept apart by ``no_sync``. Each micro-step therefore
