@@ -188,6 +188,12 @@ class TofuEvaluator(LightningModule):
             self.set_metrics[name].update(
                 index, values["answer_nll"], values["perturbed_nll"], values["rouge_l_recall"],
                 paraphrased_nll=values.get("paraphrased_nll"), extraction_strength=values.get("extraction_strength"))
+            # Lightning computes (and syncs) logged metrics at the epoch's end. Logged here, each set's scores
+            # belong to its own dataloader, so the results table's "DataLoader <i>" column holds only rows
+            # named by that set ("forget_rouge", ...), not every score repeated in every column
+            self.log_dict(self.set_metrics[name])
+        if spec.min_k and not spec.scored:
+            self.log("mia_min_k_auc", self.mia)
         self.examples[name].update(index, **values)
 
     def on_test_epoch_end(self) -> None:
@@ -198,8 +204,9 @@ class TofuEvaluator(LightningModule):
         aggregates["mia_min_k_auc"] = self.mia.compute().item() if "holdout" in self.examples else None
         examples = {name: record.compute() for name, record in self.examples.items()}
         self.result = self.build_result(aggregates, examples)
-        # named by set ("forget_rouge", ...), not by Lightning's "DataLoader <i>" suffix
-        scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}
+        # the scores of more than one set (the per-set ones were logged as metrics in test_step)
+        across = ("model_utility", "forget_quality", "ks_statistic", "privleak")
+        scalars = {k: self.result["aggregates"][k] for k in across if isinstance(self.result["aggregates"][k], float)}
         self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
         if self.hparams.output_json is not None and self.trainer.is_global_zero:
             atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
