@@ -120,3 +120,15 @@ def test_results_table_names_each_set(tiny, tmp_path):
         if name in ("forget", "retain"):
             expected.add(f"{name}_extraction_strength")
         assert own == expected, name
+
+
+def test_generations_are_stripped(tiny):
+    """Generated text is stored and scored without surrounding white space, as open-unlearning's."""
+    from perta_lightning.data.tofu import load_tokenizer
+    from perta_lightning.evaluate import generation_text
+
+    tokenizer = load_tokenizer(str(tiny[1]))
+    ids = tokenizer.encode(" the answer\n", add_special_tokens=False)
+    raw = tokenizer.decode(ids, skip_special_tokens=True)
+    assert raw != raw.strip()  # the case is not vacuous: this tokenizer keeps the white space
+    assert generation_text(tokenizer, ids + [-1, -1]) == raw.strip()

@@ -22,8 +22,6 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
-from perta_lightning.eval_sets import EVAL_SET_BY_NAME, EvalSetSpec
 from perta_lightning.data.tofu import (
     DEFAULT_DATE_STRING,
     DEFAULT_SYSTEM_PROMPT,
@@ -34,6 +32,9 @@ from perta_lightning.data.tofu import (
     load_tokenizer,
     pad_batch,
 )
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.eval_sets import EVAL_SET_BY_NAME, EvalSetSpec
+
 
 def load_eval_tokenizer(path: str) -> Any:
     """The tokenizer of a model directory (or hub id); a folder without tokenizer files is a user error."""
