@@ -111,3 +111,15 @@ def test_spread_and_summary():
     low, high = summary.interval
     assert 0.1 <= low <= 0.2 <= high <= 0.3
     assert bootstrap_interval([1.0]) is None
+
+
+def test_search_skips_levels_the_target_already_reaches():
+    target = CurvePoint(0.0, 0.2, 0.8)
+    assert next_alphas([target, CurvePoint(1.0, 0.5, 0.7)], [0.1]) == []
+    # the target does not reach 0.3, α = 1 does: search down from α = 1, never into α = 0
+    assert next_alphas([target, CurvePoint(1.0, 0.5, 0.7)], [0.3]) == [0.25]
+
+
+def test_the_target_point_counts_for_the_matched_rule():
+    points = curve((0.0, 0.2, 0.8), (1.0, 0.5, 0.6))
+    assert utilities_at_levels(points, [0.1, 0.3]) == [0.8, 0.6]

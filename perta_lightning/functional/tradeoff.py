@@ -11,10 +11,14 @@ interpolation between α, which on a KS-test p-value of a few dozen examples (it
 models. A point is *collapsed* when its MU is below ``collapse_fraction`` (0.5) of the target model's MU; a
 collapsed model forgets by losing everything, so it does not count as reaching any level.
 
+Every curve starts at the target model itself (α = 0): a level the target already reaches is reached by
+every method, at the target's utility.
+
 **The α search.** ``next_alphas`` proposes the α to evaluate next so that every level is bracketed: for a
-level ℓ, ``α_hi`` is the smallest evaluated α that reaches ℓ or has collapsed, and ``α_lo`` the largest
-evaluated α below it. Until both exist the search steps outwards by ``step`` (×4 up from the largest α, ÷4
-down from the smallest); then it bisects in log α, proposing √(α_lo·α_hi), until α_hi/α_lo ≤ ``ratio``.
+level ℓ that the target (α = 0, when given) does not reach, ``α_hi`` is the smallest evaluated α > 0 that
+reaches ℓ or has collapsed, and ``α_lo`` the largest evaluated α > 0 below it. Until both exist the search
+steps outwards by ``step`` (×4 up from the largest α, ÷4 down from the smallest); then it bisects in log α,
+proposing √(α_lo·α_hi), until α_hi/α_lo ≤ ``ratio``.
 
 **Across seeds.** ``paired_differences`` gives, per seed, MU(method) − MU(reference) at each level where
 both reach it; ``summarize_differences`` reports the mean, a seeded bootstrap interval of the mean, and a
@@ -71,7 +75,7 @@ def _reaches(point: CurvePoint, level: float) -> bool:
 def bracket(points: Sequence[CurvePoint], level: float) -> tuple[float | None, float | None]:
     """``(α_lo, α_hi)`` for ``level``: α_hi is the smallest α that reaches it (or collapsed), α_lo the
     largest evaluated α below α_hi. Either is ``None`` when it does not exist yet."""
-    curve = sorted((p for p in points if p.alpha is not None), key=lambda p: p.alpha)
+    curve = sorted((p for p in points if p.alpha is not None and p.alpha > 0), key=lambda p: p.alpha)
     hi = next((p.alpha for p in curve if _reaches(p, level)), None)
     below = [p.alpha for p in curve if hi is None or p.alpha < hi]
     return (below[-1] if below else None), hi
@@ -81,16 +85,19 @@ def next_alphas(points: Sequence[CurvePoint], levels: Sequence[float], *, ratio:
                 step: float = 4.0, alpha_min: float = 1e-3, alpha_max: float = 1e3) -> list[float]:
     """The α to evaluate next so that each of ``levels`` is bracketed to within ``ratio`` (sorted, unique).
 
-    An empty list means every level is bracketed tightly enough, or cannot be (never reached below
+    A point at α = 0 is the target model. An empty list means every level is bracketed tightly enough, or cannot be (never reached below
     ``alpha_max``, or already reached at ``alpha_min``). ``points`` must hold at least one α.
     """
     if ratio <= 1.0 or step <= 1.0:
         raise ValueError(f"ratio and step must be > 1, got ratio={ratio}, step={step}")
-    alphas = sorted(p.alpha for p in points if p.alpha is not None)
+    alphas = sorted(p.alpha for p in points if p.alpha is not None and p.alpha > 0)
     if not alphas:
-        raise ValueError("next_alphas needs at least one evaluated α")
+        raise ValueError("next_alphas needs at least one evaluated α > 0")
+    targets = [p for p in points if p.alpha == 0]
     proposals: set[float] = set()
     for level in levels:
+        if any(not p.collapsed and p.forget_quality >= level for p in targets):
+            continue  # the target model itself reaches the level
         lo, hi = bracket(points, level)
         if hi is None:
             candidate = min(alphas[-1] * step, alpha_max)
