@@ -82,7 +82,7 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
                           p.reinforce_lr, p.batch_size, "reinforce θ_full", runtime)
     importance: dict[tuple, Importance] = {}
     for v in variants:
-        key = (v.statistic, v.importance_at, v.granularity, v.num_examples or p.importance_examples)
+        key = v.importance_key(p.importance_examples)
         if key not in importance:
             statistic, where, granularity, n = key
             importance[key] = Importance(f"{at}/importance/{statistic}_at_{where}_{granularity}_n{n}",
@@ -106,9 +106,7 @@ def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str
     """Rounds of merge + evaluate for one method until each level is bracketed; its rows and evaluations."""
     importance = None
     if variant is not None:
-        key = (variant.statistic, variant.importance_at, variant.granularity,
-               variant.num_examples or preset.importance_examples)
-        importance = graph["importance"][key]
+        importance = graph["importance"][variant.importance_key(preset.importance_examples)]
     reinforce_seconds = runner.records[graph["reinforced"].name].seconds
     importance_seconds = 0.0 if importance is None else runner.records[importance.name].seconds
     reference = graph["reference"]
@@ -179,7 +177,8 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
                 rows += method_rows
             runner.progress.settle()
             result = SplitResult(forget_split, output / forget_split, rows, counts)
-            write_report(result, variants, search, graph["importance"], runner)
+            used = {v.label: graph["importance"][v.importance_key(preset.importance_examples)] for v in variants}
+            write_report(result, variants, search, used, runner)
             results.append(result)
     return results
 

@@ -142,15 +142,16 @@ def layer_type(name: str) -> str:
     return "norm" if "norm" in name else "other"
 
 
-def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, samples: int = 20000) -> dict[str, torch.Tensor]:
-    """PerTA weights w = s_f / (s_f + β·s_r + ε) of every parameter, grouped by layer type (subsampled)."""
+def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, power: float = 1.0,
+                          samples: int = 20000) -> dict[str, torch.Tensor]:
+    """PerTA weights w = s_f^p / (s_f^p + β·s_r^p + ε) of every parameter, by layer type (subsampled)."""
     from perta_lightning.checkpoint_io import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     groups: dict[str, list[torch.Tensor]] = {}
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta).flatten()
+            w = perta_weights(s_f.read(name), s_r.read(name), power=power, beta=beta).flatten()
             groups.setdefault(layer_type(name), []).append(w)
     generator = torch.Generator().manual_seed(0)
     out = {}
@@ -178,7 +179,7 @@ def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> Non
 
 
 def write_report(result: SplitResult, variants: list[PertaVariant], search: AlphaSearch,
-                 importance: dict[tuple, Importance], runner: StageRunner) -> list[dict[str, Any]]:
+                 importance: dict[str, Importance], runner: StageRunner) -> list[dict[str, Any]]:
     """Write ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png`` of one forget split."""
     table = build_rows(result.rows, runner.root)
     for row in table:
@@ -188,24 +189,29 @@ def write_report(result: SplitResult, variants: list[PertaVariant], search: Alph
     at_levels = matched(table, search.levels)
     settings = {"seed": runner.seed, "forget_split": result.forget_split, "levels": list(search.levels),
                 "variants": [asdict(v) | {"label": v.label} for v in variants]}
+    files = {}
+    for variant in variants:
+        stage = importance[variant.label]
+        files[variant.label] = {"beta": variant.beta, "power": variant.power, "statistic": variant.statistic,
+                                **{key: _relative(runner.path(Product(stage, key)), runner.root)
+                                   for key in ("forget", "retain")}}
     out = result.root
     atomic_write_text(out / "report.json", json.dumps({
-        "settings": settings, "rows": table, "matched": at_levels,
+        "settings": settings, "rows": table, "matched": at_levels, "importance": files,
         "search_evaluations": result.search_evaluations}, indent=2))
     atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
                                                   result.search_evaluations))
     plot_tradeoff(table, out / "tradeoff.png")
     if variants:
-        first = next(iter(importance.values()))
-        forget, retain = (runner.path(Product(first, key)) for key in ("forget", "retain"))
-        beta = variants[0].beta
-        plot_weights(weights_by_layer_type(forget, retain, beta), out / "weights.png",
-                     f"PerTA weights by layer type ({first.statistic}, β = {beta:g})")
+        first = files[variants[0].label]
+        plot_weights(weights_by_layer_type(runner.root / first["forget"], runner.root / first["retain"],
+                                           first["beta"], first["power"]), out / "weights.png",
+                     f"PerTA weights by layer type ({variants[0].label})")
     return table
 
 
-def weight_concentration(forget: Path, retain: Path, beta: float = 1.0) -> list[dict[str, Any]]:
-    """Per parameter tensor: layer index, layer type, mean PerTA weight (with ``beta``) and share above 0.5."""
+def weight_concentration(forget: Path, retain: Path, beta: float = 1.0, power: float = 1.0) -> list[dict[str, Any]]:
+    """Per parameter tensor: layer index, layer type, mean PerTA weight (β, p) and share above 0.5."""
     import re
 
     from perta_lightning.checkpoint_io import TensorSource
@@ -214,7 +220,7 @@ def weight_concentration(forget: Path, retain: Path, beta: float = 1.0) -> list[
     rows = []
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta)
+            w = perta_weights(s_f.read(name), s_r.read(name), power=power, beta=beta)
             layer = re.search(r"layers\.(\d+)\.", name)
             rows.append({"name": name, "layer": int(layer.group(1)) if layer else None, "type": layer_type(name),
                          "mean_weight": w.mean().item(), "share_above_half": (w > 0.5).float().mean().item(),

@@ -76,6 +76,10 @@ class PertaVariant:
     granularity: Literal["example", "batch"] = "example"
     num_examples: int | None = None
 
+    def importance_key(self, default_examples: int | None) -> tuple:
+        """What decides the importance files this variant reads (variants sharing it share the files)."""
+        return (self.statistic, self.importance_at, self.granularity, self.num_examples or default_examples)
+
     @property
     def label(self) -> str:
         """``perta_<statistic>`` plus what differs from the paper's defaults, e.g. ``perta_fisher_b16``."""
