@@ -110,7 +110,7 @@ def weight_map(index: Path) -> dict[str, Path]:
 def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
     import os
 
-    from perta_lightning.checkpoint_io import (
+    from perta_lightning.checkpoints import (
         StreamingSafetensorsWriter,
         TensorSource,
         plan_shards,
@@ -145,7 +145,7 @@ def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
 
 
 def run_floor_mmap(root: Path, out: Path, shard_bytes: int) -> None:
-    from perta_lightning.checkpoint_io import (
+    from perta_lightning.checkpoints import (
         StreamingSafetensorsWriter,
         TensorSource,
         plan_shards,
@@ -181,7 +181,7 @@ def run_stream(root: Path, out: Path, shard_bytes: int) -> None:
 
 def run_naive(root: Path, out: Path, shard_bytes: int) -> None:
     torch.set_num_threads(1)  # same intra-op threads as the streaming merge, so only the strategy differs
-    from perta_lightning.checkpoint_io import plan_shards, shard_file_names
+    from perta_lightning.checkpoints import plan_shards, shard_file_names
     from perta_lightning.functional.task_vectors import unlearn
     from perta_lightning.functional.weights import perta_weights
 

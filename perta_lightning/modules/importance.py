@@ -39,7 +39,7 @@ from perta_lightning.data.tofu import (
     load_tokenizer,
 )
 from perta_lightning.functional.losses import example_nll
-from perta_lightning.modules.finetune import load_causal_lm
+from perta_lightning.checkpoints import load_causal_lm
 
 
 class _RankBatches(IterableDataset):
