@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from perta_lightning.errors import PertaValueError
-from perta_lightning.io import atomic_directory, atomic_write_text, private_temporary_directory
+from perta_lightning.io import apply_umask, atomic_directory, atomic_write_text, private_temporary_directory
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -330,6 +330,7 @@ def write_safetensors_sharded(
         flush()
         if not shards:
             raise CheckpointError(f"{directory / stem}: no tensors to write")
+        apply_umask(tmp)  # safetensors writes 0o600 files
         for k, final in enumerate(shard_file_names(len(shards), stem)):
             os.replace(tmp / f"part-{k:05d}.safetensors", directory / final)
         if len(shards) == 1:

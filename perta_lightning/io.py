@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -50,6 +51,22 @@ def check_output_path(output: str | os.PathLike) -> Path:
         raise PertaValueError(f"output {str(output)!r}: name a new folder or file (e.g. runs/merged), "
                               "not the current folder or one above it")
     return path
+
+
+def apply_umask(path: str | os.PathLike, umask: int | None = None) -> None:
+    """Give ``path`` and, for a folder, everything in it the modes a plain ``mkdir`` / ``open`` would have:
+    folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (``0o777 & ~umask`` when executable). Undoes the
+    ``0o700`` / ``0o600`` of ``tempfile`` and of ``safetensors.save_file``; symbolic links are left alone."""
+    mask = current_umask() if umask is None else umask
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        mode = item.stat().st_mode
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+        if stat.S_IMODE(mode) != full & ~mask:
+            os.chmod(item, full & ~mask)
 
 
 @contextlib.contextmanager
@@ -171,7 +188,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     On an exception, or SIGTERM, the temporary directory is removed and ``output`` is left as it was.
     Stale temporaries of killed runs in the same folder are removed first (see
     :func:`remove_stale_temporaries`). An existing ``output`` raises ``FileExistsError`` unless
-    ``overwrite`` is true. The finished folder gets mode ``0o777 & ~umask``.
+    ``overwrite`` is true. The finished folder and everything in it get the umask's modes (:func:`apply_umask`).
     """
     output = check_output_path(output)
     if output.exists() and not overwrite:
@@ -182,7 +199,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
         tmp, fd = _locked_temporary(output.parent, f".{output.name}.tmp-", directory=True)
         try:
             yield tmp
-            os.chmod(tmp, 0o777 & ~current_umask())
+            apply_umask(tmp)
             replace_directory(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

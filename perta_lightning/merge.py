@@ -241,7 +241,7 @@ def _stream_merge(sources: MergeSources, options: MergeOptions, outputs: dict[fl
             shard_writers.close()
     finally:
         torch.set_num_threads(previous_threads)
-    bar.close()
+        bar.close()  # before an error message, so that it starts on a line of its own
     merger.check_importance_not_all_zero()
     if len(shards) > 1:
         for subdir in subdirs:
