@@ -11,7 +11,6 @@ together with ``perta_hparams.json``, the hyper-parameters that made it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
