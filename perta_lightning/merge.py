@@ -13,6 +13,11 @@ Output layout, one rule by count: one ``α`` (a number, or a list of one) writes
 either way. The result is written to a temporary folder beside ``output`` and renamed into place
 (see :mod:`perta_lightning.io`: removed on errors and SIGTERM, swept on the next run after a SIGKILL).
 
+Fewer bytes per merged parameter: ``save_weighted_task_vector=DIR`` also writes the weighted task
+vector ``v = w ⊙ τ`` (float32) once, and ``method="weighted"`` with ``task_vector=DIR`` then merges
+``θ_u = θ_t − α v`` reading only ``θ_t`` and ``v`` (6 bytes per parameter for a bf16 model instead of
+12), bit for bit the model of the direct merge.
+
 Tied weights: when the config ties word embeddings, the tied name (e.g. ``lm_head.weight``) is
 usually absent from the safetensors and its importance entry, if any, is ignored in favour of the
 source's. If both names are in the checkpoints, their inputs must be equal (checked) and both are
@@ -40,6 +45,7 @@ from perta_lightning.checkpoints import (
     CheckpointError,
     StreamingSafetensorsWriter,
     TensorSource,
+    index_file_name,
     parse_size,
     plan_shards,
     shard_file_names,
@@ -48,7 +54,7 @@ from perta_lightning.checkpoints import (
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.task_vectors import negate_task_vector_into, task_vector, weight_task_vector_
 from perta_lightning.functional.weights import DEFAULT_EPS, perta_weights
-from perta_lightning.io import atomic_directory, check_output_path
+from perta_lightning.io import atomic_directory, atomic_write_text, check_output_path
 
 DEFAULT_CHUNK_NUMEL = 1 << 19  # 512K entries (2 MiB float32 temporaries): fastest of 128K-1M measured
 
@@ -71,16 +77,22 @@ def model_dirs(output: Path, alphas: Sequence[float]) -> dict[float, Path]:
     return {a: Path(output) / alpha_dir_name(a) for a in alphas}
 
 
+TASK_VECTOR_STEM = "task_vector"  # DIR/task_vector.safetensors (or sharded, with its index)
+TASK_VECTOR_RECORD = "perta_task_vector.json"
+
+
 @dataclass(frozen=True)
 class MergeSources:
     """The open inputs of a merge. ``base`` is ``target`` itself when ``θ_base = θ_t``; ``importance``
-    is ``(s_f, s_r)`` for PerTA, else ``None``; ``tied`` maps tied aliases to their source name."""
+    is ``(s_f, s_r)`` for PerTA, else ``None``; ``tied`` maps tied aliases to their source name.
+    ``weighted`` is a stored ``v = w ⊙ τ`` (``method="weighted"``; ``reinforced`` is then ``None``)."""
 
     target: TensorSource
-    reinforced: TensorSource
+    reinforced: TensorSource | None
     base: TensorSource
     importance: tuple[TensorSource, TensorSource] | None
     tied: dict[str, str]
+    weighted: TensorSource | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class MergeOptions:
     power: float = 1.0
     beta: float = 1.0
     eps: float = DEFAULT_EPS
+    keep_task_vector: bool = False  # compute v = w ⊙ τ of every merged tensor, even when every α is 0
 
 
 @dataclass
@@ -100,7 +113,8 @@ class Block:
 
     Only ``target`` is read when the block copies the target (non-float tensors, all ``α = 0``,
     ``missing_importance="keep"``); ``base`` is ``None`` when ``θ_base = θ_t``; ``forget`` and
-    ``retain`` are ``None`` without importance for this tensor (TV, or ``missing_importance="tv"``).
+    ``retain`` are ``None`` without importance for this tensor (TV, or ``missing_importance="tv"``);
+    ``weighted`` is the stored ``v = w ⊙ τ`` (``method="weighted"``).
     """
 
     name: str
@@ -111,14 +125,15 @@ class Block:
     base: torch.Tensor | None = None
     forget: torch.Tensor | None = None
     retain: torch.Tensor | None = None
+    weighted: torch.Tensor | None = None
 
 
 def merge_checkpoints(
     target: Path,
-    reinforced: Path,
+    reinforced: Path | None,
     output: Path,
     alpha: float | list[float] = 1.0,
-    method: Literal["tv", "perta"] = "perta",
+    method: Literal["tv", "perta", "weighted"] = "perta",
     base: Path | None = None,
     forget_importance: Path | None = None,
     retain_importance: Path | None = None,
@@ -132,17 +147,20 @@ def merge_checkpoints(
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     threads: int = 1,
     progress: bool = True,
+    save_weighted_task_vector: Path | None = None,
+    task_vector: Path | None = None,
 ) -> dict[float, Path]:
     """Unlearn by negating the forget task vector, with per-parameter PerTA weights or plain TV.
 
     Args:
         target: Hugging Face model directory of ``θ_t``, the model to unlearn from.
-        reinforced: model directory of ``θ_r``, ``θ_t`` fine-tuned on the forget set.
+        reinforced: model directory of ``θ_r``, ``θ_t`` fine-tuned on the forget set (not for ``weighted``).
         output: directory to write, outside the input folders. One ``α``: the model is written here;
             several ``α``: one model per value in ``output/alpha_<α>``.
         alpha: scaling ``α`` of the negated task vector, or a list of them (inputs are read once).
             Negative values are legitimate (they move towards ``θ_r``; useful in a sweep through 0).
-        method: ``tv`` (``w = 1``) or ``perta`` (``w`` from the importance files).
+        method: ``tv`` (``w = 1``), ``perta`` (``w`` from the importance files) or ``weighted``
+            (``θ_t − α v`` with ``v = w ⊙ τ`` read from ``task_vector``).
         base: model directory of ``θ_base``; ``τ = θ_r − θ_base``. Defaults to ``target``.
         forget_importance: ``s_f``: a ``.safetensors`` file or ``*.safetensors.index.json`` keyed
             by the model's parameter names (``perta`` only; any float dtype, bf16 is upcast exactly).
@@ -159,63 +177,124 @@ def merge_checkpoints(
         threads: torch intra-op threads during the merge (at least 1; restored afterwards). Blocks fit in
             cache, so one thread is usually fastest; more threads stalled 40x on a busy 2-core machine.
         progress: show a progress bar on stderr.
+        save_weighted_task_vector: (``tv`` / ``perta``) also write ``v = w ⊙ τ`` in float32 to this new
+            folder, for later ``--method weighted`` merges that read only ``θ_t`` and ``v``.
+        task_vector: (``weighted`` only) a folder written by ``save_weighted_task_vector``.
 
     Returns:
         ``{α: model directory}`` in the given order of ``α``.
     """
     alphas = tuple(float(a) for a in (alpha if isinstance(alpha, (list, tuple)) else [alpha]))
-    _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps)
+    _check_options(alphas, method, reinforced, base, forget_importance, retain_importance, power, beta, eps,
+                   save_weighted_task_vector, task_vector)
     if threads < 1 or chunk_numel < 1:
         raise MergeError(f"threads and chunk_numel: need at least 1, got threads={threads}, chunk_numel={chunk_numel}")
-    output = check_output_path(output)
-    if output.exists() and not overwrite:
-        raise MergeError(f"{output}: output exists; pass --overwrite true to replace it")
-    target, reinforced = Path(target), Path(reinforced)
+    outputs = [check_output_path(p) for p in (output, save_weighted_task_vector) if p is not None]
+    for out in outputs:
+        if out.exists() and not overwrite:
+            raise MergeError(f"{out}: output exists; pass --overwrite true to replace it")
+    target = Path(target)
+    reinforced = None if reinforced is None else Path(reinforced)
     base = target if base is None else Path(base)
-    _check_output_outside_inputs(output, [target, reinforced, base],
-                                 [Path(p) for p in (forget_importance, retain_importance) if p])
-    _check_configs(target, reinforced, base)
-    options = MergeOptions(alphas, missing_importance, power, beta, eps)
+    models = [p for p in (target, reinforced, base) if p is not None]
+    files = [Path(p) for p in (forget_importance, retain_importance) if p]
+    for out in outputs:
+        _check_output_outside_inputs(out, models + ([Path(task_vector)] if task_vector else []), files)
+    if len(outputs) == 2 and (outputs[0].resolve() in [outputs[1].resolve(), *outputs[1].resolve().parents]
+                              or outputs[1].resolve() in outputs[0].resolve().parents):
+        raise MergeError(f"{save_weighted_task_vector}: the task vector folder must be apart from output {output}")
+    record: dict[str, Any] = dict(method=method, target=str(target), **_config_identity(target))
+    if method == "weighted":
+        record["task_vector"] = _check_task_vector_record(Path(task_vector), record)
+    else:
+        _check_configs(target, reinforced, base)
+        record.update(reinforced=str(reinforced), base=str(base), power=power, beta=beta, eps=eps,
+                      forget_importance=forget_importance and str(forget_importance),
+                      retain_importance=retain_importance and str(retain_importance),
+                      missing_importance=missing_importance)
+    options = MergeOptions(alphas, missing_importance, power, beta, eps, save_weighted_task_vector is not None)
     with ExitStack() as stack:
         try:
             t_src = stack.enter_context(TensorSource.from_model_dir(target, allow_pickle))
-            r_src = stack.enter_context(TensorSource.from_model_dir(reinforced, allow_pickle))
+            r_src = w_src = imps = None
+            if method == "weighted":
+                w_src = stack.enter_context(_task_vector_source(Path(task_vector)))
+            else:
+                r_src = stack.enter_context(TensorSource.from_model_dir(reinforced, allow_pickle))
             b_src = t_src if base == target else stack.enter_context(TensorSource.from_model_dir(base, allow_pickle))
-            imps = None
             if method == "perta":
                 imps = (stack.enter_context(TensorSource.from_path(Path(forget_importance))),
                         stack.enter_context(TensorSource.from_path(Path(retain_importance))))
         except CheckpointError as e:
             raise MergeError(str(e)) from e
-        sources = MergeSources(t_src, r_src, b_src, imps, _tied_aliases(target))
+        sources = MergeSources(t_src, r_src, b_src, imps, _tied_aliases(target), w_src)
         _check_tensors(sources, missing_importance)
-        record = dict(method=method, target=str(target), reinforced=str(reinforced), base=str(base), power=power,
-                      beta=beta, eps=eps, forget_importance=forget_importance and str(forget_importance),
-                      retain_importance=retain_importance and str(retain_importance),
-                      missing_importance=missing_importance)
-        with atomic_directory(output, overwrite=overwrite) as tmp:
-            _stream_merge(sources, options, model_dirs(tmp, alphas), target, record, parse_size(max_shard_size),
-                          chunk_numel, threads, progress)
+        tmp = stack.enter_context(atomic_directory(output, overwrite=overwrite))
+        saved = None
+        if save_weighted_task_vector is not None:
+            saved = stack.enter_context(atomic_directory(save_weighted_task_vector, overwrite=overwrite))
+            atomic_write_text(saved / TASK_VECTOR_RECORD, json.dumps(record, indent=2) + "\n")
+        _stream_merge(sources, options, model_dirs(tmp, alphas), target, record, parse_size(max_shard_size),
+                      chunk_numel, threads, progress, saved)
     return model_dirs(output, alphas)
+
+
+def _config_identity(directory: Path) -> dict[str, Any]:
+    config = _load_config(directory)
+    return {"architectures": config.get("architectures"), "model_type": config.get("model_type")}
+
+
+def _task_vector_file(directory: Path) -> Path:
+    """The file holding the stored ``v = w ⊙ τ`` in ``directory`` (written by ``save_weighted_task_vector``)."""
+    for name in (index_file_name(TASK_VECTOR_STEM), f"{TASK_VECTOR_STEM}.safetensors"):
+        if (directory / name).is_file():
+            return directory / name
+    raise MergeError(f"{directory}: no {TASK_VECTOR_STEM}.safetensors(.index.json); write one with "
+                     "--save_weighted_task_vector during a tv or perta merge")
+
+
+def _task_vector_source(directory: Path) -> TensorSource:
+    return TensorSource.from_path(_task_vector_file(directory))
+
+
+def _check_task_vector_record(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record of how the task vector in ``directory`` was made; its model must be the target's kind."""
+    _task_vector_file(directory)
+    path = directory / TASK_VECTOR_RECORD
+    try:
+        made = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read the task vector's record ({e})") from e
+    for key in ("architectures", "model_type"):
+        if made.get(key) != record[key]:
+            raise MergeError(f"{path}: {key} {made.get(key)!r} differs from {record[key]!r} of the target")
+    return made
 
 
 def _stream_merge(sources: MergeSources, options: MergeOptions, outputs: dict[float, Path], target_dir: Path,
                   record: dict[str, Any], max_shard_bytes: int, chunk_numel: int, threads: int,
-                  progress: bool) -> None:
-    """Merge every tensor of ``sources`` into the model folders ``outputs`` (``{α: folder}``)."""
+                  progress: bool, task_vector_dir: Path | None = None) -> None:
+    """Merge every tensor of ``sources`` into the model folders ``outputs`` (``{α: folder}``), and write
+    ``v = w ⊙ τ`` of every merged tensor into ``task_vector_dir`` when given."""
     t_src = sources.target
     order = sorted(t_src.infos, key=lambda n: (str(t_src.infos[n].file), t_src.infos[n].offset))
     shards = plan_shards([(n, t_src.infos[n].nbytes) for n in order], max_shard_bytes)
     subdirs = list(outputs.values())
+    merger = _BlockMerger(sources, options)
+    shard_writers = _ShardWriters(subdirs, "model", shards, {n: (t_src.infos[n].dtype, t_src.infos[n].shape)
+                                                            for n in order})
+    tv_writer = tv_shards = None
+    if task_vector_dir is not None:
+        tv_names = [n for n in order if not merger.copies_target(n)]
+        tv_layout = {n: ("F32", t_src.infos[n].shape) for n in tv_names}
+        tv_shards = plan_shards([(n, 4 * t_src.infos[n].numel) for n in tv_names], max_shard_bytes)
+        tv_writer = _ShardWriters([task_vector_dir], TASK_VECTOR_STEM, tv_shards, tv_layout)
     for a, subdir in outputs.items():
         _copy_non_weight_files(target_dir, subdir)
         (subdir / "perta_merge.json").write_text(json.dumps({**record, "alpha": a}, indent=2) + "\n")
     total = sum(info.nbytes for info in t_src.infos.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="perta merge", file=sys.stderr, disable=not progress)
-    merger = _BlockMerger(sources, options)
-    blocks = [(i, name, start, stop) for i, shard in enumerate(shards) for name in shard
-              for start, stop in _blocks(t_src.infos[name].shape, chunk_numel)]
-    shard_writers = _ShardWriters(subdirs, shard_file_names(len(shards)), shards, t_src)
+    blocks = [(name, start, stop) for name in order for start, stop in _blocks(t_src.infos[name].shape, chunk_numel)]
     finished = 0
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -223,15 +302,17 @@ def _stream_merge(sources: MergeSources, options: MergeOptions, outputs: dict[fl
         # Three threads: a reader fetches block k+1 and a writer writes block k-1 while this one
         # computes block k (file reads and writes release the GIL). One block in flight each way.
         with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
-            pending = reader.submit(merger.read, *blocks[0][1:]) if blocks else None
+            pending = reader.submit(merger.read, *blocks[0]) if blocks else None
             written = None
-            for k, (i, name, start, stop) in enumerate(blocks):
+            for k, (name, start, stop) in enumerate(blocks):
                 block = pending.result()
-                pending = reader.submit(merger.read, *blocks[k + 1][1:]) if k + 1 < len(blocks) else None
-                results = merger.merge(block)
+                pending = reader.submit(merger.read, *blocks[k + 1]) if k + 1 < len(blocks) else None
+                results, v = merger.merge(block)
                 if written is not None:
                     written.result()
-                written = writer.submit(shard_writers.write, i, name, results)
+                if tv_writer is not None and v is not None:
+                    v = v.clone().view(block.target.shape)  # the scratch buffer is reused by the next block
+                written = writer.submit(_write_block, shard_writers, tv_writer, name, results, v)
                 bar.update(block.target.numel() * block.target.element_size())
                 if stop is None or stop == t_src.infos[name].shape[0]:
                     finished += 1
@@ -239,6 +320,8 @@ def _stream_merge(sources: MergeSources, options: MergeOptions, outputs: dict[fl
             if written is not None:
                 written.result()
             shard_writers.close()
+            if tv_writer is not None:
+                tv_writer.close()
     finally:
         torch.set_num_threads(previous_threads)
         bar.close()  # before an error message, so that it starts on a line of its own
@@ -246,22 +329,37 @@ def _stream_merge(sources: MergeSources, options: MergeOptions, outputs: dict[fl
     if len(shards) > 1:
         for subdir in subdirs:
             write_index(subdir, "model", shards, total)
+    if task_vector_dir is not None and len(tv_shards) > 1:
+        write_index(task_vector_dir, TASK_VECTOR_STEM, tv_shards, sum(4 * t_src.infos[n].numel for s in tv_shards
+                                                                      for n in s))
+
+
+def _write_block(models: _ShardWriters, task_vector: _ShardWriters | None, name: str, results: list[torch.Tensor],
+                 v: torch.Tensor | None) -> None:
+    models.write(name, results)
+    if task_vector is not None and v is not None:
+        task_vector.write(name, [v])
 
 
 class _ShardWriters:
-    """The output shards of every ``α``, opened shard by shard as blocks arrive in file order."""
+    """Shards ``<stem>...safetensors`` written in several folders at once (one per ``α``), opened shard
+    by shard as blocks arrive in file order; ``layout`` gives each tensor's dtype code and shape."""
 
-    def __init__(self, subdirs: list[Path], names: list[str], shards: list[list[str]], t_src: TensorSource):
-        self.subdirs, self.names, self.shards, self.t_src = subdirs, names, shards, t_src
+    def __init__(self, folders: list[Path], stem: str, shards: list[list[str]],
+                 layout: dict[str, tuple[str, tuple[int, ...]]]):
+        self.folders, self.shards, self.layout = folders, shards, layout
+        self.names = shard_file_names(len(shards), stem)
+        self.shard_of = {name: k for k, shard in enumerate(shards) for name in shard}
         self.shard: int | None = None
         self.writers: list[StreamingSafetensorsWriter] = []
 
-    def write(self, shard: int, name: str, results: list[torch.Tensor]) -> None:
+    def write(self, name: str, results: list[torch.Tensor]) -> None:
+        shard = self.shard_of[name]
         if shard != self.shard:
             self.close()
-            layout = {n: (self.t_src.infos[n].dtype, self.t_src.infos[n].shape) for n in self.shards[shard]}
+            layout = {n: self.layout[n] for n in self.shards[shard]}
             self.writers = [StreamingSafetensorsWriter(d / self.names[shard], layout, {"format": "pt"})
-                            for d in self.subdirs]
+                            for d in self.folders]
             self.shard = shard
         for writer, result in zip(self.writers, results):
             writer.write(name, result)
@@ -285,13 +383,24 @@ def _check_output_outside_inputs(output: Path, models: list[Path], files: list[P
                              "(every later merge from it would copy the output along)")
 
 
-def _check_options(alphas, method, forget_importance, retain_importance, power, beta, eps) -> None:
+def _check_options(alphas, method, reinforced, base, forget_importance, retain_importance, power, beta, eps,
+                   save_weighted_task_vector, task_vector) -> None:
     if not alphas or not all(abs(a) <= torch.finfo(torch.float32).max for a in alphas):
         raise MergeError(f"alpha: need one or more finite float32 values, got {alphas}")
     if len({alpha_dir_name(a) for a in alphas}) != len(alphas):
         raise MergeError(f"alpha: repeated values in {alphas}")
-    if method not in ("tv", "perta"):
-        raise MergeError(f"method: one of tv, perta; got {method!r}")
+    if method not in ("tv", "perta", "weighted"):
+        raise MergeError(f"method: one of tv, perta, weighted; got {method!r}")
+    if method == "weighted":
+        if task_vector is None or any(x is not None for x in (reinforced, base, forget_importance, retain_importance,
+                                                              save_weighted_task_vector)):
+            raise MergeError("method weighted takes --target and --task_vector (a folder written by "
+                             "--save_weighted_task_vector), and no reinforced, base or importance")
+        return
+    if reinforced is None:
+        raise MergeError(f"method {method} needs --reinforced")
+    if task_vector is not None:
+        raise MergeError("--task_vector is read by --method weighted only")
     if method == "perta" and (forget_importance is None or retain_importance is None):
         raise MergeError("method perta needs --forget_importance and --retain_importance")
     if method == "tv" and (forget_importance is not None or retain_importance is not None):
@@ -345,7 +454,12 @@ def _check_tensors(sources: MergeSources, missing_importance: str) -> None:
     t_src, r_src, b_src, imps, tied = (sources.target, sources.reinforced, sources.base, sources.importance,
                                        sources.tied)
     keys = set(t_src.infos)
-    for src in {r_src, b_src} - {t_src}:
+    if sources.weighted is not None:
+        for name, info in sources.weighted.infos.items():
+            if name not in keys or info.shape != t_src.infos[name].shape or not info.is_float:
+                raise MergeError(f"{info.file}: task vector {name!r} ({info.dtype}, shape {info.shape}) is not a "
+                                 "float parameter of the target of that shape")
+    for src in {r_src, b_src} - {t_src, None}:
         if set(src.infos) != keys:
             raise MergeError(f"{src.label}: keys differ from {t_src.label}: only in {src.label}: "
                              f"{_describe(set(src.infos) - keys)}; only in target: {_describe(keys - set(src.infos))}")
@@ -422,15 +536,24 @@ class _BlockMerger:
         imps = self.sources.importance
         return None if imps is None else [_importance_key(name, imp, self.sources.tied) for imp in imps]
 
-    def _copies_target(self, name: str) -> bool:
+    def copies_target(self, name: str) -> bool:
+        """Whether ``θ_u = θ_t`` for tensor ``name`` whatever ``α`` (and no ``v`` is formed for it)."""
+        o, src = self.options, self.sources
+        if not src.target.infos[name].is_float:
+            return True
+        if src.weighted is not None:
+            return name not in src.weighted.infos
         keys = self._imp_keys(name)
-        keep = keys is not None and None in keys and self.options.missing_importance == "keep"
-        return keep or all(a == 0 for a in self.options.alphas) or not self.sources.target.infos[name].is_float
+        keep = keys is not None and None in keys and o.missing_importance == "keep"
+        return keep or (all(a == 0 for a in o.alphas) and not o.keep_task_vector)
 
     def read(self, name: str, start: int | None, stop: int | None) -> Block:
         src = self.sources
         block = Block(name, start, stop, src.target.read(name, start, stop))
-        if self._copies_target(name):
+        if self.copies_target(name):
+            return block
+        if src.weighted is not None:
+            block.weighted = src.weighted.read(name, start, stop)
             return block
         source = src.tied.get(name)
         if source in src.target.infos:  # a tied alias present in the files: it must equal its source
@@ -467,19 +590,27 @@ class _BlockMerger:
         return perta_weights(s_f, s_r, o.power, o.beta, o.eps, out=self._buffer("weight", s_f.numel()),
                              powered=(s_f, s_r))
 
-    def merge(self, block: Block) -> list[torch.Tensor]:
+    def merge(self, block: Block) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The merged block for every ``α``, and ``v = w ⊙ τ`` (flat float32 scratch; ``None`` when the
+        block copies the target)."""
         src, alphas = self.sources, self.options.alphas
         theta_t = block.target
-        if self._copies_target(block.name):
+        if self.copies_target(block.name):
             if src.target.infos[block.name].is_float and not _all_finite(theta_t):
                 raise MergeError(f"{src.target.label}: tensor {block.name!r} contains NaN or inf")
-            return [theta_t] * len(alphas)
+            return [theta_t] * len(alphas), None
         n = theta_t.numel()
         t32 = self._float32(theta_t, "target")
-        b32 = t32 if block.base is None else self._float32(block.base, "base")
-        tau = task_vector(block.reinforced.reshape(-1), b32, out=self._buffer("tau", n))
-        weight = self._weights(block) if block.forget is not None else None
-        v = weight_task_vector_(tau, weight)
+        weight = None
+        if block.weighted is not None:
+            v = self._float32(block.weighted, "tau")
+        else:
+            b32 = t32 if block.base is None else self._float32(block.base, "base")
+            tau = task_vector(block.reinforced.reshape(-1), b32, out=self._buffer("tau", n))
+            weight = self._weights(block) if block.forget is not None else None
+            v = weight_task_vector_(tau, weight)
+        if alphas == (0.0,) * len(alphas) and not _all_finite(v):  # α = 0 alone would not reveal it
+            _name_non_finite(block, src, v, weight, 0.0)
         results = []
         for a in alphas:
             result = negate_task_vector_into(theta_t.reshape(-1) if a == 0 else t32, v, a,
@@ -487,7 +618,7 @@ class _BlockMerger:
             if not _all_finite(result):
                 _name_non_finite(block, src, v, weight, a)
             results.append(result)
-        return results
+        return results, v
 
     def check_importance_not_all_zero(self) -> None:
         """An importance file that is zero everywhere it was read makes the merge meaningless (all-zero
@@ -515,7 +646,8 @@ def _name_non_finite(block: Block, src: MergeSources, v: torch.Tensor, weight: t
                      alpha: float) -> None:
     """Raise naming why the merge of a block is not finite: an input, ``w``, ``τ`` or the result."""
     name = block.name
-    inputs = [(src.target, block.target), (src.reinforced, block.reinforced), (src.base, block.base)]
+    inputs = [(src.target, block.target), (src.reinforced, block.reinforced), (src.base, block.base),
+              (src.weighted, block.weighted)]
     for source, tensor in inputs:
         if tensor is not None and not _all_finite(tensor):
             raise MergeError(f"{source.label}: tensor {name!r} contains NaN or inf")
