@@ -238,7 +238,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MiB or bytes)")
+        raise PertaValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MiB or bytes)")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     power = "BKMGT".index(unit[0])
     return int(number * (1024 if "I" in unit else 1000) ** power)
@@ -429,4 +429,4 @@ def save_hf_directory(
 
             load_tokenizer(tokenizer_path).save_pretrained(tmp)
         if hparams is not None:
-            atomic_write_text(Path(tmp, "perta_hparams.json"), json.dumps(hparams, indent=2, default=repr))
+            Path(tmp, "perta_hparams.json").write_text(json.dumps(hparams, indent=2, default=repr))
