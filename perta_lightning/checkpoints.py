@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import struct
 from collections.abc import Iterable
@@ -183,7 +184,12 @@ class TensorSource:
         infos: dict[str, TensorInfo] = {}
         for file in files:
             # mmap keeps the shard on disk; weights_only refuses arbitrary pickled objects.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                raise CheckpointError(f"{file}: not a loadable weights-only pickle checkpoint ({e})") from e
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise CheckpointError(f"{file}: not a state dict of tensors")
             for name, tensor in state.items():
                 if tensor.dtype not in TORCH_TO_SAFE:
                     raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")

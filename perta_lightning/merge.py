@@ -189,6 +189,7 @@ def merge_checkpoints(
                    save_weighted_task_vector, task_vector)
     if threads < 1 or chunk_numel < 1:
         raise MergeError(f"threads and chunk_numel: need at least 1, got threads={threads}, chunk_numel={chunk_numel}")
+    max_shard_bytes = parse_size(max_shard_size)
     outputs = [check_output_path(p) for p in (output, save_weighted_task_vector) if p is not None]
     for out in outputs:
         if out.exists() and not overwrite:
@@ -205,7 +206,8 @@ def merge_checkpoints(
         raise MergeError(f"{save_weighted_task_vector}: the task vector folder must be apart from output {output}")
     record: dict[str, Any] = dict(method=method, target=str(target), **_config_identity(target))
     if method == "weighted":
-        record["task_vector"] = _check_task_vector_record(Path(task_vector), record)
+        record.update(task_vector_dir=str(task_vector),
+                      task_vector=_check_task_vector_record(Path(task_vector), record))
     else:
         _check_configs(target, reinforced, base)
         record.update(reinforced=str(reinforced), base=str(base), power=power, beta=beta, eps=eps,
@@ -234,8 +236,8 @@ def merge_checkpoints(
         if save_weighted_task_vector is not None:
             saved = stack.enter_context(atomic_directory(save_weighted_task_vector, overwrite=overwrite))
             atomic_write_text(saved / TASK_VECTOR_RECORD, json.dumps(record, indent=2) + "\n")
-        _stream_merge(sources, options, model_dirs(tmp, alphas), target, record, parse_size(max_shard_size),
-                      chunk_numel, threads, progress, saved)
+        _stream_merge(sources, options, model_dirs(tmp, alphas), target, record, max_shard_bytes, chunk_numel,
+                      threads, progress, saved)
     return model_dirs(output, alphas)
 
 

@@ -221,3 +221,12 @@ def test_cli_full_disk_names_the_file(tmp_path, capsys, monkeypatch):
                                   "--output", str(tmp_path / "o"), "--progress", "false"])
     _assert_one_line_error(code, err, f"{tmp_path}/.o.tmp-", "/model.safetensors: No space left on device")
     assert sorted(os.listdir(tmp_path)) == ["r", "t"]
+
+
+def test_cli_corrupt_bin_with_allow_pickle(tmp_path, capsys):
+    td, rd = _pair(tmp_path)
+    (rd / "model.safetensors").unlink()
+    (rd / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    code, err = _run_cli(capsys, ["--target", str(td), "--reinforced", str(rd), "--method", "tv", "--allow_pickle",
+                                  "--output", str(tmp_path / "o")])
+    _assert_one_line_error(code, err, f"{rd / 'pytorch_model.bin'}: not a loadable weights-only pickle checkpoint")
