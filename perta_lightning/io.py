@@ -192,7 +192,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     """
     output = check_output_path(output)
     if output.exists() and not overwrite:
-        raise FileExistsError(errno.EEXIST, f"{output} already exists; pass overwrite to replace it", str(output))
+        raise FileExistsError(f"{output} already exists; pass overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output.parent)
     with terminate_as_exception():

@@ -90,6 +90,8 @@ def test_stale_leftover_is_reported_and_removed_while_a_live_one_is_kept(tmp_pat
     (stale / "model.safetensors").write_bytes(b"x" * 4096)
     stale_file = tmp_path / ".report.json.tmp-k1ll3d01"  # a SIGKILLed atomic_write_text
     stale_file.write_text("{")
+    (tmp_path / ".cache").mkdir()  # not named like a temporary of this package: never touched
+    (tmp_path / ".forget.tmp-abc").mkdir()
     live = tmp_path / ".other.tmp-runn1ng0"  # another run, still writing: it holds the lock
     live.mkdir()
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
@@ -97,7 +99,8 @@ def test_stale_leftover_is_reported_and_removed_while_a_live_one_is_kept(tmp_pat
     try:
         merge_checkpoints(td, rd, tmp_path / "out", method="tv", progress=False)
         err = capsys.readouterr().err
-        assert _temporaries(tmp_path) == [".other.tmp-runn1ng0"]
+        assert _temporaries(tmp_path) == [".forget.tmp-abc", ".other.tmp-runn1ng0"]
+        assert (tmp_path / ".cache").is_dir()
         assert err.count("\n") == 1 and "2 temporary output(s) left by an interrupted run" in err, err
         assert f"{stale} (0.0 MiB)" in err and str(stale_file) in err and str(live) not in err
     finally:
