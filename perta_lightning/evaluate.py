@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from transformers import DynamicCache
 
+from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.evaluation import TofuEvalDataModule, load_eval_tokenizer
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.errors import PertaValueError
@@ -37,7 +38,6 @@ from perta_lightning.functional import tofu_metrics as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues, MinKMiaAUC, TofuSetMetrics
-from perta_lightning.modules.finetune import load_causal_lm
 from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
 from perta_lightning.summary import (
     FORMAT,

@@ -145,7 +145,7 @@ def layer_type(name: str) -> str:
 def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, power: float = 1.0,
                           samples: int = 20000) -> dict[str, torch.Tensor]:
     """PerTA weights w = s_f^p / (s_f^p + β·s_r^p + ε) of every parameter, by layer type (subsampled)."""
-    from perta_lightning.checkpoint_io import TensorSource
+    from perta_lightning.checkpoints import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     groups: dict[str, list[torch.Tensor]] = {}
@@ -214,7 +214,7 @@ def weight_concentration(forget: Path, retain: Path, beta: float = 1.0, power: f
     """Per parameter tensor: layer index, layer type, mean PerTA weight (β, p) and share above 0.5."""
     import re
 
-    from perta_lightning.checkpoint_io import TensorSource
+    from perta_lightning.checkpoints import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     rows = []

@@ -323,8 +323,6 @@ class Merge(Stage):
         written = merge_checkpoints(runner.path(Product(self.target)), runner.path(Product(self.reinforced)),
                                     runner.root / self.name, alpha=list(self.alphas), overwrite=True,
                                     progress=False, **options)
-        if isinstance(written, list):  # TEMPORARY until the merge returns {α: path}
-            written = dict(zip(self.alphas, written))
         return {alpha_key(alpha): path for alpha, path in written.items()}
 
 

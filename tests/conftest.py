@@ -60,8 +60,8 @@ def tiny_model_config(tokenizer) -> dict:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_benchmark, tmp_path_factory) -> Path:
     """A randomly initialised tiny Llama with the benchmark's tokenizer, saved as a HF directory."""
+    from perta_lightning.checkpoints import load_causal_lm, save_hf_directory
     from perta_lightning.data.tofu import load_tokenizer
-    from perta_lightning.modules.finetune import load_causal_lm, save_hf_directory
 
     tokenizer_dir = str(tiny_benchmark / "tokenizer")
     model = load_causal_lm(None, tiny_model_config(load_tokenizer(tokenizer_dir)), seed=0)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from perta_lightning import distributed
 from perta_lightning.callbacks.importance import ImportanceCollector
+from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.datamodule import EncodedQA, subsample
 from perta_lightning.data.tofu import (
     DEFAULT_DATE_STRING,
@@ -39,7 +40,6 @@ from perta_lightning.data.tofu import (
     load_tokenizer,
 )
 from perta_lightning.functional.losses import example_nll
-from perta_lightning.modules.finetune import load_causal_lm
 
 
 class _RankBatches(IterableDataset):
