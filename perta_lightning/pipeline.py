@@ -41,13 +41,13 @@ from perta_lightning.study_stages import (
     alpha_key,
 )
 from perta_lightning.study_types import (
-    PRESETS,
     AlphaSearch,
     Baseline,
     PertaVariant,
     Preset,
     ResultRow,
     SplitResult,
+    resolve_preset,
 )
 
 
@@ -199,6 +199,7 @@ DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
 def pipeline(
     output: str = "runs/pipeline",
     preset: Literal["tiny", "demo", "large"] = "demo",
+    preset_overrides: dict[str, int | float] | None = None,
     seed: int = 0,
     forget_splits: list[Literal["forget01", "forget05", "forget10"]] | None = None,
     variants: list[PertaVariant] | None = None,
@@ -215,6 +216,7 @@ def pipeline(
     Args:
         output: folder for every artifact; an interrupted run resumes from it.
         preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors).
+        preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
         seed: drives the data, the training and the importance subsampling (each stage gets its own seed
             derived from it and the stage's name).
         forget_splits: forget splits studied (default ``[forget10]``); each has its own retain model.
@@ -228,7 +230,7 @@ def pipeline(
         devices: devices per stage.
     """
     out = Path(output)
-    run_seed(out, seed, PRESETS[preset], list(variants or DEFAULT_VARIANTS),
+    run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
              search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
              Runtime(accelerator, devices))

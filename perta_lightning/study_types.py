@@ -41,6 +41,21 @@ class Preset:
                     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
 
+def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """The named preset with ``overrides`` (field → value) applied; unknown fields are refused."""
+    from dataclasses import fields, replace
+
+    from perta_lightning.errors import PertaValueError
+
+    if name not in PRESETS:
+        raise PertaValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    known = {f.name for f in fields(Preset)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise PertaValueError(f"preset_overrides: unknown field(s) {unknown}; the fields are {sorted(known)}")
+    return replace(PRESETS[name], **(overrides or {}))
+
+
 PRESETS = {
     "tiny": Preset(num_authors=20, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=6,
                    finetune_epochs=8, reinforce_epochs=3, unlearn_epochs=2, importance_examples=20,
