@@ -17,7 +17,12 @@ Creates a synthetic bf16 Llama-like checkpoint (TinyLlama-1.1B shapes, layers sc
 * ``stream_base`` the same call to the code in ``--baseline_src`` (e.g. an export of main), to
              time a change side by side;
 * ``naive``  load all four inputs into dicts, compute per tensor, ``save_file`` each shard
-             (one intra-op thread, like the streaming merge).
+             (one intra-op thread, like the streaming merge);
+* ``stream_bf16imp`` ``stream`` with the importances stored in bf16 (8 bytes read per parameter);
+* ``stream_weighted`` ``method="weighted"`` from ``θ_t`` and the float32 ``v = w ⊙ τ`` written once
+             (untimed) by ``save_weighted_task_vector`` (6 bytes read per parameter).
+
+The table gives the bytes of input files each mode reads per parameter.
 
 Before every timed run all input files are read once, so every run starts with warm page cache.
 
@@ -110,7 +115,7 @@ def weight_map(index: Path) -> dict[str, Path]:
 def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
     import os
 
-    from perta_lightning.checkpoint_io import (
+    from perta_lightning.checkpoints import (
         StreamingSafetensorsWriter,
         TensorSource,
         plan_shards,
@@ -145,7 +150,7 @@ def run_floor(root: Path, out: Path, shard_bytes: int) -> None:
 
 
 def run_floor_mmap(root: Path, out: Path, shard_bytes: int) -> None:
-    from perta_lightning.checkpoint_io import (
+    from perta_lightning.checkpoints import (
         StreamingSafetensorsWriter,
         TensorSource,
         plan_shards,
@@ -179,9 +184,53 @@ def run_stream(root: Path, out: Path, shard_bytes: int) -> None:
                       max_shard_size=shard_bytes, progress=False)
 
 
+def run_stream_bf16imp(root: Path, out: Path, shard_bytes: int) -> None:
+    from perta_lightning.merge import merge_checkpoints
+
+    merge_checkpoints(root / "target", root / "reinforced", out, alpha=1.0, method="perta",
+                      forget_importance=root / "forget_bf16/forget.safetensors.index.json",
+                      retain_importance=root / "retain_bf16/retain.safetensors.index.json",
+                      max_shard_size=shard_bytes, progress=False)
+
+
+def run_stream_weighted(root: Path, out: Path, shard_bytes: int) -> None:
+    from perta_lightning.merge import merge_checkpoints
+
+    merge_checkpoints(root / "target", None, out, alpha=1.0, method="weighted", task_vector=root / "weighted",
+                      max_shard_size=shard_bytes, progress=False)
+
+
+def prepare(mode: str, root: Path, shard_bytes: int) -> None:
+    """Untimed inputs of a mode: bf16 copies of the importances, or the weighted task vector."""
+    from perta_lightning.checkpoints import write_safetensors_sharded
+    from perta_lightning.merge import merge_checkpoints
+
+    if mode == "stream_bf16imp":
+        for name in ("forget", "retain"):
+            if not (root / f"{name}_bf16").exists():
+                tensors = {}
+                for file in sorted(set(weight_map(root / name / f"{name}.safetensors.index.json").values())):
+                    tensors.update({n: v.bfloat16() for n, v in load_file(file).items()})
+                write_safetensors_sharded(iter(tensors.items()), root / f"{name}_bf16", name, {"format": "pt"},
+                                          shard_bytes // 2)
+    if mode == "stream_weighted" and not (root / "weighted").exists():
+        merge_checkpoints(root / "target", root / "reinforced", root / "prepare_out", alpha=1.0, method="perta",
+                          forget_importance=sources(root)[2], retain_importance=sources(root)[3],
+                          max_shard_size=shard_bytes, progress=False, save_weighted_task_vector=root / "weighted")
+        shutil.rmtree(root / "prepare_out")
+
+
+def bytes_read(mode: str, root: Path) -> int:
+    """Bytes of the input files that ``mode`` reads."""
+    folders = {"stream_weighted": ["target", "weighted"],
+               "stream_bf16imp": ["target", "reinforced", "forget_bf16", "retain_bf16"]}
+    return sum(f.stat().st_size for d in folders.get(mode, ["target", "reinforced", "forget", "retain"])
+               for f in (root / d).glob("*.safetensors"))
+
+
 def run_naive(root: Path, out: Path, shard_bytes: int) -> None:
     torch.set_num_threads(1)  # same intra-op threads as the streaming merge, so only the strategy differs
-    from perta_lightning.checkpoint_io import plan_shards, shard_file_names
+    from perta_lightning.checkpoints import plan_shards, shard_file_names
     from perta_lightning.functional.task_vectors import unlearn
     from perta_lightning.functional.weights import perta_weights
 
@@ -200,7 +249,7 @@ def child(mode: str, root: Path, shard_bytes: int) -> None:
     out = root / f"out_{mode}"
     start = time.perf_counter()
     runs = {"floor": run_floor, "floor_mmap": run_floor_mmap, "stream": run_stream, "stream_base": run_stream,
-            "naive": run_naive}
+            "naive": run_naive, "stream_bf16imp": run_stream_bf16imp, "stream_weighted": run_stream_weighted}
     runs[mode](root, out, shard_bytes)
     wall = time.perf_counter() - start
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -261,6 +310,8 @@ def main() -> None:
         how = "reused" if args.reuse else f"generated in {time.perf_counter() - start:.0f} s"
         print(f"{n / 1e9:.2f}B params ({model_gib:.2f} GiB bf16), {how}", flush=True)
         results = {m: [] for m in args.modes.split(",")}
+        for mode in results:
+            prepare(mode, args.dir, args.shard_bytes)
         for repeat in range(args.repeats):
             for mode in results:
                 wall, rss = measure(mode, args.dir, args.shard_bytes, args.baseline_src)
@@ -268,13 +319,15 @@ def main() -> None:
                 print(f"repeat {repeat} {mode:6s} wall {wall:7.1f} s  peak RSS {rss:6.2f} GiB", flush=True)
         floor = statistics.median(w for w, _ in results["floor"]) if "floor" in results else float("nan")
         print(f"\nload average at the end: {os.getloadavg()}")
-        print("\n| run | walls (s) | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |")
-        print("|---|---|---|---|---|---|")
+        print("\n| run | bytes read / param | walls (s) | median wall (s) | x I/O floor | peak RSS (GiB) | RSS / model |")
+        print("|---|---|---|---|---|---|---|")
         for mode, runs in results.items():
             wall = statistics.median(w for w, _ in runs)
             rss = max(r for _, r in runs)
             walls = ", ".join(f"{w:.1f}" for w, _ in runs)
-            print(f"| {mode} | {walls} | {wall:.1f} | {wall / floor:.2f} | {rss:.2f} | {rss / model_gib:.1%} |")
+            per_param = bytes_read(mode, args.dir) / n
+            print(f"| {mode} | {per_param:.2f} | {walls} | {wall:.1f} | {wall / floor:.2f} | {rss:.2f} "
+                  f"| {rss / model_gib:.1%} |")
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

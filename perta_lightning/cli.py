@@ -8,7 +8,8 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 * ``perta importance``      collect forget/retain importance at a fixed model (LightningCLI)
 * ``perta merge``           streaming TV / PerTA merge of Hugging Face checkpoints
 * ``perta summarize``       Forget Quality, Model Utility and sub-scores from evaluation files
-* ``perta pipeline``        the end-to-end study and its report
+* ``perta pipeline``        one seed of the study, end to end, with its report
+* ``perta study``           the multi-seed study, PerTA's settings chosen on held-out seeds
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _FUNCTION_SUBCOMMANDS = {
     "merge": "perta_lightning.merge:cli_main",
     "summarize": "perta_lightning.evaluate:summarize_main",
     "pipeline": "perta_lightning.pipeline:cli_main",
+    "study": "perta_lightning.study:cli_main",
 }
 
 

@@ -2,63 +2,96 @@
 
 Each test batch encodes its questions once (left padded) and scores every answer, paraphrase and perturbed
 answer against that key/value cache in one more pass (:mod:`perta_lightning.prompt_cache`); the same cache
-seeds batched greedy generation. Per-example values go into
-``IndexedValues`` metrics ("cat" states keyed by example index), so the result is the same on one
-process and on many. At the end rank zero writes one JSON file (atomically)::
+seeds batched greedy generation. The aggregates are computed by the torchmetrics classes of
+:mod:`perta_lightning.metrics` (one :class:`~perta_lightning.metrics.TofuSetMetrics` per set and a
+:class:`~perta_lightning.metrics.MinKMiaAUC`), and the per-example values are kept in an
+:class:`~perta_lightning.metrics.IndexedValues` per set ("cat" states keyed by example index), so the
+result is the same on one process and on many. At the end rank zero writes one JSON file (atomically)::
 
     {"format": "perta-tofu-eval/1", "model": ..., "splits": {...}, "settings": {...},
      "aggregates": {"forget_quality", "ks_statistic", "model_utility", "privleak", "mia_min_k_auc",
-                    "forget_extraction_strength", "<set>_<probability|rouge|truth_ratio>" x 12, ...},
-     "examples": {"<set>": {"index": [...], "question": [...], <per-example column>: [...]}}}
+                    "forget_extraction_strength", "retain_extraction_strength",
+                    "<set>_<probability|rouge|truth_ratio>" x 12},
+     "notes": [...], "examples": {"<set>": {"index": [...], "question": [...], <per-example column>: [...]}}}
 
-The same file is the retain reference for Forget Quality and PrivLeak of other models.
+A value that cannot be computed (no retain reference, NaN truth ratios) is ``null``, and ``notes`` says why.
+The same file is the retain reference for Forget Quality and PrivLeak of other models. The sets, their
+columns and their aggregation rules are those of :mod:`perta_lightning.eval_sets`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from transformers import DynamicCache
 
-from perta_lightning.data.evaluation import TofuEvalDataModule
-from perta_lightning.data.tofu import TofuSource, load_tokenizer
+from perta_lightning.checkpoints import load_causal_lm
+from perta_lightning.data.evaluation import TofuEvalDataModule, load_eval_tokenizer
+from perta_lightning.data.tofu import TofuSource
+from perta_lightning.errors import PertaValueError
+from perta_lightning.eval_sets import EVAL_SET_BY_NAME, UTILITY_KEYS
 from perta_lightning.functional import tofu_metrics as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.io import atomic_write_text
-from perta_lightning.metrics import IndexedValues
-from perta_lightning.modules.finetune import load_causal_lm
+from perta_lightning.metrics import IndexedValues, MinKMiaAUC, TofuSetMetrics
 from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
 from perta_lightning.summary import (
     FORMAT,
-    UTILITY_KEYS,
     check_same_forget_set,
+    forget_quality_or_note,
     load_evaluation,
     summarize_main,
 )
 
-__all__ = ["TofuEvaluator", "evaluate_model", "summarize_main"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model", "generation_text", "summarize_main"]
 
-_COLUMNS = {
-    "forget": ("answer_nll", "paraphrased_nll", "perturbed_nll", "rouge_l_recall", "extraction_strength", "min_k_score", "generated_ids"),
-    "retain": ("answer_nll", "paraphrased_nll", "perturbed_nll", "rouge_l_recall", "extraction_strength", "generated_ids"),
-    "real_authors": ("answer_nll", "perturbed_nll", "rouge_l_recall", "generated_ids"),
-    "world_facts": ("answer_nll", "perturbed_nll", "rouge_l_recall", "generated_ids"),
-    "holdout": ("answer_nll", "min_k_score"),
-}
+#: Greedy generation length for ROUGE, as open-unlearning's TOFU generation settings (``max_new_tokens: 200``).
+DEFAULT_MAX_NEW_TOKENS = 200
+
+
+def generation_text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated token ids (``-1`` marks padding), special tokens skipped and surrounding white
+    space stripped, as open-unlearning stores and scores generations."""
+    return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
+
+
+def _json_numbers(values: torch.Tensor) -> list[Any]:
+    """``values.tolist()`` with NaN and infinities as ``None`` (``null``): JSON has no such numbers."""
+    if bool(values.isfinite().all()):
+        return values.tolist()
+    return [_json_numbers(row) if row.dim() else (row.item() if bool(row.isfinite()) else None) for row in values]
+
+
+def _example_columns(name: str) -> tuple[str, ...]:
+    """The per-example columns the evaluator keeps for set ``name`` (the JSON's ``examples`` hold them)."""
+    spec = EVAL_SET_BY_NAME[name]
+    columns = ["answer_nll"]
+    if spec.has_paraphrase:
+        columns.append("paraphrased_nll")
+    if spec.scored:
+        columns += ["perturbed_nll", "rouge_l_recall", "generated_ids"]
+    if spec.extraction_strength:
+        columns.append("extraction_strength")
+    if spec.min_k:
+        columns.append("min_k_score")
+    return tuple(columns)
 
 
 class TofuEvaluator(LightningModule):
     """Evaluate a causal LM on TOFU; use with :class:`perta_lightning.data.evaluation.TofuEvalDataModule`.
+
+    The model and its tokenizer are loaded in ``setup``, so that a bad path is reported as one error.
 
     Args:
         model: Hugging Face model directory (with its tokenizer) or hub id.
         output_json: where rank zero writes the evaluation (``None``: kept in ``self.result`` only).
         retain_result: evaluation file of the retain model on the same forget set (ours, TOFU's
             ``eval_log_aggregated.json`` or open-unlearning's ``TOFU_EVAL.json``) for Forget Quality and PrivLeak.
-        max_new_tokens: greedy generation length for ROUGE.
+        max_new_tokens: greedy generation length for ROUGE; 200 by default, open-unlearning's TOFU setting.
         mink_k: fraction of lowest-probability answer tokens in the Min-K% MIA score.
         torch_dtype: dtype the weights are loaded in.
     """
@@ -68,18 +101,21 @@ class TofuEvaluator(LightningModule):
         model: str,
         output_json: str | None = None,
         retain_result: str | None = None,
-        max_new_tokens: int = 200,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         mink_k: float = 0.4,
         torch_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+            raise PertaValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if not 0.0 < mink_k <= 1.0:
+            raise PertaValueError(f"mink_k must be in (0, 1], got {mink_k}")
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(model)
-        self.model = load_causal_lm(model, None, torch_dtype)
-        self.model.eval()
-        self.records = torch.nn.ModuleDict()
+        self.tokenizer: Any = None
+        self.model: torch.nn.Module | None = None
+        self.examples = torch.nn.ModuleDict()
+        self.set_metrics = torch.nn.ModuleDict()
+        self.mia = MinKMiaAUC()
         self.result: dict[str, Any] | None = None
         self.retain_record = None
 
@@ -87,10 +123,16 @@ class TofuEvaluator(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, TofuEvalDataModule):
             raise TypeError(f"TofuEvaluator needs a TofuEvalDataModule, got {type(datamodule).__name__}")
+        if self.model is None:
+            self.tokenizer = load_eval_tokenizer(self.hparams.model)
+            self.model = load_causal_lm(self.hparams.model, None, self.hparams.torch_dtype)
+            self.model.eval()
         datamodule.setup(stage)
         for name in datamodule.sets:
-            if name not in self.records:
-                self.records[name] = IndexedValues(_COLUMNS[name])
+            if name not in self.examples:
+                self.examples[name] = IndexedValues(_example_columns(name))
+                if EVAL_SET_BY_NAME[name].scored:
+                    self.set_metrics[name] = TofuSetMetrics(EVAL_SET_BY_NAME[name])
         if self.hparams.retain_result is not None:
             forget_rows = datamodule.sets["forget"].rows
             self.retain_record = load_evaluation(self.hparams.retain_result)
@@ -114,12 +156,10 @@ class TofuEvaluator(LightningModule):
         ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
         return ids
 
-    def decode(self, ids: torch.Tensor) -> str:
-        return self.tokenizer.decode([t for t in ids.tolist() if t >= 0], skip_special_tokens=True)
-
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         name, index = batch["eval_set"], batch["index"]
+        spec = EVAL_SET_BY_NAME[name]
         size, num_perturbed = index.numel(), batch["num_perturbed"]
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         prefix = encode_prefix(self.model, prompt_ids, prompt_mask)
@@ -130,73 +170,86 @@ class TofuEvaluator(LightningModule):
         mean_nll = nll_sum.double() / count
         values = {"answer_nll": mean_nll[:size]}
         offset = size
-        if batch["has_paraphrase"]:
+        if spec.has_paraphrase:
             values["paraphrased_nll"] = mean_nll[size : 2 * size]
             offset = 2 * size
-        if num_perturbed:
+        if spec.extraction_strength:
+            values["extraction_strength"] = F.extraction_strength(logits[:size], labels[:size]).to(self.device)
+        if spec.min_k:
+            values["min_k_score"] = F.min_k_score(logits[:size], labels[:size], self.hparams.mink_k).to(self.device)
+            self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
+        if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
-        columns = _COLUMNS[name]
-        if "extraction_strength" in columns:
-            values["extraction_strength"] = F.extraction_strength(logits[:size], labels[:size])
-        if "min_k_score" in columns:
-            values["min_k_score"] = F.min_k_score(logits[:size], labels[:size], self.hparams.mink_k)
-        if "generated_ids" in columns:
             ids = self.generate(prompt_ids, prompt_mask, prefix)
             rows = self.trainer.datamodule.sets[name].rows
-            references = [rows[i]["answer"] for i in index.tolist()]
+            texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
             values["generated_ids"] = ids
-            values["rouge_l_recall"] = torch.tensor(F.rouge_l_recall([self.decode(r) for r in ids], references))
-        self.records[name].update(index, **{k: v.to(self.device) for k, v in values.items()})
+            values["rouge_l_recall"] = F.rouge_l_recall(texts, [rows[i]["answer"] for i in index.tolist()]).to(self.device)
+            self.set_metrics[name].update(
+                index, values["answer_nll"], values["perturbed_nll"], values["rouge_l_recall"],
+                paraphrased_nll=values.get("paraphrased_nll"), extraction_strength=values.get("extraction_strength"))
+            # Lightning computes (and syncs) logged metrics at the epoch's end. Logged here, each set's scores
+            # belong to its own dataloader, so the results table's "DataLoader <i>" column holds only rows
+            # named by that set ("forget_rouge", ...), not every score repeated in every column
+            self.log_dict(self.set_metrics[name])
+        if spec.min_k and not spec.scored:
+            self.log("mia_min_k_auc", self.mia)
+        self.examples[name].update(index, **values)
 
     def on_test_epoch_end(self) -> None:
-        examples = {name: record.compute() for name, record in self.records.items()}  # collective
-        self.result = self.build_result(examples)
-        scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}
-        self.log_dict(scalars, rank_zero_only=True)
+        # every rank computes every metric in the same order: each compute() is a collective
+        aggregates: dict[str, float | None] = {}
+        for metrics in self.set_metrics.values():
+            aggregates.update({key: value.item() for key, value in metrics.compute().items()})
+        aggregates["mia_min_k_auc"] = self.mia.compute().item() if "holdout" in self.examples else None
+        examples = {name: record.compute() for name, record in self.examples.items()}
+        self.result = self.build_result(aggregates, examples)
+        # the scores of more than one set (the per-set ones were logged as metrics in test_step)
+        across = ("model_utility", "forget_quality", "ks_statistic", "privleak")
+        scalars = {k: self.result["aggregates"][k] for k in across if isinstance(self.result["aggregates"][k], float)}
+        self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
         if self.hparams.output_json is not None and self.trainer.is_global_zero:
-            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1))
+            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
         self.trainer.strategy.barrier("perta_eval_written")
 
-    def build_result(self, examples: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def build_result(self, aggregates: dict[str, float | None], examples: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The evaluation file's content from the metrics' aggregates and the ordered per-example values."""
         datamodule = self.trainer.datamodule
-        aggregates: dict[str, Any] = {}
         out: dict[str, dict[str, Any]] = {}
         for name, values in examples.items():
-            rows = datamodule.sets[name].rows
+            spec, rows = EVAL_SET_BY_NAME[name], datamodule.sets[name].rows
             index = values["index"].tolist()
             column: dict[str, Any] = {"index": index, "question": [rows[i]["question"] for i in index]}
             for key, tensor in values.items():
                 if key not in ("index", "generated_ids"):
-                    column[key] = tensor.tolist()
-            if name != "holdout":
+                    column[key] = _json_numbers(tensor)
+            if spec.scored:
                 column["answer"] = [rows[i]["answer"] for i in index]
-                column["generation"] = [self.decode(ids) for ids in values["generated_ids"]]
-                correct = values.get("paraphrased_nll", values["answer_nll"])
-                ratio = F.truth_ratio(correct, values["perturbed_nll"])
-                if name in ("forget", "retain"):
-                    probability = F.answer_probability(values["answer_nll"])
-                else:
+                column["generation"] = [generation_text(self.tokenizer, ids.tolist()) for ids in values["generated_ids"]]
+                correct = values["paraphrased_nll" if spec.truth_ratio_correct == "paraphrased_answer" else "answer_nll"]
+                if spec.normalised_probability:
                     probability = F.probability_with_options(values["answer_nll"], values["perturbed_nll"])
-                column["probability"], column["truth_ratio"] = probability.tolist(), ratio.tolist()
-                aggregates[f"{name}_probability"] = probability.mean().item()
-                aggregates[f"{name}_rouge"] = values["rouge_l_recall"].mean().item()
-                aggregates[f"{name}_truth_ratio"] = F.truth_ratio_score(ratio, forget=name == "forget")
-            if "extraction_strength" in values:
-                aggregates[f"{name}_extraction_strength"] = values["extraction_strength"].mean().item()
+                else:
+                    probability = F.answer_probability(values["answer_nll"])
+                column["probability"] = _json_numbers(probability)
+                column["truth_ratio"] = _json_numbers(F.truth_ratio(correct, values["perturbed_nll"]))
             out[name] = column
+        notes: list[str] = []
         have_utility = all(key in aggregates for key in UTILITY_KEYS)
         aggregates["model_utility"] = F.harmonic_mean([aggregates[k] for k in UTILITY_KEYS]) if have_utility else None
-        aggregates["mia_min_k_auc"] = None
-        if "holdout" in examples:
-            aggregates["mia_min_k_auc"] = F.auc_forget_vs_holdout(
-                examples["forget"]["min_k_score"], examples["holdout"]["min_k_score"])
         aggregates.update(forget_quality=None, ks_statistic=None, privleak=None)
         if self.retain_record is not None:
             ratios = torch.tensor(out["forget"]["truth_ratio"], dtype=torch.float64)
-            aggregates["forget_quality"], aggregates["ks_statistic"] = F.forget_quality(
-                ratios, self.retain_record.forget_truth_ratios)
+            quality, statistic, note = forget_quality_or_note(
+                ratios, "the evaluated model", self.retain_record.forget_truth_ratios, self.retain_record.path)
+            aggregates["forget_quality"], aggregates["ks_statistic"] = quality, statistic
+            notes += [note] if note else []
             if aggregates["mia_min_k_auc"] is not None and self.retain_record.mia_auc is not None:
                 aggregates["privleak"] = F.privleak(aggregates["mia_min_k_auc"], self.retain_record.mia_auc)
+        for key, value in aggregates.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                aggregates[key] = None
+                notes.append(f"{key} is null: its value is {value}")
         return {
             "format": FORMAT,
             "model": self.hparams.model,
@@ -208,6 +261,7 @@ class TofuEvaluator(LightningModule):
                 "max_examples": datamodule.hparams.max_examples, "batch_size": datamodule.hparams.batch_size,
             },
             "aggregates": aggregates,
+            "notes": notes,
             "examples": out,
         }
 
@@ -221,7 +275,7 @@ def evaluate_model(
     holdout_split: str | None = "holdout10",
     max_examples: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 200,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     mink_k: float = 0.4,
     torch_dtype: str = "float32",
     accelerator: str = "auto",

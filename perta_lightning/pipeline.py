@@ -1,171 +1,239 @@
-"""``perta pipeline``: the whole PerTA study, end to end, resumable.
+"""``perta pipeline``: one seed of the PerTA study, end to end, resumable, as a declared graph of stages.
 
-Stages, each writing one artifact under ``--output`` with the settings that made it (``perta_stage.json``)
-and skipped when that artifact already exists with the same settings:
+The graph (``study_graph``), each stage writing one artifact under the run folder:
 
-1. ``data``: the synthetic benchmark and its tokenizer (or a local / hub TOFU source and a pretrained model);
-2. ``models/base``: θ0 pre-trained on the world-knowledge corpus;
-3. ``models/full`` and ``models/retain``: θ0 fine-tuned on all authors / on the retain authors only;
-4. ``models/reinforced``: θ_full fine-tuned further on the forget split; τ = θ_r − θ_full;
-5. ``importance/at_<model>``: forget and retain importance (grad and Fisher) on equally many examples;
-6. ``models/<tv|perta_grad|perta_fisher>/alpha_<α>``: streaming merges over the α grid;
-7. ``models/<grad_ascent|grad_diff|npo>``: training-based baselines;
-8. ``eval/<name>.json``: TOFU evaluation of every model, Forget Quality against θ_retain;
-9. ``report.json``, ``report.md``, ``tradeoff.png``, ``weights.png``.
+1. ``data``: the synthetic benchmark and its tokenizer (absent for a local or hub TOFU source);
+2. ``models/base``: θ0 pre-trained on the world-knowledge corpus (or a given pretrained model);
+3. ``models/full``: θ0 fine-tuned on all authors (the target); per forget split ``<split>/``:
+4. ``<split>/models/retain``: θ0 fine-tuned on the retain authors only (the Forget Quality reference);
+5. ``<split>/models/reinforced``: θ_full fine-tuned further on the forget split; τ = θ_r − θ_full;
+6. ``<split>/importance/<statistic>_at_<model>_<granularity>_n<examples>``: forget and retain importance;
+7. ``<split>/models/<grad_ascent|grad_diff|npo>``: training-based baselines;
+8. ``<split>/eval/retain``, ``<split>/eval/target`` and the baselines' evaluations;
+9. per merge method (TV and each PerTA variant) an α search: rounds of ``<split>/models/<method>/round_<k>``
+   merges and ``<split>/eval/<method>/alpha_<α>`` evaluations, until each Forget Quality level is
+   bracketed (:func:`perta_lightning.functional.tradeoff.next_alphas`);
+10. ``<split>/report.json``, ``report.md``, ``tradeoff.png``, ``weights.png``.
+
+Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta_lightning.stages`).
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
+from perta_lightning.data.synthetic import SyntheticSpec
 from perta_lightning.data.tofu import TofuSource
-from perta_lightning.io import atomic_write_text
-
-STAGE_FILE = "perta_stage.json"
-
-
-@dataclass
-class Preset:
-    """Sizes and schedules of one run of the study (``tiny`` for tests, ``demo`` for the README)."""
-
-    num_authors: int
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-    pretrain_epochs: int
-    finetune_epochs: int
-    reinforce_epochs: int
-    unlearn_epochs: int
-    alphas: list[float]
-    importance_examples: int
-    eval_max_new_tokens: int
-    finetune_lr: float = 2e-3
-    pretrain_lr: float = 3e-3
-    reinforce_lr: float = 1e-3
-    unlearn_lr: float = 5e-4
-    batch_size: int = 16
-    num_background_authors: int = 6
-    perta_beta: float = 1.0
+from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, next_alphas
+from perta_lightning.stages import Product, Progress, Stage, StageRunner
+from perta_lightning.study_stages import (
+    Data,
+    Evaluate,
+    FineTune,
+    Importance,
+    Merge,
+    Pretrain,
+    Pretrained,
+    Runtime,
+    SyntheticData,
+    Unlearn,
+    alpha_key,
+)
+from perta_lightning.study_types import (
+    AlphaSearch,
+    Baseline,
+    PertaVariant,
+    Preset,
+    ResultRow,
+    SplitResult,
+    resolve_preset,
+)
 
 
-PRESETS = {
-    "tiny": Preset(num_authors=20, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=6,
-                   finetune_epochs=8, reinforce_epochs=3, unlearn_epochs=2, alphas=[1.0, 8.0], perta_beta=16.0,
-                   importance_examples=20, eval_max_new_tokens=24, num_background_authors=2),
-    "demo": Preset(num_authors=40, hidden_size=128, num_layers=3, vocab_size=768, pretrain_epochs=15,
-                   finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5,
-                   alphas=[0.5, 1.0, 2.0, 4.0, 8.0, 16.0], perta_beta=16.0,
-                   importance_examples=40, eval_max_new_tokens=32),
-}
+def _summary(eval_file: Path, reference: Path) -> dict[str, Any]:
+    from perta_lightning.summary import summarize
+
+    return summarize(eval_file, reference)
 
 
-@dataclass
-class Stage:
-    """An artifact directory and the settings that made it; ``run`` is skipped when they match."""
+def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str, variants: list[PertaVariant],
+                baselines: list[Baseline], source: TofuSource | None, base_model: str | None,
+                runtime: Runtime) -> dict[str, Any]:
+    """The static part of one seed's graph, declared once: stages by role, in a valid order."""
+    synthetic = None
+    if source is None:
+        synthetic = SyntheticData(SyntheticSpec(preset.num_authors, seed, preset.num_background_authors),
+                                  preset.vocab_size)
+    data = Data(stage=synthetic, given=source)
+    if base_model is None:
+        base: Stage = Pretrain(synthetic, preset.model_config(), preset.pretrain_epochs, preset.pretrain_lr,
+                               2 * preset.batch_size, runtime)
+        replay = ["world_corpus"]  # replayed while fine-tuning, so θ_full keeps its world knowledge
+    else:
+        base, replay = Pretrained(base_model), []
+    p = preset
+    full = FineTune("models/full", base, data, ["full", *replay], p.finetune_epochs, p.finetune_lr,
+                    p.batch_size, "fine-tune θ0", runtime)
+    at = f"{forget_split}"
+    retain = FineTune(f"{at}/models/retain", base, data, [retain_split, *replay], p.finetune_epochs,
+                      p.finetune_lr, p.batch_size, "fine-tune θ0", runtime)
+    reinforced = FineTune(f"{at}/models/reinforced", full, data, [forget_split], p.reinforce_epochs,
+                          p.reinforce_lr, p.batch_size, "reinforce θ_full", runtime)
+    importance: dict[tuple, Importance] = {}
+    for v in variants:
+        key = v.importance_key(p.importance_examples)
+        if key not in importance:
+            statistic, where, granularity, n = key
+            importance[key] = Importance(f"{at}/importance/{statistic}_at_{where}_{granularity}_n{n}",
+                                         full if where == "full" else base, data, statistic, granularity,
+                                         forget_split, retain_split, n)
+    unlearned = [Unlearn(f"{at}/models/{method}", full, data, method, forget_split, retain_split,
+                         p.unlearn_epochs, p.unlearn_lr, p.batch_size, runtime) for method in baselines]
+    evaluation = dict(data=data, forget_split=forget_split, max_new_tokens=p.eval_max_new_tokens, runtime=runtime)
+    reference = Evaluate(f"{at}/eval/retain", Product(retain), **evaluation)
+    target = Evaluate(f"{at}/eval/target", Product(full), reference=reference, **evaluation)
+    baseline_evals = [Evaluate(f"{at}/eval/{u.method}", Product(u), reference=reference, **evaluation)
+                      for u in unlearned]
+    stages = [*data.stages, base, full, retain, reinforced, *importance.values(), *unlearned, reference, target,
+              *baseline_evals]
+    return dict(stages=stages, full=full, reinforced=reinforced, importance=importance, reference=reference,
+                target=target, baselines=list(zip(unlearned, baseline_evals)), evaluation=evaluation)
 
-    directory: Path
-    settings: dict[str, Any]
 
-    def done(self) -> bool:
-        marker = self.directory / STAGE_FILE
-        return marker.is_file() and json.loads(marker.read_text())["settings"] == _plain(self.settings)
+def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str, variant: PertaVariant | None,
+            search: AlphaSearch, target: CurvePoint, forget_split: str, preset: Preset) -> tuple[list[ResultRow], int]:
+    """Rounds of merge + evaluate for one method until each level is bracketed; its rows and evaluations."""
+    importance = None
+    if variant is not None:
+        importance = graph["importance"][variant.importance_key(preset.importance_examples)]
+    reinforce_seconds = runner.records[graph["reinforced"].name].seconds
+    importance_seconds = 0.0 if importance is None else runner.records[importance.name].seconds
+    reference = graph["reference"]
+    reference_file = runner.path(Product(reference, "eval"))
+    points: list[CurvePoint] = [target]
+    rows: list[ResultRow] = []
+    alphas = sorted(set(search.initial))
+    for round_index in range(search.rounds + 1):
+        if not alphas:
+            break
+        merge = Merge(f"{forget_split}/models/{method}/round_{round_index}", graph["full"], graph["reinforced"],
+                      alphas, importance, variant.beta if variant else 1.0, variant.power if variant else 1.0)
+        evals = [Evaluate(f"{forget_split}/eval/{method}/alpha_{alpha:g}", Product(merge, alpha_key(alpha)),
+                          reference=reference, **graph["evaluation"]) for alpha in alphas]
+        runner.progress.plan([merge, *evals])
+        merge_seconds = runner.run(merge).seconds
+        for alpha, evaluation in zip(alphas, evals):
+            runner.run(evaluation)
+            eval_file = runner.path(Product(evaluation, "eval"))
+            summary = _summary(eval_file, reference_file)
+            points.append(CurvePoint(alpha, summary["forget_quality"], summary["model_utility"],
+                                     is_collapsed(summary["model_utility"], target.model_utility)))
+            rows.append(ResultRow(method, family, alpha, runner.path(Product(merge, alpha_key(alpha))), eval_file,
+                                  reference_file, reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
+        evaluated = {p.alpha for p in points}
+        alphas = [a for a in next_alphas(points, search.levels, ratio=search.ratio, alpha_max=search.alpha_max)
+                  if a not in evaluated]
+    return rows, len(points) - 1
 
-    def run(self, work: Callable[[], Any]) -> float:
-        """Run ``work`` unless done; return its wall-clock seconds (recorded, so resumed runs report them)."""
-        if self.done():
-            print(f"[perta pipeline] {self.directory}: up to date, skipped", flush=True)
-            return json.loads((self.directory / STAGE_FILE).read_text())["seconds"]
-        print(f"[perta pipeline] {self.directory}: running", flush=True)
-        start = time.perf_counter()
-        work()
-        seconds = time.perf_counter() - start
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.directory / STAGE_FILE,
-                          json.dumps({"settings": _plain(self.settings), "seconds": seconds}, indent=2))
-        return seconds
+
+def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVariant], baselines: list[Baseline],
+             search: AlphaSearch, forget_splits: list[str], include_tv: bool = True, source: TofuSource | None = None,
+             base_model: str | None = None, runtime: Runtime = Runtime(), prefix: str = "") -> list[SplitResult]:
+    """Run one seed's graph under ``output`` for each forget split; write each split's report."""
+    from perta_lightning.callbacks.progress import quiet_dependencies
+    from perta_lightning.report import write_report
+
+    runner = StageRunner(output, seed, Progress(prefix=prefix))
+    results = []
+    with quiet_dependencies():
+        for forget_split in forget_splits:
+            retain_split = retain_split_for(forget_split)
+            graph = study_graph(preset, seed, forget_split, retain_split, variants, baselines, source, base_model,
+                                runtime)
+            stages = [s for s in graph["stages"] if s.name not in runner.records]
+            runner.progress.plan(stages)
+            runner.run_all(stages)
+            reference_file = runner.path(Product(graph["reference"], "eval"))
+            target_file = runner.path(Product(graph["target"], "eval"))
+            rows = [ResultRow("retain", "reference", None, runner.path(Product(graph["reference"].model.stage)),
+                              reference_file, reference_file),
+                    ResultRow("target", "reference", None, runner.path(Product(graph["full"])), target_file,
+                              reference_file)]
+            for unlearn, evaluation in graph["baselines"]:
+                rows.append(ResultRow(unlearn.method, "baseline", None, runner.path(Product(unlearn)),
+                                      runner.path(Product(evaluation, "eval")), reference_file,
+                                      runner.records[unlearn.name].seconds))
+            summary = _summary(target_file, reference_file)
+            target = CurvePoint(0.0, summary["forget_quality"], summary["model_utility"])
+            methods = ([("tv", "tv", None)] if include_tv else []) + [
+                (v.label, f"perta_{v.statistic}", v) for v in variants]
+            per_method = len(search.initial) + search.rounds
+            runner.progress.expect(len(methods) * (2 * per_method), len(methods) * per_method * 0.4)
+            counts = {}
+            for method, family, variant in methods:
+                method_rows, counts[method] = _search(runner, graph, method, family, variant, search,
+                                                      target, forget_split, preset)
+                rows += method_rows
+            runner.progress.settle()
+            result = SplitResult(forget_split, output / forget_split, rows, counts)
+            used = {v.label: graph["importance"][v.importance_key(preset.importance_examples)] for v in variants}
+            write_report(result, variants, search, used, runner)
+            results.append(result)
+    return results
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v)))
+def retain_split_for(forget_split: str) -> str:
+    """TOFU's retain split of a forget split: forget01 → retain99, forget05 → retain95, forget10 → retain90."""
+    from perta_lightning.errors import PertaValueError
+
+    pairs = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+    if forget_split not in pairs:
+        raise PertaValueError(f"forget_split must be one of {sorted(pairs)}, got {forget_split!r}")
+    return pairs[forget_split]
 
 
-def train_stage(module: Any, source: TofuSource, tokenizer: str, split: str | list[str], epochs: int,
-                batch_size: int, accelerator: str, devices: int, paired_split: str | None = None) -> None:
-    """Fit ``module`` for ``epochs`` on ``split`` (plus ``paired_split`` batches); the module saves itself."""
-    import lightning as L
-
-    from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import PromptFormat
-
-    data = TofuDataModule(source, PromptFormat(tokenizer=tokenizer), train_split=split, paired_split=paired_split,
-                          batch_size=batch_size)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
-    trainer.fit(module, data)
+DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
 
 
 def pipeline(
-    output: str = "runs/demo",
-    preset: Literal["tiny", "demo"] = "demo",
+    output: str = "runs/pipeline",
+    preset: Literal["tiny", "demo", "large"] = "demo",
+    preset_overrides: dict[str, int | float] | None = None,
+    seed: int = 0,
+    forget_splits: list[Literal["forget01", "forget05", "forget10"]] | None = None,
+    variants: list[PertaVariant] | None = None,
+    include_tv: bool = True,
+    baselines: list[Baseline] | None = None,
+    search: AlphaSearch | None = None,
     source: TofuSource | None = None,
     base_model: str | None = None,
-    forget_split: str = "forget10",
-    retain_split: str = "retain90",
-    alphas: list[float] | None = None,
-    perta_beta: float | None = None,
-    importance_at: list[Literal["full", "base"]] | None = None,
-    baselines: list[Literal["grad_ascent", "grad_diff", "npo"]] | None = None,
-    seed: int = 0,
     accelerator: str = "cpu",
     devices: int = 1,
 ) -> Path:
-    """Run the PerTA study end to end and write its report; returns the output folder.
+    """Run one seed of the PerTA study end to end and write its report; return the output folder.
 
     Args:
         output: folder for every artifact; an interrupted run resumes from it.
-        preset: sizes and schedules (``tiny``: a few minutes for tests; ``demo``: the README's main job).
+        preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors).
+        preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
+        seed: drives the data, the training and the importance subsampling (each stage gets its own seed
+            derived from it and the stage's name).
+        forget_splits: forget splits studied (default ``[forget10]``); each has its own retain model.
+        variants: PerTA settings merged and evaluated (default: grad and Fisher with the paper's β = p = 1).
+        include_tv: also search plain task arithmetic.
+        baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
+        search: the α search and the Forget Quality levels.
         source: TOFU source; by default the synthetic benchmark of the preset, written to ``<output>/data``.
         base_model: a pretrained model directory to use as θ0 instead of pre-training one from scratch.
-        forget_split: the forget split (``forget01``, ``forget05``, ``forget10``).
-        retain_split: the matching retain split (``retain99``, ``retain95``, ``retain90``).
-        alphas: α grid of the merges (the preset's by default).
-        perta_beta: β of the PerTA weight w = s_f / (s_f + β·s_r + ε) (the preset's by default: 16, which
-            protects parameters the retain set needs much more strongly than the paper's default β = 1; the
-            weights are then smaller, so PerTA's useful α are larger than TV's).
-        importance_at: models at which importance is estimated (default ``[full]``); adding ``base`` adds
-            PerTA rows with importance at θ0, to compare with importance at θ_full.
-        baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
-        seed: seed of every stage.
         accelerator: Lightning accelerator of the training and evaluation stages.
         devices: devices per stage.
     """
-    import lightning as L
-
-    from perta_lightning.pipeline_stages import run_study
-
-    settings = replace(PRESETS[preset], alphas=list(alphas or PRESETS[preset].alphas))
-    if perta_beta is not None:
-        settings = replace(settings, perta_beta=perta_beta)
     out = Path(output)
-    L.seed_everything(seed, verbose=False)
-    if source is None:
-        spec = SyntheticSpec(settings.num_authors, seed, settings.num_background_authors)
-        Stage(out / "data", {"spec": spec, "vocab": settings.vocab_size}).run(
-            partial(write_benchmark, spec, str(out / "data"), True, settings.vocab_size))
-        source = TofuSource(path=str(out / "data"))
-    run_study(out, settings, source, base_model, forget_split, retain_split, list(importance_at or ["full"]),
-              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]), seed,
-              accelerator, devices)
+    run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
+             list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
+             search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
+             Runtime(accelerator, devices))
     return out
 
 
@@ -174,15 +242,16 @@ def build_parser() -> Any:
 
     parser = ArgumentParser(prog="perta pipeline", description=pipeline.__doc__.splitlines()[0])
     parser.add_argument("--config", action="config")
-    parser.add_function_arguments(pipeline)
+    parser.add_function_arguments(pipeline, as_positional=False)
     return parser
 
 
 def cli_main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    import torch
+
+    parser = build_parser()
+    args = parser.instantiate_classes(parser.parse_args(argv))
     options = {key: value for key, value in vars(args).items() if key != "config" and not key.startswith("__")}
-    if isinstance(options.get("source"), dict):
-        options["source"] = TofuSource(**options["source"])
     torch.set_float32_matmul_precision("high")
     out = pipeline(**options)
-    print(f"[perta pipeline] report: {out / 'report.md'}")
+    print(f"[perta pipeline] reports: {', '.join(str(p) for p in sorted(out.glob('forget*/report.md')))}")

@@ -1,7 +1,7 @@
-"""The study's report: ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png``.
+"""One seed's report per forget split: ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png``.
 
-Every number of a row is read back from that row's evaluation file (``eval/<name>.json``) and the θ_retain
-evaluation, through ``perta_lightning.summary.summarize``; nothing is carried over in memory.
+The report reads typed :class:`~perta_lightning.pipeline.ResultRow` records; every number of a row is read
+back from that row's evaluation file and the θ_retain evaluation, through ``perta_lightning.summary.summarize``.
 """
 
 from __future__ import annotations
@@ -9,48 +9,70 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from perta_lightning.errors import PertaValueError
+from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
 from perta_lightning.io import atomic_write_text
+from perta_lightning.stages import Product, StageRunner
+from perta_lightning.study_stages import Importance
+from perta_lightning.study_types import AlphaSearch, PertaVariant, ResultRow, SplitResult
 
 COLUMNS = ("method", "alpha", "forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio",
            "extraction_strength", "retain_rouge", "unlearn_seconds", "collapsed")
 
 
-def _unlearn_seconds(method: str, seconds: dict[str, float]) -> float | None:
-    """Cost of one unlearning run: PerTA = reinforce + importance + merge; TV = reinforce + merge."""
-    if method == "tv":
-        return seconds["reinforce"] + seconds["merge_tv"]
-    if method.startswith("perta_"):
-        statistic = method.split("_")[1]
-        where = "base" if method.endswith("_at_base") else "full"
-        return seconds["reinforce"] + seconds[f"importance_{statistic}_{where}"] + seconds[f"merge_{method}"]
-    return seconds.get(method)
-
-
-def build_rows(rows: list[tuple[str, float | None, Path, Path]], seconds: dict[str, float]) -> list[dict[str, Any]]:
+def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
+    """One table row per evaluated model, every number read back from its evaluation file."""
     from perta_lightning.summary import summarize
 
-    reference = next(result for method, _, _, result in rows if method == "retain")
     table = []
-    for method, alpha, model_dir, result in rows:
-        summary = summarize(result, reference)
-        aggregates = json.loads(Path(result).read_text())["aggregates"]
+    for row in rows:
+        summary = summarize(row.eval_file, row.reference_file)
+        aggregates = json.loads(Path(row.eval_file).read_text())["aggregates"]
         table.append({
-            "method": method, "alpha": alpha, "forget_quality": summary["forget_quality"],
-            "model_utility": summary["model_utility"], "forget_rouge": summary["forget_rouge"],
-            "forget_truth_ratio": summary["forget_truth_ratio"],
+            "method": row.method, "family": row.family, "alpha": row.alpha,
+            "forget_quality": summary["forget_quality"], "model_utility": summary["model_utility"],
+            "forget_rouge": summary["forget_rouge"], "forget_truth_ratio": summary["forget_truth_ratio"],
             "extraction_strength": aggregates.get("forget_extraction_strength"),
-            "retain_rouge": summary["retain_rouge"], "unlearn_seconds": _unlearn_seconds(method, seconds),
-            "model_dir": str(model_dir), "eval_file": str(result),
+            "retain_rouge": summary["retain_rouge"], "unlearn_seconds": row.unlearn_seconds,
+            "model_dir": _relative(row.model, root), "eval_file": _relative(row.eval_file, root),
         })
-    target_utility = next(row["model_utility"] for row in table if row["method"] == "target")
+    target_utility = next(r["model_utility"] for r in table if r["method"] == "target")
     for row in table:
-        row["collapsed"] = row["model_utility"] < 0.5 * target_utility
+        row["collapsed"] = is_collapsed(row["model_utility"], target_utility)
     return table
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def curves(table: list[dict[str, Any]]) -> dict[str, list[CurvePoint]]:
+    """Each method's evaluated points in α order, each curve starting at the target model (α = 0)."""
+    target = next(row for row in table if row["method"] == "target")
+    start = CurvePoint(0.0, target["forget_quality"], target["model_utility"], False)
+    out: dict[str, list[CurvePoint]] = {}
+    for row in table:
+        if row["family"] != "reference":
+            out.setdefault(row["method"], [start]).append(
+                CurvePoint(row["alpha"], row["forget_quality"], row["model_utility"], row["collapsed"]))
+    for points in out.values():
+        points.sort(key=lambda p: -1.0 if p.alpha is None else p.alpha)
+    return out
+
+
+def matched(table: list[dict[str, Any]], levels: list[float]) -> dict[str, list[float | None]]:
+    """Model Utility of each method at each Forget Quality level (the matched-FQ rule of
+    :mod:`perta_lightning.functional.tradeoff`); ``None``: not reached."""
+    return {method: utilities_at_levels(points, levels) for method, points in curves(table).items()}
 
 
 def _fmt(value: Any) -> str:
@@ -63,39 +85,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown(table: list[dict[str, Any]], settings: Any, seconds: dict[str, float]) -> str:
+def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
+             settings: dict[str, Any], search_evaluations: dict[str, int]) -> str:
     lines = ["# PerTA study report", "",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
              f"{platform.processor() or platform.system()}; torch {torch.__version__}.", "",
-             f"Settings: `{json.dumps(vars(settings))}`", "",
+             f"Settings: `{json.dumps(settings)}`", "",
              "Forget Quality is the KS-test p-value of forget truth ratios against θ_retain (higher: closer to a "
              "model that never saw the forget set). Model Utility is the harmonic mean of 9 retain / real-authors "
              "/ world-facts scores. *collapsed*: Model Utility below half of the target's.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "## Model Utility at matched Forget Quality", "",
+             "The best non-collapsed model whose Forget Quality reaches the level; – where none does.", "",
+             "| method | " + " | ".join(f"FQ ≥ {level:g}" for level in levels) + " | evaluations |",
+             "|---|" + "---|" * (len(levels) + 1)]
+    for method, values in at_levels.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in values)
+                     + f" | {search_evaluations.get(method, 1)} |")
+    lines += ["", "## Every evaluated model", "",
+              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[column]) for column in COLUMNS) + " |" for row in table]
-    lines += importance_point_comparison(table)
-    lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(seconds.items())), ""]
-    return "\n".join(lines)
-
-
-def importance_point_comparison(table: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines comparing PerTA with importance at θ_full and at θ0, α by α (empty when not run)."""
-    lines = []
-    for statistic in ("grad", "fisher"):
-        at_full = {row["alpha"]: row for row in table if row["method"] == f"perta_{statistic}"}
-        at_base = {row["alpha"]: row for row in table if row["method"] == f"perta_{statistic}_at_base"}
-        if not at_base:
-            continue
-        if not lines:
-            lines = ["", "## Importance at θ_full against importance at θ0", "",
-                     "| statistic | alpha | FQ at θ_full | FQ at θ0 | MU at θ_full | MU at θ0 |",
-                     "|---|---|---|---|---|---|"]
-        for alpha in sorted(at_full.keys() & at_base.keys()):
-            full, base = at_full[alpha], at_base[alpha]
-            lines.append(f"| {statistic} | {_fmt(alpha)} | {_fmt(full['forget_quality'])} | "
-                         f"{_fmt(base['forget_quality'])} | {_fmt(full['model_utility'])} | "
-                         f"{_fmt(base['model_utility'])} |")
-    return lines
+    return "\n".join(lines) + "\n"
 
 
 def plot_tradeoff(table: list[dict[str, Any]], path: Path) -> None:
@@ -133,15 +142,16 @@ def layer_type(name: str) -> str:
     return "norm" if "norm" in name else "other"
 
 
-def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, samples: int = 20000) -> dict[str, torch.Tensor]:
-    """PerTA weights w = s_f / (s_f + β·s_r + ε) of every parameter, grouped by layer type (subsampled)."""
-    from perta_lightning.checkpoint_io import TensorSource
+def weights_by_layer_type(forget: Path, retain: Path, beta: float = 1.0, power: float = 1.0,
+                          samples: int = 20000) -> dict[str, torch.Tensor]:
+    """PerTA weights w = s_f^p / (s_f^p + β·s_r^p + ε) of every parameter, by layer type (subsampled)."""
+    from perta_lightning.checkpoints import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     groups: dict[str, list[torch.Tensor]] = {}
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta).flatten()
+            w = perta_weights(s_f.read(name), s_r.read(name), power=power, beta=beta).flatten()
             groups.setdefault(layer_type(name), []).append(w)
     generator = torch.Generator().manual_seed(0)
     out = {}
@@ -168,37 +178,49 @@ def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> Non
     plt.close(figure)
 
 
-def write_report(out: Path, rows: list[tuple[str, float | None, Path, Path]], seconds: dict[str, float],
-                 settings: Any, importance_at: list[str]) -> list[dict[str, Any]]:
-    table = build_rows(rows, seconds)
+def write_report(result: SplitResult, variants: list[PertaVariant], search: AlphaSearch,
+                 importance: dict[str, Importance], runner: StageRunner) -> list[dict[str, Any]]:
+    """Write ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png`` of one forget split."""
+    table = build_rows(result.rows, runner.root)
     for row in table:
         for key in ("forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio"):
             if row[key] is None or not math.isfinite(row[key]):
-                raise ValueError(f"{row['eval_file']}: {key} is {row[key]!r}")
-    atomic_write_text(out / "report.json", json.dumps({"rows": table, "seconds": seconds,
-                                                       "settings": vars(settings)}, indent=2))
-    atomic_write_text(out / "report.md", markdown(table, settings, seconds))
+                raise PertaValueError(f"{row['eval_file']}: {key} is {row[key]!r}")
+    at_levels = matched(table, search.levels)
+    settings = {"seed": runner.seed, "forget_split": result.forget_split, "levels": list(search.levels),
+                "variants": [asdict(v) | {"label": v.label} for v in variants]}
+    files = {}
+    for variant in variants:
+        stage = importance[variant.label]
+        files[variant.label] = {"beta": variant.beta, "power": variant.power, "statistic": variant.statistic,
+                                **{key: _relative(runner.path(Product(stage, key)), runner.root)
+                                   for key in ("forget", "retain")}}
+    out = result.root
+    atomic_write_text(out / "report.json", json.dumps({
+        "settings": settings, "rows": table, "matched": at_levels, "importance": files,
+        "search_evaluations": result.search_evaluations}, indent=2))
+    atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
+                                                  result.search_evaluations))
     plot_tradeoff(table, out / "tradeoff.png")
-    imp = out / "importance" / f"at_{importance_at[0]}" / "grad"
-    from perta_lightning.pipeline_stages import _importance_file
-
-    beta = settings.perta_beta
-    plot_weights(weights_by_layer_type(_importance_file(imp, "forget"), _importance_file(imp, "retain"), beta),
-                 out / "weights.png", f"PerTA-grad weights by layer type (β = {beta:g}, importance at θ_{importance_at[0]})")
+    if variants:
+        first = files[variants[0].label]
+        plot_weights(weights_by_layer_type(runner.root / first["forget"], runner.root / first["retain"],
+                                           first["beta"], first["power"]), out / "weights.png",
+                     f"PerTA weights by layer type ({variants[0].label})")
     return table
 
 
-def weight_concentration(forget: Path, retain: Path, beta: float = 1.0) -> list[dict[str, Any]]:
-    """Per parameter tensor: layer index, layer type, mean PerTA weight (with ``beta``) and share above 0.5."""
+def weight_concentration(forget: Path, retain: Path, beta: float = 1.0, power: float = 1.0) -> list[dict[str, Any]]:
+    """Per parameter tensor: layer index, layer type, mean PerTA weight (β, p) and share above 0.5."""
     import re
 
-    from perta_lightning.checkpoint_io import TensorSource
+    from perta_lightning.checkpoints import TensorSource
     from perta_lightning.functional.weights import perta_weights
 
     rows = []
     with TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
         for name in sorted(s_f.infos):
-            w = perta_weights(s_f.read(name), s_r.read(name), beta=beta)
+            w = perta_weights(s_f.read(name), s_r.read(name), power=power, beta=beta)
             layer = re.search(r"layers\.(\d+)\.", name)
             rows.append({"name": name, "layer": int(layer.group(1)) if layer else None, "type": layer_type(name),
                          "mean_weight": w.mean().item(), "share_above_half": (w > 0.5).float().mean().item(),

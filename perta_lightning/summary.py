@@ -12,39 +12,24 @@ Three layouts are read, recognised by their top-level keys:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.eval_sets import EVAL_SETS, SCORE_KEYS, UTILITY_KEYS
 from perta_lightning.functional import tofu_metrics as F
 
 FORMAT = "perta-tofu-eval/1"
-SETS = ("retain", "forget", "real_authors", "world_facts")
-SUB_METRICS = ("probability", "rouge", "truth_ratio")
-UTILITY_KEYS = tuple(f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m in SUB_METRICS)
 
-_TOFU_FILES = {
-    "retain": "eval_log.json",
-    "forget": "eval_log_forget.json",
-    "real_authors": "eval_real_author_wo_options.json",
-    "world_facts": "eval_real_world_wo_options.json",
-}
-_OPEN_UNLEARNING_KEYS = {
-    "forget_probability": "forget_Q_A_Prob",
-    "forget_rouge": "forget_Q_A_ROUGE",
-    "forget_truth_ratio": "forget_truth_ratio",
-    "retain_probability": "retain_Q_A_Prob",
-    "retain_rouge": "retain_Q_A_ROUGE",
-    "retain_truth_ratio": "retain_Truth_Ratio",
-    "real_authors_probability": "ra_Q_A_Prob_normalised",
-    "real_authors_rouge": "ra_Q_A_ROUGE",
-    "real_authors_truth_ratio": "ra_Truth_Ratio",
-    "world_facts_probability": "wf_Q_A_Prob_normalised",
-    "world_facts_rouge": "wf_Q_A_ROUGE",
-    "world_facts_truth_ratio": "wf_Truth_Ratio",
-}
+#: TOFU log key of each scored set: ``{"eval_log_forget.json": spec, ...}``.
+_TOFU_LOGS = {spec.tofu_log_key: spec for spec in EVAL_SETS if spec.tofu_log_key is not None}
+#: open-unlearning's name of each of our sub-scores: ``{"forget_probability": "forget_Q_A_Prob", ...}``.
+_OPEN_UNLEARNING_KEYS = {ours: theirs for spec in EVAL_SETS if spec.open_unlearning_keys
+                         for ours, theirs in zip(spec.score_keys, spec.open_unlearning_keys)}
 
 
 @dataclass
@@ -68,7 +53,7 @@ class EvaluationRecord:
 
 def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
     if not isinstance(mapping, dict) or key not in mapping:
-        raise KeyError(f"{where}: missing key {key!r}")
+        raise PertaValueError(f"{where}: missing key {key!r}")
     return mapping[key]
 
 
@@ -84,20 +69,22 @@ def _tofu_record(data: dict[str, Any], path: str) -> EvaluationRecord:
     scores: dict[str, float] = {}
     ratios = None
     questions = None
-    for name, file_key in _TOFU_FILES.items():
+    for file_key, spec in _TOFU_LOGS.items():
         log = _require(data, file_key, path)
         where = f"{path}[{file_key!r}]"
         answer_nll = torch.tensor(_values(log, "avg_gt_loss", where), dtype=torch.float64)
         perturbed = torch.tensor(_values(log, "average_perturb_loss", where), dtype=torch.float64)
+        # TOFU logs the truth ratio's correct answer as "paraphrased" on every set (the answer itself on
+        # real authors / world facts)
         correct = torch.tensor(_values(log, "avg_paraphrased_loss", where), dtype=torch.float64)
         ratio = F.truth_ratio(correct, perturbed)
-        if name in ("retain", "forget"):
-            scores[f"{name}_probability"] = F.answer_probability(answer_nll).mean().item()
+        if spec.normalised_probability:
+            scores[f"{spec.name}_probability"] = F.probability_with_options(answer_nll, perturbed).mean().item()
         else:
-            scores[f"{name}_probability"] = F.probability_with_options(answer_nll, perturbed).mean().item()
-        scores[f"{name}_rouge"] = sum(_values(log, "rougeL_recall", where)) / answer_nll.numel()
-        scores[f"{name}_truth_ratio"] = F.truth_ratio_score(ratio, forget=name == "forget")
-        if name == "forget":
+            scores[f"{spec.name}_probability"] = F.answer_probability(answer_nll).mean().item()
+        scores[f"{spec.name}_rouge"] = sum(_values(log, "rougeL_recall", where)) / answer_nll.numel()
+        scores[f"{spec.name}_truth_ratio"] = F.truth_ratio_score(ratio, spec.truth_ratio_closer_to_one)
+        if spec.name == "forget":
             ratios = ratio
             if "generated_text" in log:
                 questions = [str(entry[0]) for entry in _values(log, "generated_text", where)]
@@ -124,8 +111,10 @@ def _our_record(data: dict[str, Any], path: str) -> EvaluationRecord:
     aggregates = _require(data, "aggregates", path)
     forget = _require(_require(data, "examples", path), "forget", f"{path}['examples']")
     where = f"{path}['examples']['forget']"
-    scores = {key: float(aggregates[key]) for key in (f"{s}_{m}" for s in SETS for m in SUB_METRICS) if aggregates.get(key) is not None}
-    ratios = torch.tensor(_require(forget, "truth_ratio", where), dtype=torch.float64)
+    scores = {key: float(aggregates[key]) for key in SCORE_KEYS if aggregates.get(key) is not None}
+    # a truth ratio that was NaN is written as null
+    ratios = torch.tensor([math.nan if r is None else r for r in _require(forget, "truth_ratio", where)],
+                          dtype=torch.float64)
     return EvaluationRecord(path, scores, ratios, list(_require(forget, "question", where)), aggregates.get("mia_min_k_auc"))
 
 
@@ -133,18 +122,37 @@ def load_evaluation(path: str | Path) -> EvaluationRecord:
     """Read one evaluation file in any of the three layouts (see the module docstring)."""
     path = str(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"evaluation file not found: {path}") from None
+        raise PertaFileNotFoundError(f"evaluation file not found: {path}") from None
+    except IsADirectoryError:
+        raise PertaValueError(f"{path}: is a folder, not an evaluation file") from None
+    except UnicodeDecodeError as error:
+        raise PertaValueError(f"{path}: not a UTF-8 text file ({error})") from None
+    if not text.strip():
+        raise PertaValueError(f"{path}: the evaluation file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PertaValueError(f"{path}: not valid JSON, truncated or damaged? ({error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise PertaValueError(f"{path}: expected a JSON object at the top level")
+    try:
+        return _record(data, path)
+    except (TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, PertaValueError):
+            raise
+        raise PertaValueError(f"{path}: malformed evaluation file ({type(error).__name__}: {error})") from None
+
+
+def _record(data: dict[str, Any], path: str) -> EvaluationRecord:
     if data.get("format") == FORMAT:
         return _our_record(data, path)
     if "eval_log_forget.json" in data:
         return _tofu_record(data, path)
     if "forget_truth_ratio" in data:
         return _open_unlearning_record(data, path)
-    raise ValueError(
+    raise PertaValueError(
         f"{path}: unknown evaluation layout; expected 'format': {FORMAT!r}, a TOFU eval_log_aggregated.json "
         f"(key 'eval_log_forget.json') or an open-unlearning TOFU_EVAL.json (key 'forget_truth_ratio')"
     )
@@ -158,7 +166,7 @@ def check_same_forget_set(
     Questions are compared by containment, so a bare question matches a templated prompt holding it.
     """
     if reference.forget_truth_ratios.numel() != count:
-        raise ValueError(
+        raise PertaValueError(
             f"retain reference {reference.path}: its forget set has {reference.forget_truth_ratios.numel()} "
             f"examples but {where} has {count}; evaluate both on the same forget split"
         )
@@ -166,28 +174,57 @@ def check_same_forget_set(
         return
     for index, (ours, theirs) in enumerate(zip(questions, reference.forget_questions)):
         if ours not in theirs and theirs not in ours:
-            raise ValueError(
+            raise PertaValueError(
                 f"retain reference {reference.path}: forget example {index} is {theirs!r} there but {ours!r} in "
                 f"{where}; evaluate both on the same forget split"
             )
 
 
-def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, float | None]:
-    """Forget Quality (KS p-value against the retain model), Model Utility and the 12 sub-scores."""
+def forget_quality_or_note(
+    ratios: torch.Tensor, where: str, retain_ratios: torch.Tensor, retain_where: str
+) -> tuple[float | None, float | None, str | None]:
+    """``(Forget Quality, KS statistic, None)``, or ``(None, None, why)`` when a truth ratio is NaN.
+
+    The KS test of samples holding NaN has no meaning (scipy returns NaN), and NaN is not valid JSON.
+    """
+    for values, name in ((ratios, where), (retain_ratios, retain_where)):
+        bad = torch.isnan(values.double()).nonzero().flatten().tolist()
+        if bad:
+            return None, None, (f"forget_quality is null: {len(bad)} forget truth ratios of {name} are NaN "
+                                f"(examples {bad[:10]}{' ...' if len(bad) > 10 else ''})")
+    quality, statistic = F.forget_quality(ratios, retain_ratios)
+    return quality, statistic, None
+
+
+def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, Any]:
+    """Forget Quality (KS p-value against the retain model), Model Utility and the 12 sub-scores.
+
+    A score that cannot be computed (a sub-score missing from the file, NaN truth ratios or scores) is
+    ``None`` and the list ``notes`` says why.
+    """
     ckpt, retain = load_evaluation(ckpt_result), load_evaluation(retain_result)
     check_same_forget_set(ckpt.forget_questions, ckpt.forget_truth_ratios.numel(), retain, str(ckpt.path))
-    quality, statistic = F.forget_quality(ckpt.forget_truth_ratios, retain.forget_truth_ratios)
-    missing = [key for key in UTILITY_KEYS if key not in ckpt.sub_scores]
-    summary: dict[str, float | None] = {
-        "forget_quality": quality,
-        "ks_statistic": statistic,
-        "model_utility": None if missing else F.harmonic_mean([ckpt.sub_scores[k] for k in UTILITY_KEYS]),
-    }
-    for key in (f"{s}_{m}" for s in SETS for m in SUB_METRICS):
+    quality, statistic, note = forget_quality_or_note(ckpt.forget_truth_ratios, ckpt.path,
+                                                      retain.forget_truth_ratios, retain.path)
+    notes = [note] if note else []
+    utility = [ckpt.sub_scores.get(key) for key in UTILITY_KEYS]
+    summary: dict[str, Any] = {"forget_quality": quality, "ks_statistic": statistic, "model_utility": None}
+    if all(value is not None and value == value for value in utility):
+        summary["model_utility"] = F.harmonic_mean(utility)
+    else:
+        notes.append("model_utility is null: " + ", ".join(
+            f"{key} is {'missing' if value is None else 'NaN'}" for key, value in zip(UTILITY_KEYS, utility)
+            if value is None or value != value))
+    for key in SCORE_KEYS:
         summary[key] = ckpt.sub_scores.get(key)
     if ckpt.mia_auc is not None and retain.mia_auc is not None:
         summary["mia_min_k_auc"] = ckpt.mia_auc
         summary["privleak"] = F.privleak(ckpt.mia_auc, retain.mia_auc)
+    for key, value in summary.items():
+        if isinstance(value, float) and value != value:
+            summary[key] = None
+            notes.append(f"{key} is null: NaN in {ckpt.path}")
+    summary["notes"] = notes
     return summary
 
 
@@ -198,4 +235,4 @@ def summarize_main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="perta summarize", description=summarize.__doc__)
     parser.add_function_arguments(summarize)
     args = parser.parse_args(argv)
-    print(json.dumps(summarize(args.ckpt_result, args.retain_result), indent=2))
+    print(json.dumps(summarize(args.ckpt_result, args.retain_result), indent=2, allow_nan=False))

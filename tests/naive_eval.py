@@ -53,13 +53,16 @@ def naive_evaluate(model_dir: str, source: TofuSource, splits: dict[str, str | N
                 logprobs, predictions, labels = _answer_token_logprobs(model, formatter, row["question"], row["answer"])
                 answer_nll = _mean_nll(logprobs)
                 col["answer_nll"].append(answer_nll)
+                # extraction strength and Min-K% leave the final labelled token (EOS) out, as open-unlearning's
+                # tokenwise_logprobs / tokenwise_vocab_logprobs do; the probabilities above keep it
+                predictions, labels, kept = predictions[:-1], labels[:-1], logprobs[:-1]
                 n = len(labels)
                 k = 0
                 for k in range(n):  # first position from which the argmax equals every label
                     if predictions[k:] == labels[k:]:
                         break
                 col["extraction_strength"].append(1 - k / n)
-                lowest = sorted(logprobs)[: max(1, int(n * mink_k))]
+                lowest = sorted(kept)[: max(1, int(n * mink_k))]
                 col["min_k_score"].append(-sum(lowest) / len(lowest))
                 if name == "holdout":
                     continue
@@ -79,7 +82,7 @@ def naive_evaluate(model_dir: str, source: TofuSource, splits: dict[str, str | N
                 generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                            max_new_tokens=max_new_tokens, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                text = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
+                text = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True).strip()
                 col["generation"].append(text)
                 col["rouge_l_recall"].append(scorer.score(row["answer"], text)["rougeL"].recall)
             out["examples"][name] = col

@@ -5,9 +5,11 @@ import torch
 
 from perta_lightning.functional.task_vectors import (
     negate_task_vector,
+    negate_task_vector_into,
     negate_task_vector_many,
     task_vector,
     unlearn,
+    weight_task_vector_,
 )
 from perta_lightning.functional.weights import perta_weights
 
@@ -108,3 +110,63 @@ def test_bad_arguments_raise():
         perta_weights(S_F, S_R, power=0.0)
     with pytest.raises(ValueError, match="shape"):
         task_vector(torch.ones(2, 3), torch.ones(3))
+
+
+# ---------------------------------------------------------------- in-place forms against the plain ones
+
+
+@pytest.mark.parametrize("power,beta,eps", [(1.0, 1.0, 1e-20), (2.0, 0.5, 1e-20), (0.5, 3.0, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perta_weights_out_equals_plain_bit_for_bit(power, beta, eps, dtype):
+    torch.manual_seed(1)
+    s_f, s_r = (torch.rand(40, 7).to(dtype) + 0.01 for _ in range(2))
+    plain = perta_weights(s_f, s_r, power, beta, eps)
+    out = torch.full((40, 7), float("nan"))
+    powered = (s_f.float(), s_r.float())  # copies, overwritten by s^p
+    got = perta_weights(powered[0], powered[1], power, beta, eps, out=out, powered=powered)
+    assert got is out and torch.equal(out, plain)
+
+
+def test_perta_weights_out_must_be_float32_of_the_shape():
+    with pytest.raises(ValueError, match=r"out must be float32 of shape \(2, 3\)"):
+        perta_weights(S_F, S_R, out=torch.empty(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"out must be float32 of shape \(2, 3\)"):
+        perta_weights(S_F, S_R, out=torch.empty(6))
+
+
+def test_bf16_importance_is_upcast_exactly():
+    s_f, s_r = S_F.bfloat16(), S_R.bfloat16() + 1  # small integers: exact in bf16
+    assert torch.equal(perta_weights(s_f, s_r), perta_weights(s_f.float(), s_r.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_task_vector_out_equals_plain_bit_for_bit(dtype):
+    torch.manual_seed(2)
+    r, b = torch.randn(50, 3).to(dtype), torch.randn(50, 3).to(dtype)
+    out = torch.empty(50, 3)
+    assert task_vector(r, b.float(), out=out) is out
+    assert torch.equal(out, task_vector(r, b))
+    with pytest.raises(ValueError, match="out must be float32"):
+        task_vector(r, b, out=torch.empty(50, 3, dtype=torch.float64))
+
+
+def test_weight_task_vector_in_place_by_hand():
+    tau = task_vector(R, T)  # [[1,0,-2],[0,2,-1]]
+    w = torch.tensor([[0.5, 1.0, 0.25], [1.0, 0.5, 0.0]])
+    assert weight_task_vector_(tau, w) is tau
+    assert torch.equal(tau, torch.tensor([[0.5, 0.0, -0.5], [0.0, 1.0, -0.0]]))
+    assert weight_task_vector_(tau, None) is tau
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_negate_into_equals_plain_bit_for_bit(dtype):
+    torch.manual_seed(3)
+    t, tau, w = torch.randn(30, 4).to(dtype), torch.randn(30, 4), torch.rand(30, 4)
+    for alpha in (0.0, 0.7, -1.5):
+        out = torch.empty(30, 4, dtype=dtype)
+        v = weight_task_vector_(tau.clone(), w)
+        assert negate_task_vector_into(t.float(), v, alpha, out=out) is out
+        assert torch.equal(out, negate_task_vector(t, tau, alpha, w)), alpha
+    zero = torch.tensor([-0.0, 1.0], dtype=dtype)
+    out = negate_task_vector_into(zero, torch.tensor([0.0, 5.0]), 0.0, out=torch.empty(2, dtype=dtype))
+    assert torch.equal(out.view(torch.uint8), zero.view(torch.uint8))  # -0.0 kept bit for bit

@@ -91,7 +91,7 @@ def test_subsample_and_sharded_output(tiny_assets, tmp_path):
     with safe_open(str(out["forget"]), "pt") as handle:
         assert handle.metadata()["num_examples"] == "4"
     # the same statistics, sharded with an index, read back equal
-    from perta_lightning.io import write_safetensors_sharded
+    from perta_lightning.checkpoints import write_safetensors_sharded
 
     tensors = load_file(out["forget"])
     index = write_safetensors_sharded(iter(sorted(tensors.items())), tmp_path / "sharded", "forget", {"a": "b"},

@@ -76,7 +76,7 @@ def test_perta_end_to_end_reload_and_generate(models, tmp_path):
                             forget_importance=root / "forget.safetensors",
                             retain_importance=root / "retain.safetensors.index.json",
                             power=2.0, beta=0.5, max_shard_size="20KB", progress=False)
-    assert out == [tmp_path / "out"]
+    assert out == {0.7: tmp_path / "out"}
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 32}'
     assert (tmp_path / "out" / "generation_config.json").exists()
@@ -99,9 +99,9 @@ def test_tv_alpha_list_writes_one_model_per_value(models, tmp_path):
     root, _, _ = models
     outs = merge_checkpoints(root / "target", root / "reinforced", tmp_path / "sweep", alpha=[0.0, 0.5, 1.0],
                              method="tv", progress=False)
-    assert outs == [tmp_path / "sweep" / f"alpha_{a}" for a in ("0.0", "0.5", "1.0")]
+    assert outs == {a: tmp_path / "sweep" / f"alpha_{a}" for a in (0.0, 0.5, 1.0)}
     t, r = _state(root / "target"), _state(root / "reinforced")
-    for alpha, out in zip((0.0, 0.5, 1.0), outs):
+    for alpha, out in outs.items():
         merged = _state(out)
         assert (out / "model.safetensors").exists()  # fits one default-size shard
         assert json.loads((out / "perta_merge.json").read_text())["alpha"] == alpha
@@ -117,9 +117,9 @@ def test_uniform_importance_merge_equals_tv_with_rescaled_alpha(models, tmp_path
     save_file({n: torch.full_like(v, 0.25) for n, v in s_f.items()}, tmp_path / "u.safetensors")
     perta = merge_checkpoints(root / "target", root / "reinforced", tmp_path / "p", alpha=0.9, beta=2.0,
                               forget_importance=tmp_path / "u.safetensors",
-                              retain_importance=tmp_path / "u.safetensors", progress=False)[0]
+                              retain_importance=tmp_path / "u.safetensors", progress=False)[0.9]
     tv = merge_checkpoints(root / "target", root / "reinforced", tmp_path / "tv", alpha=0.3, method="tv",
-                           progress=False)[0]
+                           progress=False)[0.3]
     a, b = _state(perta), _state(tv)
     for name in a:
         torch.testing.assert_close(a[name], b[name])
@@ -129,7 +129,7 @@ def test_cli_with_yaml_config_and_base(models, tmp_path):
     root, _, _ = models
     config = tmp_path / "merge.yaml"
     config.write_text(f"target: {root / 'target'}\nreinforced: {root / 'reinforced'}\nbase: {root / 'reinforced'}\n"
-                      f"method: tv\nalpha: [2.0]\noutput: {tmp_path / 'cli'}\nprogress: false\n")
+                      f"method: tv\nalpha: [2.0, 3.0]\noutput: {tmp_path / 'cli'}\nprogress: false\n")
     cli_main(["--config", str(config)])  # in-process; the subprocess entry point is tested with pickles
     cli_main(["--config", str(config), "--overwrite"])  # a bare switch is accepted
     merged, t = _state(tmp_path / "cli" / "alpha_2.0"), _state(root / "target")
@@ -158,9 +158,9 @@ def _raw_pair(tmp_path: Path, **changes):
 def test_blocks_nonfloat_dtypes_and_shard_size(tmp_path):
     t, r, td, rd = _raw_pair(tmp_path)
     # a 35-entry tensor in blocks of 10 entries (2 rows) must give the same numbers as whole tensors
-    whole = merge_checkpoints(td, rd, tmp_path / "whole", alpha=0.5, method="tv", progress=False)[0]
+    whole = merge_checkpoints(td, rd, tmp_path / "whole", alpha=0.5, method="tv", progress=False)[0.5]
     blocks = merge_checkpoints(td, rd, tmp_path / "blocks", alpha=0.5, method="tv", chunk_numel=10,
-                               max_shard_size=100, progress=False)[0]
+                               max_shard_size=100, progress=False)[0.5]
     assert len(list(blocks.glob("model-*-of-*.safetensors"))) == 3
     a, b = _state(whole), _state(blocks)
     for name in t:
@@ -180,8 +180,8 @@ def test_missing_importance_policies(tmp_path):
     with pytest.raises(MergeError, match=r"sf\.safetensors.*no importance for 'b\.bias'"):
         merge_checkpoints(td, rd, tmp_path / "o", **kw)
     _no_leftovers(tmp_path, before)
-    keep = _state(merge_checkpoints(td, rd, tmp_path / "keep", missing_importance="keep", **kw)[0])
-    tv = _state(merge_checkpoints(td, rd, tmp_path / "tv", missing_importance="tv", **kw)[0])
+    keep = _state(merge_checkpoints(td, rd, tmp_path / "keep", missing_importance="keep", **kw)[1.0])
+    tv = _state(merge_checkpoints(td, rd, tmp_path / "tv", missing_importance="tv", **kw)[1.0])
     assert torch.equal(keep["b.bias"], t["b.bias"])
     assert torch.equal(tv["b.bias"], _expected(t["b.bias"], r["b.bias"], 1.0))
     for out in (keep, tv):  # w = 2 / (2 + 6) = 0.25 on a.weight
@@ -195,7 +195,7 @@ def test_tied_alias_present_in_checkpoint(tmp_path):
     rd = _raw_dir(tmp_path / "r", {"model.embed_tokens.weight": emb_r, "lm_head.weight": emb_r.clone()}, config)
     save_file({"model.embed_tokens.weight": torch.rand(6, 4)}, tmp_path / "s.safetensors")
     out = _state(merge_checkpoints(td, rd, tmp_path / "o", alpha=1.0, forget_importance=tmp_path / "s.safetensors",
-                                   retain_importance=tmp_path / "s.safetensors", progress=False)[0])
+                                   retain_importance=tmp_path / "s.safetensors", progress=False)[1.0])
     assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
     bad = _raw_dir(tmp_path / "bad", {"model.embed_tokens.weight": emb_r, "lm_head.weight": emb_t}, config)
     with pytest.raises(MergeError, match="tied tensors 'lm_head.weight' and 'model.embed_tokens.weight' differ"):
@@ -281,7 +281,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
     assert done.returncode != 0 and "pytorch_model.bin: pickle checkpoint refused" in done.stderr
     _no_leftovers(tmp_path, before)
     out = _state(merge_checkpoints(td, rd, tmp_path / "o", alpha=0.5, method="tv", allow_pickle=True,
-                                   progress=False)[0])
+                                   progress=False)[0.5])
     torch.testing.assert_close(out["a.weight"], _expected(t["a.weight"], r["a.weight"], 0.5))
 
 
@@ -332,7 +332,7 @@ def test_fast_path_equals_functional_bit_for_bit(tmp_path, dtype, power, beta, e
                        retain_importance=tmp_path / "sr.safetensors", power=power, beta=beta, eps=eps)
         outs = merge_checkpoints(dirs[0], dirs[1], tmp_path / f"o_{method}", alpha=alphas, method=method,
                                  base=dirs[2] if base else None, chunk_numel=12, progress=False, **imp)
-        for alpha, out in zip(alphas, outs):
+        for alpha, out in outs.items():
             merged = _state(out)
             for name in t:
                 w = perta_weights(s_f[name], s_r[name], power, beta, eps) if method == "perta" else None

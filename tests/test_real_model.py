@@ -48,8 +48,8 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
                                                               batch_size=2, num_examples=2))
     files = estimate_importance(str(smollm2), source, str(tmp_path / "importance"), "grad", num_examples=2,
                                 batch_size=2)
-    [merged] = merge_checkpoints(smollm2, tmp_path / "reinforced", tmp_path / "perta", alpha=1.0, method="perta",
-                                 forget_importance=files["forget"], retain_importance=files["retain"], progress=False)
+    merged = merge_checkpoints(smollm2, tmp_path / "reinforced", tmp_path / "perta", alpha=1.0, method="perta",
+                                 forget_importance=files["forget"], retain_importance=files["retain"], progress=False)[1.0]
     result = evaluate_model(str(merged), source, max_examples=2, max_new_tokens=8, batch_size=2, accelerator="cpu")
     for key in ("forget_probability", "retain_truth_ratio", "real_authors_rouge"):
         assert 0.0 <= result["aggregates"][key] <= 1.0

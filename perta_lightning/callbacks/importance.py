@@ -30,9 +30,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from perta_lightning import distributed
+from perta_lightning.checkpoints import safetensors_files_for, write_safetensors_sharded
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import answer_token_mask
-from perta_lightning.io import atomic_write_text, safetensors_files_for, write_safetensors_sharded
+from perta_lightning.io import atomic_write_text
 
 #: How the module's loss was built, per backward: ``token_mean`` mean answer-token NLL of the local
 #: batch (training); ``token_sum`` summed answer-token NLL of the local valid examples; ``example_sum``

@@ -1,7 +1,7 @@
 """``TofuEvalDataModule``: the TOFU evaluation sets as test dataloaders, one per set.
 
-Sets, in dataloader order: ``forget``, ``retain``, ``real_authors``, ``world_facts`` and (for the MIA)
-``holdout``. A batch holds, for its ``B`` examples:
+Sets, in dataloader order, as :mod:`perta_lightning.eval_sets` describes them: ``forget``, ``retain``,
+``real_authors``, ``world_facts`` and (for the MIA) ``holdout``. A batch holds, for its ``B`` examples:
 
 * ``answer_ids`` / ``answer_mask`` / ``answer_labels``: every answer to score (its tokens and EOS, without the
   question), right padded, ``(N, A)``: rows ``[0, B)`` are the answers, then ``B`` paraphrased answers when
@@ -28,27 +28,36 @@ from perta_lightning.data.tofu import (
     QAFormatter,
     TofuSource,
     load_split,
+    load_tokenizer,
     pad_batch,
     run_model_dir,
 )
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.eval_sets import EVAL_SET_BY_NAME, EvalSetSpec
 
-EVAL_SETS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+
+def load_eval_tokenizer(path: str) -> Any:
+    """The tokenizer of a model directory (or hub id); a folder without tokenizer files is a user error."""
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError as error:
+        raise PertaFileNotFoundError(str(error)) from None
 
 
 class EvalSet(Dataset):
     """One evaluation set, encoded once. Every row must have ``K`` perturbed answers when any has."""
 
-    def __init__(self, name: str, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
-        self.name, self.rows = name, rows
-        self.has_paraphrase = name in ("forget", "retain")
-        self.num_perturbed = len(rows[0].get("perturbed_answer", [])) if name != "holdout" else 0
-        if name != "holdout" and self.num_perturbed == 0:
-            raise ValueError(f"{where}: row 0, column 'perturbed_answer' is missing or empty")
+    def __init__(self, spec: EvalSetSpec, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
+        self.name, self.rows = spec.name, rows
+        self.has_paraphrase = spec.has_paraphrase
+        self.num_perturbed = len(rows[0].get("perturbed_answer", [])) if spec.scored else 0
+        if spec.scored and self.num_perturbed == 0:
+            raise PertaValueError(f"{where}: row 0, column 'perturbed_answer' is missing or empty")
         self.items = []
         for index, row in enumerate(rows):
-            perturbed = row.get("perturbed_answer", []) if name != "holdout" else []
+            perturbed = row.get("perturbed_answer", []) if spec.scored else []
             if len(perturbed) != self.num_perturbed or not all(isinstance(a, str) for a in perturbed):
-                raise ValueError(
+                raise PertaValueError(
                     f"{where}: row {index}, column 'perturbed_answer' has {len(perturbed)} answers, "
                     f"row 0 has {self.num_perturbed}"
                 )
@@ -132,12 +141,13 @@ class TofuEvalDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise PertaValueError(f"batch_size must be positive, got {batch_size}")
         if max_examples is not None and max_examples <= 0:
-            raise ValueError(f"max_examples must be positive, got {max_examples}")
+            raise PertaValueError(f"max_examples must be positive, got {max_examples}")
         self.save_hyperparameters()
         self.source = source
         self.prompt = prompt
+        # keyed by the set names of perta_lightning.eval_sets, in their order
         self.splits = {
             "forget": forget_split,
             "retain": retain_split,
@@ -145,6 +155,7 @@ class TofuEvalDataModule(LightningDataModule):
             "world_facts": world_facts_split,
             "holdout": holdout_split,
         }
+        assert tuple(self.splits) == tuple(EVAL_SET_BY_NAME)
         self.sets: dict[str, EvalSet] = {}
         self.tokenizer: Any = None
 
@@ -152,16 +163,28 @@ class TofuEvalDataModule(LightningDataModule):
         if self.sets:
             return
         hp = self.hparams
+        self.check_splits()
         formatter = self.prompt.formatter(run_model_dir(self.trainer))
         self.tokenizer = formatter.tokenizer
         for name, split in self.splits.items():
             if split is None:
                 continue
-            required = ("question", "answer") + (() if name == "holdout" else ("perturbed_answer",))
-            if name in ("forget", "retain"):
-                required += ("paraphrased_answer",)
-            rows = load_split(self.source, split, required)[: hp.max_examples]
-            self.sets[name] = EvalSet(name, rows, formatter, self.source.describe(split))
+            spec = EVAL_SET_BY_NAME[name]
+            rows = load_split(self.source, split, spec.required_columns)[: hp.max_examples]
+            self.sets[name] = EvalSet(spec, rows, formatter, self.source.describe(split))
+
+    def check_splits(self) -> None:
+        """Refuse a split given for two sets (the forget split as the retain split, say): the scores would mean
+        nothing. Checked in ``setup`` so that the command line reports it as one error line."""
+        given: dict[str, str] = {}
+        for name, split in self.splits.items():
+            if split is None:
+                continue
+            if split in given:
+                raise PertaValueError(
+                    f"{given[split]}_split and {name}_split are both {split!r}; each evaluation set needs its own split"
+                )
+            given[split] = name
 
     def test_dataloader(self) -> list[DataLoader]:
         loaders = []

@@ -313,7 +313,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     if os.path.isdir(name_or_path) and not any(
         (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
-        raise FileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise PertaFileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

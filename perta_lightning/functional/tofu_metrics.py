@@ -9,8 +9,11 @@ the question (answer tokens only, EOS included); ``p(a) = exp(-nll(a))``.
   answer on forget/retain and the answer itself on real authors / world facts (TOFU's convention;
   open-unlearning stores ``1/R`` per example). Aggregated as ``mean min(R, 1/R)`` on the forget set and
   ``mean max(0, 1 - 1/R)`` elsewhere (``locuslab/tofu`` ``aggregate_eval_stat.py``).
-* ROUGE-L recall of the greedy generation against the ground-truth answer (``rouge_score``, stemming).
-* extraction strength ``1 - k/N`` (open-unlearning).
+* ROUGE-L recall of the greedy generation (stripped of surrounding white space) against the ground-truth
+  answer (``rouge_score``, stemming), in float64.
+* extraction strength ``1 - k/N`` and the Min-K% MIA score (open-unlearning) over the answer tokens *without*
+  the final labelled token (EOS): open-unlearning's ``tokenwise_logprobs`` / ``tokenwise_vocab_logprobs``
+  drop it, while the probabilities and the truth ratio keep it.
 * Forget Quality: p-value of the two-sample KS test between the per-example forget truth ratios of the
   model and of the retain model.
 * Model Utility: harmonic mean of the nine retain / real-authors / world-facts sub-scores.
@@ -43,59 +46,76 @@ def truth_ratio(correct_nll: torch.Tensor, perturbed_nll: torch.Tensor) -> torch
     return torch.exp(perturbed_nll.double().mean(dim=-1) - correct_nll.double())
 
 
-def truth_ratio_score(ratio: torch.Tensor, forget: bool) -> float:
-    """TOFU aggregate: ``mean min(R, 1/R)`` on the forget set, else ``mean max(0, 1 - 1/R)``."""
+def truth_ratio_score(ratio: torch.Tensor, closer_to_one: bool) -> float:
+    """TOFU aggregate: ``mean min(R, 1/R)`` when ``closer_to_one`` (the forget set), else ``mean max(0, 1 - 1/R)``."""
     ratio = ratio.double()
-    if forget:
+    if closer_to_one:
         return torch.minimum(ratio, 1.0 / ratio).mean().item()
     return torch.clamp(1.0 - 1.0 / ratio, min=0.0).mean().item()
 
 
-def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall of each prediction against its reference (``rouge_score``, Porter stemming).
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """ROUGE-L recall of each prediction against its reference (``rouge_score``, Porter stemming). ``-> (N,)`` float64.
 
-    Recall is ``LCS(prediction, reference) / len(reference)`` in tokens, as TOFU logs it.
+    Recall is ``LCS(prediction, reference) / len(reference)`` in tokens, as TOFU logs it; float64 keeps the
+    ratio exact to double precision (5/9 stays 0.5555555555555556).
     """
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(reference, prediction)["rougeL"].recall for prediction, reference in zip(predictions, references)]
+    return torch.tensor([scorer.score(reference, prediction)["rougeL"].recall
+                         for prediction, reference in zip(predictions, references)], dtype=torch.float64)
+
+
+def scored_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T-1)`` mask of the shifted answer tokens *except the last one of each row* (the EOS).
+
+    The tokens over which extraction strength and Min-K% are computed, as open-unlearning's
+    ``tokenwise_logprobs``: every labelled position but the final one.
+    """
+    mask = answer_token_mask(labels)
+    position = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
+    return mask & (position != last)
 
 
 def extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example extraction strength ``1 - k/N`` from teacher-forced argmax predictions. ``-> (B,)``.
 
-    Over the ``N`` answer tokens (labels != -100, shifted for next-token prediction), ``k`` is the first
+    Over the ``N`` answer tokens without the final labelled one (:func:`scored_token_mask`), ``k`` is the first
     position from which every argmax prediction equals its label. As in open-unlearning's
     ``extraction_strength``, ``k`` is searched in ``0..N-1``; when not even the last token is predicted
     ``k`` stays ``N-1``, so the score is at least ``1/N``.
     """
     predictions = logits[:, :-1, :].argmax(dim=-1)
     targets = labels[:, 1:]
-    mask = answer_token_mask(labels)
+    mask = scored_token_mask(labels)
     scores = []
     for row in range(labels.shape[0]):
         wrong = (predictions[row][mask[row]] != targets[row][mask[row]]).nonzero().flatten()
         n = int(mask[row].sum())
         if n == 0:
-            raise ValueError(f"example {row} of the batch has no answer tokens")
+            raise ValueError(f"example {row} of the batch has no answer tokens before its final (EOS) token")
         k = min(int(wrong[-1]) + 1, n - 1) if wrong.numel() else 0
         scores.append(1.0 - k / n)
     return torch.tensor(scores, dtype=torch.float64)
 
 
 def min_k_score(logits: torch.Tensor, labels: torch.Tensor, k: float = 0.4) -> torch.Tensor:
-    """Min-K% Prob score per example: minus the mean of the lowest ``max(1, int(N*k))`` answer-token log
-    probabilities (higher means less likely a member), as open-unlearning's ``MinKProbAttack``. ``-> (B,)``."""
+    """Min-K% Prob score per example: minus the mean of the lowest ``max(1, int(N*k))`` log probabilities of
+    the ``N`` answer tokens without the final labelled one (:func:`scored_token_mask`); higher means less likely
+    a member, as open-unlearning's ``MinKProbAttack``. ``-> (B,)``."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
     nll = token_nll(logits, labels)
-    mask = answer_token_mask(labels)
+    mask = scored_token_mask(labels)
     scores = []
     for row in range(labels.shape[0]):
         values = nll[row][mask[row]].double()
+        if values.numel() == 0:
+            raise ValueError(f"example {row} of the batch has no answer tokens before its final (EOS) token")
         count = max(1, int(values.numel() * k))
         scores.append(torch.topk(values, count).values.mean().item())
     return torch.tensor(scores, dtype=torch.float64)

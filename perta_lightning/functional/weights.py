@@ -4,7 +4,8 @@ For each parameter entry, with forget importance ``s_f ≥ 0`` and retain import
 
     w = s_f^p / (s_f^p + β · s_r^p + ε)
 
-so ``w ∈ [0, 1)``: close to 1 where the entry matters for the forget set only, close to 0 where it
+so ``w ∈ [0, 1]`` (``w = 1`` only where ``β s_r^p + ε`` vanishes, or is lost to float32 rounding
+beside ``s_f^p``): close to 1 where the entry matters for the forget set only, close to 0 where it
 matters for the retain set. With uniform importance ``s_f = s_r = c > 0`` and ``ε ≪ c^p`` every
 weight is ``1 / (1 + β)``, so PerTA reduces to plain task-vector negation with ``α / (1 + β)``.
 
@@ -29,8 +30,15 @@ def perta_weights(
     power: float = 1.0,
     beta: float = 1.0,
     eps: float = DEFAULT_EPS,
+    *,
+    out: Tensor | None = None,
+    powered: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """PerTA weights ``w = s_f^p / (s_f^p + β · s_r^p + ε)`` in float32.
+
+    Four elementwise passes (two more when ``p ≠ 1``): ``s^p`` of each, ``den = s_f^p + β s_r^p``,
+    ``den += ε``, ``w = s_f^p / den``. With ``out`` (and ``powered``) given nothing is allocated, so a
+    streaming merge reuses its buffers from block to block; the result is the same, bit for bit.
 
     Args:
         forget_importance: ``s_f``, shape ``S``, non-negative, any float dtype.
@@ -38,9 +46,12 @@ def perta_weights(
         power: exponent ``p > 0``; ``p = 1`` skips the power.
         beta: weight ``β ≥ 0`` of the retain importance.
         eps: ``ε ≥ 0`` added to the denominator.
+        out: float32 tensor of shape ``S`` to write ``w`` into (must not alias ``s_f``); a new one if ``None``.
+        powered: two float32 tensors of shape ``S`` for ``s_f^p`` and ``s_r^p`` when ``p ≠ 1`` (they
+            may be the importances themselves, which are then overwritten); new ones if ``None``.
 
     Returns:
-        ``w``, shape ``S``, float32.
+        ``w``, shape ``S``, float32 (``out`` when given).
     """
     if forget_importance.shape != retain_importance.shape:
         raise ValueError(
@@ -48,13 +59,14 @@ def perta_weights(
         )
     if power <= 0 or beta < 0 or eps < 0:
         raise ValueError(f"perta_weights: need power > 0, beta >= 0, eps >= 0; got {power}, {beta}, {eps}")
-    s_f = forget_importance.float()
+    if out is not None and (out.dtype != torch.float32 or out.shape != forget_importance.shape):
+        raise ValueError(f"perta_weights: out must be float32 of shape {tuple(forget_importance.shape)}")
+    s_f = forget_importance.float()  # exact upcast (bf16 / fp16 importance), no copy when float32
     s_r = retain_importance.float()
     if power != 1:
-        s_f = s_f.pow(power)
-        s_r = s_r.pow(power)
-    # One fresh buffer: den = s_f + β·s_r (+ ε), then w = s_f / den in place.
-    den = torch.add(s_f, s_r, alpha=beta)
+        s_f = torch.pow(s_f, power, out=None if powered is None else powered[0])
+        s_r = torch.pow(s_r, power, out=None if powered is None else powered[1])
+    den = torch.add(s_f, s_r, alpha=beta, out=out)
     if eps:
         den.add_(eps)
     return torch.div(s_f, den, out=den)

@@ -11,15 +11,14 @@ together with ``perta_hparams.json``, the hyper-parameters that made it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from perta_lightning.checkpoints import load_causal_lm, save_hf_directory
 from perta_lightning.functional.losses import answer_nll
-from perta_lightning.io import atomic_directory
 
 
 class CausalLMModule(LightningModule):
@@ -141,43 +140,3 @@ def _jsonable(value: Any) -> Any:
         return value
     except TypeError:
         return repr(value) if not hasattr(value, "__dict__") else {k: _jsonable(v) for k, v in vars(value).items()}
-
-
-def load_causal_lm(
-    model: str | None, model_config: dict[str, Any] | None, torch_dtype: str = "float32", seed: int = 0
-) -> torch.nn.Module:
-    """A pretrained causal LM from ``model``, or a fresh one (seeded) from a config dict."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = getattr(torch, torch_dtype)
-    if model is not None:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-    config_fields = dict(model_config or {})
-    model_type = config_fields.pop("model_type", None)
-    if model_type is None:
-        raise ValueError("model_config needs a 'model_type' key (e.g. 'llama')")
-    config = AutoConfig.for_model(model_type, **config_fields)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def save_hf_directory(
-    model: torch.nn.Module,
-    tokenizer_path: str | None,
-    output_dir: str,
-    hparams: dict[str, Any] | None = None,
-    is_global_zero: bool = True,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write a Hugging Face model directory atomically (temporary directory, then rename)."""
-    if not is_global_zero:
-        return
-    with atomic_directory(output_dir, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if tokenizer_path is not None:
-            from perta_lightning.data.tofu import load_tokenizer
-
-            load_tokenizer(tokenizer_path).save_pretrained(tmp)
-        if hparams is not None:
-            Path(tmp, "perta_hparams.json").write_text(json.dumps(hparams, indent=2, default=repr))

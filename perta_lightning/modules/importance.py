@@ -27,10 +27,10 @@ from lightning.pytorch import LightningModule, Trainer
 
 from perta_lightning import distributed
 from perta_lightning.callbacks.importance import ImportanceCollector
+from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.importance import ImportanceDataModule
 from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.functional.losses import example_nll
-from perta_lightning.modules.finetune import load_causal_lm
 
 
 class ImportanceModule(LightningModule):

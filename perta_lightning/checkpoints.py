@@ -1,13 +1,21 @@
-"""Tensor-at-a-time reading and writing of Hugging Face checkpoints.
+"""Reading and writing checkpoints: safetensors files, sharded with an index, and Hugging Face model folders.
+
+The one place that knows the file formats:
 
 * :class:`TensorSource` reads a (sharded) safetensors checkpoint, or a pickle ``.bin`` one when
-  explicitly allowed, one tensor, or one block of rows of a tensor, at a time.
+  explicitly allowed, one tensor, or one block of rows of a tensor, at a time;
+  :func:`read_safetensors_header` checks a header without reading tensor data.
 * :class:`StreamingSafetensorsWriter` writes one safetensors shard whose header is known up front,
   appending tensor bytes as they are computed, so a shard is never held in memory.
 * :func:`plan_shards` splits an ordered list of tensors into shards the way ``save_pretrained``
-  does, and :func:`shard_file_names` names them.
+  does, :func:`shard_file_names` names them (``<stem>.safetensors`` alone, else
+  ``<stem>-00001-of-00002.safetensors`` ...) and :func:`write_index` writes
+  ``<stem>.safetensors.index.json``; :func:`write_safetensors_sharded` does all three for an
+  iterator of tensors, and :func:`safetensors_files_for` finds what such a write left.
+* :func:`load_causal_lm` and :func:`save_hf_directory` load and save whole Hugging Face models.
 
-No maths here and no global state: every handle lives in the object that opened it.
+No maths here and no global state: every handle lives in the object that opened it. Atomic
+folders and files (temporary sibling, rename) are :mod:`perta_lightning.io`'s.
 """
 
 from __future__ import annotations
@@ -15,12 +23,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from perta_lightning.errors import PertaValueError
+from perta_lightning.io import apply_umask, atomic_directory, atomic_write_text, private_temporary_directory
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,8 +46,8 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.(safetensors|bin)\.index\.json$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or importance file is missing, malformed or inconsistent."""
+class CheckpointError(PertaValueError):
+    """A checkpoint or importance file is missing, malformed or inconsistent; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +81,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         file_size = path.stat().st_size
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     infos = {}
     for name, entry in header.items():
+        _check_header_entry(path, name, entry)
         if entry["dtype"] not in SAFE_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
@@ -78,6 +95,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets or the file is truncated")
         infos[name] = info
     return infos
+
+
+def _check_header_entry(path: Path, name: str, entry: Any) -> None:
+    """One header entry has ``dtype`` (a string), ``shape`` (non-negative ints) and ``data_offsets`` (two ints)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: header entry of tensor {name!r} is not a JSON object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise CheckpointError(f"{path}: header entry of tensor {name!r} has no {key!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(entry["dtype"], str):
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, not a string")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not two byte offsets")
 
 
 def _read_index(index_path: Path) -> dict[str, Path]:
@@ -151,7 +184,12 @@ class TensorSource:
         infos: dict[str, TensorInfo] = {}
         for file in files:
             # mmap keeps the shard on disk; weights_only refuses arbitrary pickled objects.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                raise CheckpointError(f"{file}: not a loadable weights-only pickle checkpoint ({e})") from e
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise CheckpointError(f"{file}: not a state dict of tensors")
             for name, tensor in state.items():
                 if tensor.dtype not in TORCH_TO_SAFE:
                     raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")
@@ -206,7 +244,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MiB or bytes)")
+        raise PertaValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MiB or bytes)")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     power = "BKMGT".index(unit[0])
     return int(number * (1024 if "I" in unit else 1000) ** power)
@@ -226,10 +264,84 @@ def plan_shards(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return shards
 
 
-def shard_file_names(n_shards: int) -> list[str]:
+def shard_file_names(n_shards: int, stem: str = "model") -> list[str]:
+    """``[<stem>.safetensors]`` for one shard, else ``<stem>-00001-of-0000n.safetensors`` ... (Hugging Face's naming)."""
     if n_shards == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+
+
+def index_file_name(stem: str = "model") -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+def write_index(directory: Path, stem: str, shards: list[list[str]], total_size: int,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write ``<stem>.safetensors.index.json`` for ``shards`` (tensor names per shard, named by
+    :func:`shard_file_names`): ``{"metadata": {"total_size": ..., **metadata}, "weight_map": {name: file}}``."""
+    names = shard_file_names(len(shards), stem)
+    weight_map = {name: file for shard, file in zip(shards, names) for name in shard}
+    path = Path(directory) / index_file_name(stem)
+    atomic_write_text(path, json.dumps({"metadata": {**(metadata or {}), "total_size": total_size},
+                                        "weight_map": weight_map}, indent=2) + "\n")
+    return path
+
+
+def safetensors_files_for(directory: str | os.PathLike, stem: str) -> list[Path]:
+    """Existing outputs called ``stem`` in ``directory``: ``stem.safetensors``, its index and its shards."""
+    directory = Path(directory)
+    found = [directory / f"{stem}.safetensors", directory / index_file_name(stem)]
+    found = [path for path in found if path.exists()]
+    return found + sorted(directory.glob(f"{stem}-*-of-*.safetensors"))
+
+
+def write_safetensors_sharded(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: str | os.PathLike,
+    stem: str,
+    metadata: dict[str, str],
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write ``(name, tensor)`` pairs as ``stem.safetensors``, or as ``stem-0000k-of-0000n.safetensors``
+    shards with ``stem.safetensors.index.json`` when they exceed ``max_shard_bytes``.
+
+    Shards are collected in a temporary directory beside the output and renamed into place, the file
+    that names the result (single file or index) last; at most one shard of tensors is held in memory
+    (the shard count is known only at the end, so shards are renamed once all are written). Returns the
+    path to hand to readers (the ``.safetensors`` file or the index).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with private_temporary_directory(directory, f".{stem}.tmp-") as tmp:
+        shards: list[list[str]] = []
+        current: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal current, size
+            if current:
+                save_file(current, str(tmp / f"part-{len(shards):05d}.safetensors"), metadata=metadata)
+                shards.append(list(current))
+            current, size = {}, 0
+
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[name] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+        flush()
+        if not shards:
+            raise CheckpointError(f"{directory / stem}: no tensors to write")
+        apply_umask(tmp)  # safetensors writes 0o600 files
+        for k, final in enumerate(shard_file_names(len(shards), stem)):
+            os.replace(tmp / f"part-{k:05d}.safetensors", directory / final)
+        if len(shards) == 1:
+            return directory / shard_file_names(1, stem)[0]
+        return write_index(directory, stem, shards, total, metadata)
 
 
 class StreamingSafetensorsWriter:
@@ -253,7 +365,7 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
         self._path = path
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._write_bytes(struct.pack("<Q", len(raw)) + raw)
         self._index = 0
         self._written = 0  # bytes of the current tensor written so far
 
@@ -262,7 +374,7 @@ class StreamingSafetensorsWriter:
         if name != expected_name:
             raise RuntimeError(f"{self._path}: wrote {name!r} where {expected_name!r} was expected")
         data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(data)
+        self._write_bytes(data)
         self._written += data.nbytes
         if self._written > nbytes:
             raise RuntimeError(f"{self._path}: too many bytes for {name!r}")
@@ -270,7 +382,57 @@ class StreamingSafetensorsWriter:
             self._index += 1
             self._written = 0
 
+    def _write_bytes(self, data) -> None:
+        """Write ``data``; an OS error (a full disk, a quota) is re-raised naming this file."""
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self._path)) from e
+
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as e:  # a full disk may surface only when the buffer is flushed
+            raise OSError(e.errno, e.strerror, str(self._path)) from e
         if self._index != len(self._expected):
             raise RuntimeError(f"{self._path}: closed before every tensor was written")
+
+
+def load_causal_lm(
+    model: str | None, model_config: dict[str, Any] | None, torch_dtype: str = "float32", seed: int = 0
+) -> torch.nn.Module:
+    """A pretrained causal LM from ``model``, or a fresh one (seeded) from a config dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, torch_dtype)
+    if model is not None:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    config_fields = dict(model_config or {})
+    model_type = config_fields.pop("model_type", None)
+    if model_type is None:
+        raise PertaValueError("model_config needs a 'model_type' key (e.g. 'llama')")
+    config = AutoConfig.for_model(model_type, **config_fields)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def save_hf_directory(
+    model: torch.nn.Module,
+    tokenizer_path: str | None,
+    output_dir: str,
+    hparams: dict[str, Any] | None = None,
+    is_global_zero: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a Hugging Face model directory atomically (temporary directory, then rename)."""
+    if not is_global_zero:
+        return
+    with atomic_directory(output_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer_path is not None:
+            from perta_lightning.data.tofu import load_tokenizer
+
+            load_tokenizer(tokenizer_path).save_pretrained(tmp)
+        if hparams is not None:
+            Path(tmp, "perta_hparams.json").write_text(json.dumps(hparams, indent=2, default=repr))

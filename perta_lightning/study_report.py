@@ -1,0 +1,106 @@
+"""The multi-seed study's ``study.md`` and ``study.png``, read from the ``study.json`` data alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return f"not reached (0/{stat['n_total']})"
+    std = f" ± {stat['std']:.3f}" if stat["std"] is not None else ""
+    return f"{stat['mean']:.3f}{std} ({stat['n']}/{stat['n_total']})"
+
+
+def _difference(d: dict[str, Any]) -> str:
+    if d["n"] == 0:
+        return "–"
+    interval = "" if d["interval"] is None else f" [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
+    return f"{d['mean']:+.3f}{interval}, {d['wins']}–{d['losses']}, p = {d['sign_test_p']:.2g}"
+
+
+def study_markdown(result: dict[str, Any]) -> str:
+    """The study's tables: Model Utility at matched Forget Quality on the test seeds, paired differences
+    against TV, and the validation seeds' choice."""
+    levels = result["settings"]["levels"]
+    validation, test = result["validation"], result["test"]
+    lines = ["# PerTA multi-seed study", "",
+             f"Preset `{result['settings']['preset']}`. Test seeds {test['seeds']} (reported below); validation seeds "
+             f"{validation['seeds']} chose PerTA's settings and appear in no table but the last.", "",
+             "Model Utility at matched Forget Quality: for each seed, the best non-collapsed model whose Forget "
+             "Quality reaches the level (every curve starts at the target model); mean ± std over the seeds that "
+             "reach it, (seeds reaching / seeds).", ""]
+    header = "| method | " + " | ".join(f"FQ ≥ {level:g}" for level in levels) + " | evaluations per seed |"
+    rule = "|---|" + "---|" * (len(levels) + 1)
+    for split, families in test["splits"].items():
+        lines += [f"## {split}: test seeds", "", header, rule]
+        for family, data in families.items():
+            evaluations = sorted(data["evaluations"].values())
+            name = family if data["label"] == family else f"{family} ({data['label']})"
+            lines.append(f"| {name} | " + " | ".join(_cell(s) for s in data["at_levels"])
+                         + f" | {'–'.join(str(e) for e in sorted({evaluations[0], evaluations[-1]}))} |")
+        lines += ["", f"### {split}: paired difference in Model Utility against TV", "",
+                  "Mean over the seeds where both reach the level, 95 % bootstrap interval, wins–losses, two-sided "
+                  "sign-test p-value.", "", "| method | " + " | ".join(f"FQ ≥ {level:g}" for level in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for family, data in families.items():
+            if family != "tv":
+                lines.append(f"| {family} | " + " | ".join(_difference(d) for d in data["vs_tv"]) + " |")
+        lines.append("")
+    if validation["seeds"]:
+        lines += ["## Validation seeds: the choice of PerTA's settings", "",
+                  "Score: mean Model Utility at the levels over the validation seeds and splits, a level not "
+                  "reached counting 0. Chosen: " + ", ".join(f"{s}: `{label}`" for s, label in
+                                                              validation["chosen"].items()) + ".", "",
+                  "| candidate | score |", "|---|---|"]
+        for label, score in sorted(validation["scores"].items(), key=lambda item: -item[1]["mean"]):
+            lines.append(f"| {label} | {score['mean']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
+    """Left: every test seed's trade-off curve of every method; right: MU at each level, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = next(iter(result["test"]["splits"]))
+    families = result["test"]["splits"][split]
+    levels = result["settings"]["levels"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for seed in result["test"]["seeds"]:
+        report = json.loads((folder / "test" / f"seed_{seed}" / split / "report.json").read_text())
+        for family, data in families.items():
+            points = sorted((row["alpha"] or 0.0, row["forget_quality"], row["model_utility"])
+                             for row in report["rows"] if row["method"] == data["label"])
+            if points:
+                left.plot([max(p[1], 1e-12) for p in points], [p[2] for p in points],
+                          marker="o" if len(points) == 1 else ".", color=colors[family], alpha=0.6,
+                          label=family if seed == result["test"]["seeds"][0] else None)
+    left.set_xscale("log")
+    left.set_xlabel("Forget Quality (log)")
+    left.set_ylabel("Model Utility")
+    left.set_title(f"{split}: every test seed's models")
+    left.legend(fontsize=8)
+    width = 0.8 / max(1, len(families))
+    for index, (family, data) in enumerate(families.items()):
+        xs = [i + index * width for i in range(len(levels))]
+        means = [s["mean"] if s["mean"] is not None else 0.0 for s in data["at_levels"]]
+        stds = [s["std"] or 0.0 for s in data["at_levels"]]
+        right.bar(xs, means, width, yerr=stds, color=colors[family], label=family, capsize=2)
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(levels))], [f"FQ ≥ {level:g}" for level in levels])
+    right.set_ylabel("Model Utility at the level (mean ± std; 0: not reached)")
+    right.set_title("Matched Forget Quality, test seeds")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,369 @@
+"""The typed stages of a PerTA study: data, training, importance, merge and evaluation.
+
+Each is a dataclass of its settings and input stages (see :mod:`perta_lightning.stages` for how they are
+run, skipped and checked). Constructing one loads nothing; the heavy imports happen in ``run``. Products:
+a model stage's ``"model"`` folder, an importance stage's ``"forget"`` / ``"retain"`` files, a merge's
+``"alpha_<α>"`` folders, an evaluation's ``"eval"`` JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from perta_lightning.data.synthetic import SyntheticSpec
+from perta_lightning.data.tofu import TofuSource
+from perta_lightning.stages import Product, Stage, StageRunner, stage_seed
+
+
+def _adamw(lr: float) -> Any:
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=0.01)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where training and evaluation run; not part of any stage's settings (it does not change results
+    beyond float-kernel differences)."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+
+
+def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
+        runtime: Runtime, paired_split: str | None = None) -> None:
+    """Fit ``module`` for ``epochs`` on ``splits`` (plus ``paired_split`` batches); the module saves itself."""
+    import lightning as L
+
+    from perta_lightning.callbacks.progress import progress_bar
+    from perta_lightning.data.datamodule import TofuDataModule
+    from perta_lightning.data.tofu import PromptFormat
+
+    data = TofuDataModule(source, PromptFormat(tokenizer=str(tokenizer)), train_split=splits,
+                          paired_split=paired_split, batch_size=batch_size)
+    trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, data)
+
+
+@dataclass(eq=False)
+class SyntheticData(Stage):
+    """The synthetic fictitious-authors benchmark and its BPE tokenizer, under ``data/``."""
+
+    spec: SyntheticSpec
+    vocab_size: int
+    name: str = "data"
+    cost: float = 0.05
+    description = "write the synthetic benchmark and train its tokenizer"
+
+    def settings(self) -> dict[str, Any]:
+        return {"spec": self.spec, "vocab_size": self.vocab_size}
+
+    def outputs(self) -> list[Path]:
+        return [Path("data")]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.data.synthetic import write_benchmark
+
+        out = runner.root / "data"
+        write_benchmark(self.spec, str(out), True, self.vocab_size)
+        return {"data": out, "tokenizer": out / "tokenizer"}
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where a run's TOFU splits come from: the run's own synthetic stage, or a given source."""
+
+    stage: SyntheticData | None = None
+    given: TofuSource | None = None
+
+    def source(self, runner: StageRunner) -> TofuSource:
+        if self.stage is not None:
+            return TofuSource(path=str(runner.path(Product(self.stage, "data"))))
+        return self.given
+
+    def settings(self) -> Any:
+        return "synthetic" if self.stage is not None else self.given
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.stage] if self.stage is not None else []
+
+
+@dataclass(eq=False)
+class Pretrained(Stage):
+    """A model directory made outside the run (θ0 = a pretrained model); checked, not built."""
+
+    path: str
+    name: str = "models/base"
+    cost: float = 0.0
+    description = "use the given pretrained model"
+
+    def settings(self) -> dict[str, Any]:
+        return {"pretrained": str(Path(self.path).resolve())}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.path).resolve()]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.errors import PertaFileNotFoundError
+
+        if not (Path(self.path) / "config.json").is_file():
+            raise PertaFileNotFoundError(f"{self.path}: not a Hugging Face model directory (no config.json)")
+        return {"model": Path(self.path).resolve()}
+
+
+@dataclass(eq=False)
+class Pretrain(Stage):
+    """θ0 trained from scratch on the world-knowledge corpus of the synthetic benchmark."""
+
+    data: SyntheticData
+    model_config: dict[str, Any]
+    epochs: int
+    lr: float
+    batch_size: int
+    runtime: Runtime = field(default_factory=Runtime)
+    name: str = "models/base"
+    description = "pre-train θ0 on the world-knowledge corpus"
+
+    def __post_init__(self) -> None:
+        self.cost = 0.5 * self.epochs
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.data]
+
+    def settings(self) -> dict[str, Any]:
+        return {"model": self.model_config, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.modules.finetune import CausalLMModule
+
+        out, tokenizer = runner.root / self.name, runner.path(Product(self.data, "tokenizer"))
+        module = CausalLMModule(model_config=self.model_config, tokenizer=str(tokenizer), output_dir=str(out),
+                                seed=stage_seed(runner.seed, self.name), optimizer=_adamw(self.lr))
+        fit(module, Data(self.data).source(runner), str(tokenizer), ["world_corpus"], self.epochs,
+            self.batch_size, self.runtime)
+        return {"model": out}
+
+
+@dataclass(eq=False)
+class FineTune(Stage):
+    """A model fine-tuned from ``init`` on ``splits``: θ_full, θ_retain, or the reinforced θ_r."""
+
+    name: str
+    init: Stage
+    data: Data
+    splits: list[str]
+    epochs: int
+    lr: float
+    batch_size: int
+    what: str = "fine-tune"
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def __post_init__(self) -> None:
+        self.cost = float(self.epochs) * (0.2 if self.splits[0].startswith("forget") else 1.0)
+
+    @property
+    def description(self) -> str:
+        return f"{self.what} on {' + '.join(self.splits)} for {self.epochs} epochs"
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.init, *self.data.stages]
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": self.data.settings(), "splits": self.splits, "epochs": self.epochs, "lr": self.lr,
+                "batch_size": self.batch_size}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.modules.finetune import CausalLMModule
+
+        init, out = runner.path(Product(self.init)), runner.root / self.name
+        module = CausalLMModule(model=str(init), output_dir=str(out), optimizer=_adamw(self.lr))
+        fit(module, self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime)
+        return {"model": out}
+
+
+@dataclass(eq=False)
+class Unlearn(Stage):
+    """A training-based unlearning baseline (GradAscent, GradDiff, NPO) from the target model."""
+
+    name: str
+    target: Stage
+    data: Data
+    method: Literal["grad_ascent", "grad_diff", "npo"]
+    forget_split: str
+    retain_split: str
+    epochs: int
+    lr: float
+    batch_size: int
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def __post_init__(self) -> None:
+        self.cost = 0.3 * self.epochs
+
+    @property
+    def description(self) -> str:
+        return f"unlearn {self.forget_split} by {self.method} for {self.epochs} epochs"
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.target, *self.data.stages]
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": self.data.settings(), "method": self.method, "forget": self.forget_split,
+                "retain": self.retain_split, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.modules.baselines import UnlearningModule
+
+        target, out = runner.path(Product(self.target)), runner.root / self.name
+        module = UnlearningModule(str(target), method=self.method, output_dir=str(out), optimizer=_adamw(self.lr))
+        fit(module, self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size,
+            self.runtime, paired_split=self.retain_split)
+        return {"model": out}
+
+
+@dataclass(eq=False)
+class Importance(Stage):
+    """Forget and retain importance (grad or Fisher) at ``model`` on equally many examples of each split."""
+
+    name: str
+    model: Stage
+    data: Data
+    statistic: Literal["grad", "fisher"]
+    granularity: Literal["example", "batch"]
+    forget_split: str
+    retain_split: str
+    num_examples: int | None
+    cost: float = 1.0
+
+    @property
+    def description(self) -> str:
+        return f"{self.statistic} importance by {self.granularity} on {self.forget_split} and {self.retain_split}"
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.model, *self.data.stages]
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": self.data.settings(), "statistic": self.statistic, "granularity": self.granularity,
+                "forget": self.forget_split, "retain": self.retain_split, "num_examples": self.num_examples}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.modules.importance import estimate_importance
+
+        written = estimate_importance(
+            str(runner.path(Product(self.model))), self.data.source(runner), str(runner.root / self.name),
+            statistic=self.statistic, granularity=self.granularity, forget_split=self.forget_split,
+            retain_split=self.retain_split, num_examples=self.num_examples,
+            subsample_seed=stage_seed(runner.seed, self.name), overwrite=True)
+        return {"forget": written["forget"], "retain": written["retain"]}
+
+
+def alpha_key(alpha: float) -> str:
+    """The product key of one α of a merge."""
+    return f"alpha_{alpha:g}"
+
+
+@dataclass(eq=False)
+class Merge(Stage):
+    """TV (``importance`` is ``None``) or PerTA merges of ``target`` and ``reinforced`` at each α, one pass."""
+
+    name: str
+    target: Stage
+    reinforced: Stage
+    alphas: list[float]
+    importance: Importance | None = None
+    beta: float = 1.0
+    power: float = 1.0
+    cost: float = 0.1
+
+    @property
+    def description(self) -> str:
+        method = "TV" if self.importance is None else f"PerTA (β = {self.beta:g}, p = {self.power:g})"
+        return f"{method} merge at α = {', '.join(f'{a:g}' for a in self.alphas)}"
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.target, self.reinforced] + ([self.importance] if self.importance is not None else [])
+
+    def settings(self) -> dict[str, Any]:
+        if self.importance is None:
+            return {"method": "tv", "alphas": self.alphas}
+        return {"method": "perta", "alphas": self.alphas, "beta": self.beta, "power": self.power}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.merge import merge_checkpoints
+
+        options: dict[str, Any] = {"method": "tv"}
+        if self.importance is not None:
+            options = {"method": "perta", "beta": self.beta, "power": self.power,
+                       "forget_importance": runner.path(Product(self.importance, "forget")),
+                       "retain_importance": runner.path(Product(self.importance, "retain"))}
+        written = merge_checkpoints(runner.path(Product(self.target)), runner.path(Product(self.reinforced)),
+                                    runner.root / self.name, alpha=list(self.alphas), overwrite=True,
+                                    progress=False, **options)
+        return {alpha_key(alpha): path for alpha, path in written.items()}
+
+
+@dataclass(eq=False)
+class Evaluate(Stage):
+    """TOFU evaluation of one model; Forget Quality against ``reference`` (θ_retain's evaluation)."""
+
+    name: str
+    model: Product
+    data: Data
+    forget_split: str
+    max_new_tokens: int
+    reference: Evaluate | None = None
+    batch_size: int = 32
+    runtime: Runtime = field(default_factory=Runtime)
+    cost: float = 0.3
+
+    @property
+    def description(self) -> str:
+        return f"evaluate {self.model.stage.name}" + ("" if self.model.key == "model" else f" {self.model.key}")
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.model.stage, *self.data.stages] + ([self.reference] if self.reference is not None else [])
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": self.data.settings(), "model": self.model.key, "forget": self.forget_split,
+                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+
+    def outputs(self) -> list[Path]:
+        return [Path(f"{self.name}.json")]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.evaluate import evaluate_model
+
+        out = runner.root / f"{self.name}.json"
+        reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
+        evaluate_model(str(runner.path(self.model)), self.data.source(runner),
+                       forget_split=f"{self.forget_split}_perturbed",
+                       holdout_split=self.forget_split.replace("forget", "holdout"), output_json=str(out),
+                       retain_result=reference, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                       accelerator=self.runtime.accelerator, devices=self.runtime.devices)
+        return {"eval": out}

@@ -1,0 +1,156 @@
+"""The typed settings and results of a PerTA study: sizes, PerTA variants, the α search, result rows.
+
+Plain dataclasses, read from YAML by jsonargparse and shared by the pipeline, the report and the study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Baseline = Literal["grad_ascent", "grad_diff", "npo"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and schedules of one seed of the study."""
+
+    num_authors: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    pretrain_epochs: int
+    finetune_epochs: int
+    reinforce_epochs: int
+    unlearn_epochs: int
+    importance_examples: int
+    eval_max_new_tokens: int
+    finetune_lr: float = 2e-3
+    pretrain_lr: float = 3e-3
+    reinforce_lr: float = 1e-3
+    unlearn_lr: float = 5e-4
+    batch_size: int = 16
+    num_background_authors: int = 6
+
+    def model_config(self) -> dict[str, Any]:
+        """The small Llama trained from scratch as θ0."""
+        return dict(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=2 * self.hidden_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """The named preset with ``overrides`` (field → value) applied; unknown fields are refused."""
+    from dataclasses import fields, replace
+
+    from perta_lightning.errors import PertaValueError
+
+    if name not in PRESETS:
+        raise PertaValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    known = {f.name for f in fields(Preset)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise PertaValueError(f"preset_overrides: unknown field(s) {unknown}; the fields are {sorted(known)}")
+    return replace(PRESETS[name], **(overrides or {}))
+
+
+PRESETS = {
+    "tiny": Preset(num_authors=20, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=6,
+                   finetune_epochs=8, reinforce_epochs=3, unlearn_epochs=2, importance_examples=20,
+                   eval_max_new_tokens=24, num_background_authors=2),
+    "demo": Preset(num_authors=40, hidden_size=128, num_layers=3, vocab_size=768, pretrain_epochs=15,
+                   finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, importance_examples=40,
+                   eval_max_new_tokens=32),
+    # forget10 holds 10 authors × 10 questions = 100 examples, so the KS test of Forget Quality resolves
+    # finer steps than on the demo's 40.
+    "large": Preset(num_authors=100, hidden_size=128, num_layers=3, vocab_size=1024, pretrain_epochs=15,
+                    finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, importance_examples=100,
+                    eval_max_new_tokens=32, num_background_authors=10),
+}
+
+
+@dataclass(frozen=True)
+class PertaVariant:
+    """One PerTA setting: w = s_f^p / (s_f^p + β·s_r^p + ε) with importance ``statistic`` at a model.
+
+    Args:
+        statistic: ``grad`` (|mean gradient|) or ``fisher`` (mean squared per-example gradient).
+        beta: β of the weight (the paper's default is 1).
+        power: p of the weight.
+        importance_at: the model at which importance is estimated: θ_full (``full``) or θ0 (``base``).
+        granularity: Fisher by ``example`` (exact) or by ``batch`` (squared batch-mean gradients).
+        num_examples: importance examples per split (``None``: the preset's).
+    """
+
+    statistic: Literal["grad", "fisher"] = "fisher"
+    beta: float = 1.0
+    power: float = 1.0
+    importance_at: Literal["full", "base"] = "full"
+    granularity: Literal["example", "batch"] = "example"
+    num_examples: int | None = None
+
+    def importance_key(self, default_examples: int | None) -> tuple:
+        """What decides the importance files this variant reads (variants sharing it share the files)."""
+        return (self.statistic, self.importance_at, self.granularity, self.num_examples or default_examples)
+
+    @property
+    def label(self) -> str:
+        """``perta_<statistic>`` plus what differs from the paper's defaults, e.g. ``perta_fisher_b16``."""
+        parts = [f"perta_{self.statistic}"]
+        if self.beta != 1.0:
+            parts.append(f"b{self.beta:g}")
+        if self.power != 1.0:
+            parts.append(f"p{self.power:g}")
+        if self.importance_at != "full":
+            parts.append(f"at_{self.importance_at}")
+        if self.granularity != "example":
+            parts.append(self.granularity)
+        if self.num_examples is not None:
+            parts.append(f"n{self.num_examples}")
+        return "_".join(parts)
+
+
+@dataclass(frozen=True)
+class AlphaSearch:
+    """How α is searched for each merge method (see ``functional.tradeoff.next_alphas``).
+
+    Args:
+        levels: Forget Quality levels to bracket (and to compare methods at).
+        initial: α of the first round.
+        rounds: further rounds at most (each merges its α in one pass and evaluates them).
+        ratio: stop refining a level once α_hi / α_lo is at most this.
+        alpha_max: never search above this α.
+    """
+
+    levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3])
+    initial: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    rounds: int = 4
+    ratio: float = 1.5
+    alpha_max: float = 256.0
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One evaluated model of a run: what the report reads."""
+
+    method: str
+    family: str
+    alpha: float | None
+    model: Path
+    eval_file: Path
+    reference_file: Path
+    unlearn_seconds: float | None = None
+
+
+@dataclass
+class SplitResult:
+    """Every evaluated model of one forget split of one seed, and how many evaluations each search took."""
+
+    forget_split: str
+    root: Path
+    rows: list[ResultRow]
+    search_evaluations: dict[str, int]
+
+

@@ -1,0 +1,95 @@
+"""The stage machinery on toy stages: skip, rerun on damage or change, per-stage seeds, relative paths."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from perta_lightning.stages import Product, Progress, Stage, StageRunner, stage_seed
+
+
+@dataclass(eq=False)
+class Write(Stage):
+    """Writes ``text`` plus a random draw (to see the stage's seed) to ``<name>.txt``."""
+
+    name: str
+    text: str
+    upstream: Stage | None = None
+    runs: int = 0
+    description = "write a file"
+
+    @property
+    def inputs(self):
+        return [self.upstream] if self.upstream is not None else []
+
+    def settings(self):
+        return {"text": self.text}
+
+    def outputs(self):
+        return [Path(f"{self.name}.txt")]
+
+    def run(self, runner):
+        self.runs += 1
+        before = runner.path(Product(self.upstream, "file")).read_text() if self.upstream else ""
+        out = runner.root / f"{self.name}.txt"
+        out.write_text(f"{before}{self.text}:{torch.rand(1).item():.6f}\n")
+        return {"file": out}
+
+
+def run(root, stages, seed=0):
+    runner = StageRunner(root, seed, Progress(stream=open("/dev/null", "w")))
+    runner.run_all(stages)
+    return runner
+
+
+def test_stage_seeds_depend_on_run_seed_and_name_only():
+    assert stage_seed(0, "models/full") == stage_seed(0, "models/full")
+    assert len({stage_seed(0, "a"), stage_seed(0, "b"), stage_seed(1, "a")}) == 3
+
+
+def test_skipping_a_stage_does_not_shift_the_next_stages_random_numbers(tmp_path):
+    a, b = Write("a", "x"), Write("b", "y")
+    run(tmp_path / "full", [a, b])
+    run(tmp_path / "only_b", [Write("b", "y")])
+    assert (tmp_path / "full" / "b.txt").read_text() == (tmp_path / "only_b" / "b.txt").read_text()
+
+
+def test_up_to_date_stages_are_skipped_and_changes_rerun_downstream(tmp_path):
+    a = Write("a", "x")
+    b = Write("b", "y", upstream=a)
+    run(tmp_path, [a, b])
+    a2, b2 = Write("a", "x"), Write("b", "y", upstream=None)
+    b2.upstream = a2
+    run(tmp_path, [a2, b2])
+    assert (a2.runs, b2.runs) == (0, 0)
+    a3 = Write("a", "changed")
+    b3 = Write("b", "y", upstream=a3)
+    run(tmp_path, [a3, b3])
+    assert (a3.runs, b3.runs) == (1, 1)  # b's input changed bytes, so b reruns with the same settings
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "rewrite"])
+def test_a_damaged_output_reruns_its_stage(tmp_path, damage):
+    run(tmp_path, [Write("a", "x")])
+    out = tmp_path / "a.txt"
+    if damage == "delete":
+        out.unlink()
+    elif damage == "truncate":
+        out.write_text(out.read_text()[:3])
+    else:
+        out.write_text(out.read_text().replace("x", "z"))
+    again = Write("a", "x")
+    run(tmp_path, [again])
+    assert again.runs == 1 and out.read_text().startswith("x:")
+
+
+def test_records_hold_relative_paths(tmp_path, monkeypatch):
+    run(tmp_path / "r", [Write("a", "x")])
+    record = json.loads((tmp_path / "r" / "stages" / "a.json").read_text())
+    assert record["files"][0]["path"] == "a.txt" and record["products"] == {"file": "a.txt"}
+    monkeypatch.chdir(tmp_path)
+    again = Write("a", "x")
+    run(Path("r"), [again])
+    assert again.runs == 0

@@ -1,0 +1,48 @@
+"""The evaluator's torchmetrics classes, driven from a plain LightningModule's validation step on 1 and 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from lightning_metrics import expected, validate  # noqa: E402
+
+from perta_lightning.evaluate import TofuEvaluator  # noqa: E402
+from perta_lightning.metrics import MinKMiaAUC, TofuSetMetrics, TruthRatio  # noqa: E402
+
+
+def test_evaluator_aggregates_with_these_classes():
+    evaluator = TofuEvaluator("unused-until-setup")
+    assert isinstance(evaluator.mia, MinKMiaAUC)
+    from perta_lightning.eval_sets import EVAL_SET_BY_NAME
+
+    forget = TofuSetMetrics(EVAL_SET_BY_NAME["forget"])
+    assert isinstance(forget["truth_ratio"], TruthRatio) and forget["truth_ratio"].closer_to_one
+
+
+def test_user_module_one_process():
+    values, _ = validate(1)
+    for key, value in expected().items():
+        assert values[key] == pytest.approx(value, abs=1e-6), key  # logged as float32 by Lightning
+
+
+@pytest.mark.distributed
+def test_user_module_two_processes(tmp_path):
+    """13 rows (7 forget, 6 holdout) in batches of 2 on 2 ranks: DistributedSampler pads rank 1 by repeating
+    row 0; the metrics drop the repeat by index and give the one-process values."""
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = Path(__file__).parent / "helpers" / "lightning_metrics.py"
+    run = subprocess.run([sys.executable, str(script), str(out), "2"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    one, _ = validate(1)
+    for key, value in expected().items():
+        assert result["values"][key] == pytest.approx(value, abs=1e-6), key
+        assert result["values"][key] == one[key], key

@@ -1,0 +1,125 @@
+"""The matched-FQ comparison and the α search, on hand-made curves with known answers."""
+
+import math
+
+import pytest
+
+from perta_lightning.functional.tradeoff import (
+    CurvePoint,
+    bootstrap_interval,
+    bracket,
+    next_alphas,
+    paired_differences,
+    sign_test,
+    spread,
+    summarize_differences,
+    utilities_at_levels,
+    utility_at_level,
+)
+
+
+def curve(*triples, collapsed=()):
+    return [CurvePoint(a, fq, mu, a in collapsed) for a, fq, mu in triples]
+
+
+def test_monotone_curve_reads_the_first_point_at_or_above_each_level():
+    points = curve((0.5, 1e-4, 0.80), (1.0, 0.02, 0.75), (2.0, 0.2, 0.60), (4.0, 0.9, 0.52))
+    assert utilities_at_levels(points, [0.01, 0.05, 0.1, 0.3]) == [0.75, 0.60, 0.60, 0.52]
+    assert utility_at_level(points, 0.05).alpha == 2.0
+
+
+def test_non_monotone_curve_takes_the_best_point_that_reaches_the_level():
+    # FQ dips at α = 2 (KS noise) and MU recovers a little at α = 4: the best reaching point wins.
+    points = curve((1.0, 0.2, 0.70), (2.0, 0.04, 0.60), (4.0, 0.3, 0.65))
+    assert utilities_at_levels(points, [0.05, 0.25]) == [0.70, 0.65]
+
+
+def test_a_level_never_reached_is_none_not_filled_in():
+    points = curve((1.0, 1e-3, 0.8), (2.0, 0.02, 0.7))
+    assert utilities_at_levels(points, [0.01, 0.1]) == [0.7, None]
+
+
+def test_collapsed_points_are_excluded():
+    points = curve((1.0, 0.01, 0.7), (2.0, 0.5, 0.2), collapsed=(2.0,))
+    assert utilities_at_levels(points, [0.01, 0.1]) == [0.7, None]
+
+
+def test_nan_forget_quality_never_reaches():
+    assert utility_at_level(curve((1.0, math.nan, 0.9)), 0.01) is None
+
+
+def test_bracket_treats_collapse_as_reaching():
+    points = curve((1.0, 0.001, 0.7), (4.0, 0.001, 0.1), collapsed=(4.0,))
+    assert bracket(points, 0.1) == (1.0, 4.0)
+
+
+def test_search_brackets_a_known_crossing():
+    # FQ(α) = min(1, (α/3)²): level ℓ is first reached at α* = 3·√ℓ.
+    def evaluate(alpha):
+        return CurvePoint(alpha, min(1.0, (alpha / 3) ** 2), 1.0 - alpha / 100)
+
+    levels = [0.01, 0.1, 0.5]
+    points = [evaluate(1.0)]
+    rounds = 0
+    while proposals := next_alphas(points, levels, ratio=1.1):
+        points += [evaluate(a) for a in proposals]
+        rounds += 1
+        assert rounds < 30
+    for level in levels:
+        lo, hi = bracket(points, level)
+        star = 3 * math.sqrt(level)
+        assert lo < star <= hi and hi / lo <= 1.1 * 1.001  # α are rounded to 4 significant digits
+    assert rounds <= 8
+
+
+def test_search_stops_at_alpha_max_when_a_level_is_never_reached():
+    points = [CurvePoint(1.0, 0.0, 0.9)]
+    proposals = next_alphas(points, [0.5], alpha_max=8.0)
+    assert proposals == [4.0]
+    points += [CurvePoint(4.0, 0.0, 0.9)]
+    assert next_alphas(points, [0.5], alpha_max=8.0) == [8.0]
+    points += [CurvePoint(8.0, 0.0, 0.9)]
+    assert next_alphas(points, [0.5], alpha_max=8.0) == []
+
+
+def test_search_goes_down_when_the_smallest_alpha_already_reaches():
+    assert next_alphas([CurvePoint(1.0, 0.9, 0.9)], [0.1]) == [0.25]
+
+
+def test_sign_test_matches_the_binomial_by_hand():
+    # 5 positive of 6: p = 2 · (C(6,0) + C(6,1)) / 2⁶ = 14/64
+    assert sign_test([1, 2, 3, 4, 5, -1]) == pytest.approx(14 / 64)
+    assert sign_test([0.0, 0.0]) == 1.0
+    assert sign_test([1.0]) == 1.0
+
+
+def test_paired_differences_use_only_seeds_where_both_reach():
+    method = {0: [0.7, 0.6], 1: [0.8, None], 2: [0.5, 0.4]}
+    reference = {0: [0.6, 0.5], 1: [0.7, 0.6], 2: [None, 0.5]}
+    diffs = paired_differences(method, reference)
+    assert [pytest.approx(d) for d in diffs[0]] == [0.1, 0.1]
+    assert [pytest.approx(d) for d in diffs[1]] == [0.1, -0.1]
+
+
+def test_spread_and_summary():
+    s = spread([0.5, None, 0.7])
+    assert (s.mean, s.n, s.n_total) == (pytest.approx(0.6), 2, 3)
+    assert s.std == pytest.approx(math.sqrt(0.02))
+    assert spread([None]).mean is None
+    summary = summarize_differences([0.1, 0.2, 0.3])
+    assert summary.mean == pytest.approx(0.2) and summary.wins == 3 and summary.n == 3
+    low, high = summary.interval
+    assert 0.1 <= low <= 0.2 <= high <= 0.3
+    assert bootstrap_interval([1.0]) is None
+
+
+def test_search_skips_levels_the_target_already_reaches():
+    target = CurvePoint(0.0, 0.2, 0.8)
+    assert next_alphas([target, CurvePoint(1.0, 0.5, 0.7)], [0.1]) == []
+    # the target does not reach 0.3, α = 1 does: search down from α = 1, never into α = 0
+    assert next_alphas([target, CurvePoint(1.0, 0.5, 0.7)], [0.3]) == [0.25]
+
+
+def test_the_target_point_counts_for_the_matched_rule():
+    points = curve((0.0, 0.2, 0.8), (1.0, 0.5, 0.6))
+    assert utilities_at_levels(points, [0.1, 0.3]) == [0.8, 0.6]
