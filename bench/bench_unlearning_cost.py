@@ -28,13 +28,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    from perta_lightning.pipeline_stages import _adamw
+
     from perta_lightning.data.tofu import TofuSource
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
     from perta_lightning.pipeline import PRESETS, train_stage
-    from perta_lightning.pipeline_stages import _adamw
 
     p, run = PRESETS[args.preset], Path(args.run)
     source, full = TofuSource(path=str(run / "data")), run / "models" / "full"
