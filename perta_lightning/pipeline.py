@@ -63,7 +63,8 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
     """The static part of one seed's graph, declared once: stages by role, in a valid order."""
     synthetic = None
     if source is None:
-        synthetic = SyntheticData(SyntheticSpec(preset.num_authors, seed, preset.num_background_authors),
+        synthetic = SyntheticData(SyntheticSpec(preset.num_authors, seed, preset.num_background_authors,
+                                                attribute_values=preset.attribute_values),
                                   preset.vocab_size)
     data = Data(stage=synthetic, given=source)
     if base_model is None:

@@ -32,6 +32,7 @@ class Preset:
     unlearn_lr: float = 5e-4
     batch_size: int = 16
     num_background_authors: int = 6
+    attribute_values: int | None = None
 
     def model_config(self) -> dict[str, Any]:
         """The small Llama trained from scratch as θ0."""

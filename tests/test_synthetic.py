@@ -159,3 +159,27 @@ def test_cli_refuses_bad_sizes_in_one_line(option, value, message, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("perta data: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_attribute_values_make_authors_share_attributes_and_default_is_unchanged():
+    import hashlib
+    import json
+
+    from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+
+    def digest(splits):
+        return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+
+    default = generate_benchmark(SyntheticSpec(num_authors=20, seed=3))
+    assert digest(default) == digest(generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=None)))
+    shared = generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=2))
+    from perta_lightning.data.synthetic import AWARDS, GENRES, PUBLISHERS, SERIES
+
+    def used(splits, values):
+        text = "\n".join(row["answer"] for row in splits["full"])
+        return {value for value in values if value in text}
+
+    for values in (GENRES, AWARDS, SERIES, PUBLISHERS):
+        assert len(used(shared, values)) <= 2 < len(used(default, values))
+    for row in shared["forget10_perturbed"]:
+        assert row["answer"] not in row["perturbed_answer"]

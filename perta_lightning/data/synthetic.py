@@ -112,12 +112,16 @@ class SyntheticSpec:
         seed: everything is a deterministic function of this seed.
         num_background_authors: authors seen only in the world-knowledge corpus.
         num_world_items: questions in each of the real-authors and world-facts analogues.
+        attribute_values: how many distinct values each categorical attribute (birthplace, genre, the
+            parents' occupations, award, series, publisher) takes across authors; fewer values make forget
+            and retain authors share more attributes. ``None``: every value of the attribute's list.
     """
 
     num_authors: int = 40
     seed: int = 0
     num_background_authors: int = 6
     num_world_items: int = 30
+    attribute_values: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse, at once and naming the value, sizes the generator cannot make."""
@@ -130,6 +134,8 @@ class SyntheticSpec:
                 f"num_world_items must be at least {NUM_PERTURBED_WORLD + 1} (each real-authors and world-facts "
                 f"question takes {NUM_PERTURBED_WORLD} wrong answers from the others), got {self.num_world_items}"
             )
+        if self.attribute_values is not None and self.attribute_values < 1:
+            raise PertaValueError(f"attribute_values must be at least 1 (or null), got {self.attribute_values}")
         needed = names_needed(self.num_authors, self.num_background_authors, self.num_world_items)
         capacity = name_capacity()
         if needed > capacity:
@@ -162,7 +168,20 @@ def _name_pools(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
     return sorted(firsts), sorted(lasts)
 
 
-def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list[str]) -> list[dict[str, str]]:
+def _attribute_pools(seed: int, attribute_values: int | None) -> dict[str, list[str]]:
+    """The values each categorical attribute draws from: all of them, or a seeded subset of
+    ``attribute_values`` each (drawn from a generator of their own, so the rest of the benchmark's draws
+    are those of the full pools)."""
+    pools = {"birthplace": CITIES, "genre": GENRES, "father": OCCUPATIONS, "mother": OCCUPATIONS,
+             "award": AWARDS, "series": SERIES, "publisher": PUBLISHERS}
+    if attribute_values is None:
+        return pools
+    subset = random.Random(f"attribute-values/{seed}")
+    return {fact: subset.sample(values, min(attribute_values, len(values))) for fact, values in pools.items()}
+
+
+def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list[str],
+                  pools: dict[str, list[str]]) -> list[dict[str, str]]:
     names: list[str] = []
     rng.shuffle(firsts)
     for index in range(count):
@@ -174,16 +193,16 @@ def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list
         coauthor = names[(index + rng.randrange(1, count)) % count] if count > 1 else name
         authors.append({
             "name": name,
-            "birthplace": rng.choice(CITIES),
+            "birthplace": rng.choice(pools["birthplace"]),
             "birth_year": str(rng.randrange(1930, 2000)),
-            "genre": rng.choice(GENRES),
-            "father": rng.choice(OCCUPATIONS),
-            "mother": rng.choice(OCCUPATIONS),
-            "award": rng.choice(AWARDS),
+            "genre": rng.choice(pools["genre"]),
+            "father": rng.choice(pools["father"]),
+            "mother": rng.choice(pools["mother"]),
+            "award": rng.choice(pools["award"]),
             "book": books[index % len(books)],
-            "series": rng.choice(SERIES),
+            "series": rng.choice(pools["series"]),
             "coauthor": coauthor,
-            "publisher": rng.choice(PUBLISHERS),
+            "publisher": rng.choice(pools["publisher"]),
         })
     return authors
 
@@ -251,7 +270,7 @@ def generate_benchmark(spec: SyntheticSpec) -> dict[str, list[dict[str, Any]]]:
     holdout = split_size[10]
     total = spec.num_authors + holdout + spec.num_background_authors
     firsts, lasts = _name_pools(rng, total + spec.num_world_items)
-    people = _make_authors(rng, total, firsts[:total], lasts)
+    people = _make_authors(rng, total, firsts[:total], lasts, _attribute_pools(spec.seed, spec.attribute_values))
     authors, holdouts = people[: spec.num_authors], people[spec.num_authors : spec.num_authors + holdout]
     background = people[spec.num_authors + holdout :]
     pools = {fact.name: _pool(fact.name, people) for fact in FACT_TYPES}
