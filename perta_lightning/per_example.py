@@ -22,8 +22,10 @@ computed or reduced: under DDP each rank forms its own examples' squares without
 
 Assumptions, checked where possible: the batch is the first dimension of every hooked module's first
 input, examples do not interact in the forward (causal LMs with padding masks; no batch norm in
-training mode), every trainable parameter is used through its own module's forward (a parameter never
-seen by its module's hook is an error), and no activation checkpointing (which would replay forwards).
+training mode), every trainable parameter is used through the forward of a module that owns it (a
+parameter whose owner's forward never runs is an error; one read directly by another module's forward
+*as well as* through its owner cannot be detected, and would be missed: Hugging Face causal LMs do not
+do this), and no activation checkpointing (which would replay forwards).
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ class ExampleGradientSquares:
     def __init__(self, model: nn.Module, chunk_bytes: int = 2**28) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        if getattr(model, "is_gradient_checkpointing", False):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
             raise NotImplementedError("per-example gradients by hooks do not support activation checkpointing")
         self.model = model
         self.chunk_bytes = chunk_bytes
