@@ -104,6 +104,8 @@ class ExampleGradientSquares:
                     f"parameter {unseen[0]} was not used through its own module's forward, so hooks cannot see its "
                     "per-example gradient; use the per-example loop (fisher_mode='loop')"
                 )
+            if not self._sources:
+                raise NotImplementedError("no hooked module was called on inputs without gradient (token ids)")
             torch.autograd.grad(losses.sum(), self._sources, allow_unused=True)
             for key in list(self._pending):  # uses whose output got no gradient contribute zero
                 self._flush(key)
@@ -152,28 +154,29 @@ class ExampleGradientSquares:
             _, rows, values = F.embedding_example_gradients(ids, grad, _padding_idx(calls[0].module))
             F.accumulate_sparse_example_squares(accumulator, rows, values)
             return
-        shape = self.shapes[key]
         per_chunk = max(1, self.chunk_bytes // (4 * max(1, accumulator.numel())))
         for start in range(0, self._batch, per_chunk):
             stop = min(start + per_chunk, self._batch)
-            total = torch.zeros(stop - start, *shape, dtype=torch.float32, device=accumulator.device)
-            for call in calls:
-                self._add_example_gradients(total, call, key, start, stop)
+            total = self._example_gradients(calls[0], key, start, stop)
+            for call in calls[1:]:  # a parameter with several uses: sum the uses' gradients, then square
+                total += self._example_gradients(call, key, start, stop)
             F.accumulate_example_squares(accumulator, total)
 
-    def _add_example_gradients(self, total: torch.Tensor, call: _Call, key: int, start: int, stop: int) -> None:
-        """``total += ∇ (examples start..stop)`` of the parameter ``key`` through ``call``."""
+    def _example_gradients(self, call: _Call, key: int, start: int, stop: int) -> torch.Tensor:
+        """``(stop - start, *shape)`` fp32, a new tensor: examples ``start..stop``'s gradients of parameter
+        ``key`` through ``call``."""
         module, grad = call.module, call.output_grad[start:stop]
         x = call.args[0][start:stop]
         which = next(n for n, p in self._own(module) if id(p) == key)
         if isinstance(module, nn.Linear):
-            total += F.linear_weight_example_gradients(x, grad) if which == "weight" else (
-                F.linear_bias_example_gradients(grad))
-        elif isinstance(module, nn.Embedding):
+            if which == "weight":
+                return F.linear_weight_example_gradients(x, grad)
+            return F.linear_bias_example_gradients(grad)
+        if isinstance(module, nn.Embedding):
             examples, rows, values = F.embedding_example_gradients(x, grad, _padding_idx(module))
-            total.index_put_((examples, rows), values, accumulate=True)
-        else:
-            total += self._replayed_example_gradients(module, call.args, grad, which, start, stop)
+            total = torch.zeros(stop - start, *self.shapes[key], dtype=torch.float32, device=grad.device)
+            return total.index_put_((examples, rows), values, accumulate=True)
+        return self._replayed_example_gradients(module, call.args, grad, which, start, stop)
 
     def _replayed_example_gradients(
         self, module: nn.Module, args: tuple[Any, ...], grad: torch.Tensor, which: str, start: int, stop: int
