@@ -193,7 +193,12 @@ def test_fisher_by_hooks_equals_the_loop(tiny_assets, single_process, tmp_path):
 
 def test_fisher_mode_per_strategy():
     """``auto`` takes hooks where ranks hold whole parameters; explicit hooks under sharding is refused by name."""
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
 
     from perta_lightning import distributed
     from perta_lightning.errors import PertaValueError

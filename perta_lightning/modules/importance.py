@@ -33,7 +33,6 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from perta_lightning import distributed
-from perta_lightning.errors import PertaValueError
 from perta_lightning.callbacks.importance import ImportanceCollector
 from perta_lightning.data.datamodule import EncodedQA, subsample
 from perta_lightning.data.tofu import (
@@ -45,6 +44,7 @@ from perta_lightning.data.tofu import (
     load_split,
     load_tokenizer,
 )
+from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.finetune import load_causal_lm
 
