@@ -47,7 +47,15 @@ class _Call:
 
     module: nn.Module
     args: tuple[Any, ...]
+    uses_left: int
     output_grad: torch.Tensor | None = field(default=None, repr=False)
+
+    def done_with_one_parameter(self) -> None:
+        """Release the inputs and output gradient once every parameter of the call has used them, so that
+        they are freed during the backward, as autograd frees its own saved tensors."""
+        self.uses_left -= 1
+        if self.uses_left == 0:
+            self.args, self.output_grad = (), None
 
 
 class ExampleGradientSquares:
@@ -124,8 +132,9 @@ class ExampleGradientSquares:
             raise NotImplementedError(f"{type(module).__name__} returns {type(output).__name__}, not one tensor")
         if not output.requires_grad:
             return
-        call = _Call(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
-        for _, param in self._own(module):
+        own = self._own(module)
+        call = _Call(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), len(own))
+        for _, param in own:
             self._pending[id(param)].append(call)
         if not any(torch.is_tensor(a) and a.requires_grad for a in args):
             self._sources.append(output)
@@ -140,7 +149,14 @@ class ExampleGradientSquares:
 
     # ------------------------------------------------------------------------------------ maths
     def _flush(self, key: int) -> None:
-        calls = [c for c in self._pending.pop(key) if c.output_grad is not None]
+        uses = self._pending.pop(key)
+        try:
+            self._square_and_add(key, [c for c in uses if c.output_grad is not None])
+        finally:
+            for call in uses:
+                call.done_with_one_parameter()
+
+    def _square_and_add(self, key: int, calls: list[_Call]) -> None:
         name = self.names[key]
         accumulator = self._accumulators[name]
         for call in calls:
