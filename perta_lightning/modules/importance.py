@@ -274,7 +274,8 @@ def estimate_importance(
 ) -> dict[str, Path]:
     """Estimate forget and retain importance at ``model`` in this process (or under the strategy in
     ``trainer_kwargs``). Returns ``{"forget": path, "retain": path}`` of the written statistics (a
-    ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank zero, ``{}`` elsewhere."""
+    ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank zero, ``{}`` elsewhere.
+    ``fisher_mode`` chooses how exact per-example Fisher is computed (see :class:`ImportanceModule`)."""
     module = ImportanceModule(model, output_dir, statistic, granularity, fisher_mode, overwrite=overwrite)
     data = ImportanceDataModule(
         source, model, forget_split, retain_split, num_examples, subsample_seed, batch_size, **data_kwargs
