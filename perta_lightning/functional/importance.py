@@ -111,9 +111,13 @@ def embedding_example_gradients(
 
 
 def accumulate_example_squares(accumulator: torch.Tensor, example_gradients: torch.Tensor) -> None:
-    """``accumulator += Σ_i G_i²`` (elementwise) for per-example gradients ``(B, *shape)``; flat fp32 accumulator."""
-    squares = example_gradients.to(torch.float32).square().sum(dim=0)
-    accumulator.add_(squares.reshape(-1))
+    """``accumulator += Σ_i G_i²`` (elementwise) for per-example gradients ``(B, *shape)``; flat fp32 accumulator.
+
+    One fused multiply-add per example: on a CPU, ``square().sum(dim=0)`` over a large batch of gradients
+    was 15-70x slower than the gradients' own matrix products."""
+    rows = example_gradients.to(torch.float32).reshape(example_gradients.shape[0], -1)
+    for row in rows:
+        accumulator.addcmul_(row, row)
 
 
 def accumulate_sparse_example_squares(accumulator: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
