@@ -147,3 +147,9 @@ def test_activation_checkpointing_is_refused():
     model.gradient_checkpointing_enable()
     with pytest.raises(NotImplementedError, match="checkpointing"):
         ExampleGradientSquares(model)
+
+
+def test_accumulate_example_squares_by_hand():
+    accumulator = F.new_accumulator(2)
+    F.accumulate_example_squares(accumulator, torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+    assert accumulator.tolist() == [10.0, 5.0]
