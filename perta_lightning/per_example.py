@@ -6,15 +6,17 @@ hooks on every module that owns parameters keep its inputs, tensor hooks on its 
 ``δ = ∂(Σ_j ℓ_j)/∂output``, and as soon as every use of a parameter has its ``δ``, that parameter's
 per-example gradients are formed, squared and summed over the batch, then dropped:
 
-* ``nn.Linear``: ``Σ_t δ_{i,t} x_{i,t}ᵀ`` and ``Σ_t δ_{i,t}`` (closed form);
+* ``nn.Linear``: ``Σ_t δ_{i,t} x_{i,t}ᵀ`` and ``Σ_t δ_{i,t}`` (closed form); a weight with one use is
+  formed example by example in one ``(out, in)`` buffer and squared into the sum at once;
 * ``nn.Embedding``: ``δ`` summed per (example, token id), squared row by row (never a dense table per
   example, unless the table is also used elsewhere);
 * any other module with parameters of its own (RMSNorm, LayerNorm, ...): ``torch.func`` replays the
   module per example, ``vmap(grad(θ ↦ Σ_t ⟨δ_{i,t}, f(x_i; θ)⟩))``, as Opacus's functorch fallback does.
 
 A parameter used by several calls (tied input and output embeddings) gets the sum of the calls'
-per-example gradients before squaring. At most one parameter's per-example gradients exist at a time,
-``chunk_bytes`` of them (at least one example's worth): bigger batches are done in chunks.
+per-example gradients before squaring. At most one parameter's per-example gradients exist at a time:
+one example's for a Linear weight used once, else ``chunk_bytes`` of them (at least one example's
+worth; bigger batches are done in chunks).
 
 The backward differentiates the loss with respect to the outputs of the calls whose inputs need no
 gradient (the token embedding), not with respect to the parameters, so no parameter gradient is
@@ -77,7 +79,8 @@ class ExampleGradientSquares:
         self.model = model
         self.chunk_bytes = chunk_bytes
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-        self.shapes = {id(p): p.shape for p in model.parameters() if id(p) in self.names}
+        self.params = {id(p): p for p in model.parameters() if id(p) in self.names}
+        self.shapes = {key: p.shape for key, p in self.params.items()}
         self.owners = [m for m in model.modules() if any(id(p) in self.names for p in m.parameters(recurse=False))]
         self._capturing = False
         self._pending: dict[int, list[_Call]] = defaultdict(list)
@@ -165,6 +168,9 @@ class ExampleGradientSquares:
                     f"{type(call.module).__name__} using {name} sees a batch of {call.args[0].shape[0]} in its first "
                     f"input's first dimension, the loss has {self._batch} examples"
                 )
+        if len(calls) == 1 and isinstance(calls[0].module, nn.Linear) and calls[0].module.weight is self.params[key]:
+            F.accumulate_linear_weight_example_squares(accumulator, calls[0].args[0], calls[0].output_grad)
+            return
         if len(calls) == 1 and isinstance(calls[0].module, nn.Embedding):
             ids, grad = calls[0].args[0], calls[0].output_grad
             _, rows, values = F.embedding_example_gradients(ids, grad, _padding_idx(calls[0].module))

@@ -153,3 +153,12 @@ def test_accumulate_example_squares_by_hand():
     accumulator = F.new_accumulator(2)
     F.accumulate_example_squares(accumulator, torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
     assert accumulator.tolist() == [10.0, 5.0]
+
+
+def test_linear_squares_one_example_at_a_time_equal_the_batched_form():
+    torch.manual_seed(0)
+    x, delta = torch.randn(5, 4, 3), torch.randn(5, 4, 2)
+    batched, streamed = F.new_accumulator(6), F.new_accumulator(6)
+    F.accumulate_example_squares(batched, F.linear_weight_example_gradients(x, delta))
+    F.accumulate_linear_weight_example_squares(streamed, x, delta)
+    torch.testing.assert_close(streamed, batched, rtol=1e-6, atol=0)

@@ -81,6 +81,22 @@ def linear_weight_example_gradients(inputs: torch.Tensor, output_grads: torch.Te
     return torch.bmm(delta.transpose(1, 2), x)
 
 
+def accumulate_linear_weight_example_squares(
+    accumulator: torch.Tensor, inputs: torch.Tensor, output_grads: torch.Tensor
+) -> None:
+    """``accumulator += Σ_i (Σ_t δ_{i,t} x_{i,t}ᵀ)²`` one example at a time through one ``(out, in)`` buffer:
+    the same numbers as :func:`linear_weight_example_gradients` then :func:`accumulate_example_squares`,
+    without a ``(B, out, in)`` tensor (on a CPU, also faster: the buffer stays in cache)."""
+    batch = inputs.shape[0]
+    x = inputs.reshape(batch, -1, inputs.shape[-1]).to(torch.float32)
+    delta = output_grads.reshape(batch, -1, output_grads.shape[-1]).to(torch.float32)
+    table = accumulator.view(delta.shape[-1], x.shape[-1])
+    buffer = torch.empty_like(table)
+    for example in range(batch):
+        torch.mm(delta[example].T, x[example], out=buffer)
+        table.addcmul_(buffer, buffer)
+
+
 def linear_bias_example_gradients(output_grads: torch.Tensor) -> torch.Tensor:
     """``(B, out)`` fp32: ``Σ_t δ_{i,t}``."""
     batch = output_grads.shape[0]
