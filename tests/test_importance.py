@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,54 @@ def test_functional_accumulation_by_hand():
     assert torch.equal(F.finalize("fisher", sq, num_tokens=9, num_examples=2), torch.tensor([2.75, 2.0]))
     with pytest.raises(ValueError, match="no answer tokens"):
         F.finalize("grad", acc, num_tokens=0, num_examples=1)
+
+
+def test_fisher_by_hooks_equals_the_loop(tiny_assets, single_process, tmp_path):
+    """The default (``auto``: hooks in one process) against one backward per example, both splits."""
+    source = TofuSource(path=str(tiny_assets["data"]))
+    loop = estimate_importance(str(tiny_assets["model"]), source, str(tmp_path), "fisher", "example", "loop",
+                               batch_size=3, trainer_kwargs=CPU)
+    for split in ("forget", "retain"):
+        hooks = single_process["fisher"][split]
+        assert_close_stats(load_file(hooks), load_file(loop[split]))
+        with safe_open(str(hooks), "pt") as h, safe_open(str(loop[split]), "pt") as lp:
+            assert h.metadata()["loss_convention"] == "example_losses"
+            assert lp.metadata()["loss_convention"] == "one_example"
+
+
+def test_fisher_mode_per_strategy():
+    """``auto`` takes hooks where ranks hold whole parameters; explicit hooks under sharding is refused by name."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
+    from perta_lightning import distributed
+    from perta_lightning.errors import PertaValueError
+
+    whole = [SingleDeviceStrategy(torch.device("cpu")), DDPStrategy()]
+    sharded = {"FSDPStrategy": FSDPStrategy(), "ModelParallelStrategy (FSDP2)": ModelParallelStrategy()}
+    if importlib.util.find_spec("deepspeed"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        whole.append(DeepSpeedStrategy(stage=2))
+        sharded["DeepSpeedStrategy (ZeRO stage 3)"] = DeepSpeedStrategy(stage=3)
+    for strategy in whole:
+        assert distributed.resolve_fisher_mode("auto", strategy) == "hooks"
+        assert distributed.resolve_fisher_mode("loop", strategy) == "loop"
+    for name, strategy in sharded.items():
+        assert distributed.resolve_fisher_mode("auto", strategy) == "loop"
+        with pytest.raises(PertaValueError, match=re.escape(name) + ".*fisher_mode='loop'"):
+            distributed.resolve_fisher_mode("hooks", strategy)
+    with pytest.raises(PertaValueError, match="'fast'"):
+        distributed.resolve_fisher_mode("fast", whole[0])
+
+
+def test_bad_fisher_mode_is_a_user_error(tmp_path):
+    from perta_lightning.errors import PertaValueError
+    from perta_lightning.modules.importance import ImportanceModule
+
+    with pytest.raises(PertaValueError, match="fisher_mode.*'hook'"):
+        ImportanceModule("unused", str(tmp_path), "fisher", fisher_mode="hook")

@@ -7,7 +7,13 @@
 parameters never change, and no optimizer is built unless the strategy insists (DeepSpeed: SGD with
 ``lr=0``, which keeps no state and is never stepped).
 
-``fisher`` by ``example`` under ``W`` data-parallel ranks: sharded strategies reduce gradients inside
+``fisher`` by ``example`` has two exact implementations (``fisher_mode``). ``hooks``: one batched forward
+and backward per batch; :class:`ImportanceCollector` forms each example's gradient layer by layer from
+the activations and output gradients (:mod:`perta_lightning.per_example`), about the cost of a training
+step. It needs whole parameters on every rank: one process, DDP, DeepSpeed ZeRO 0-2. ``loop``: one
+backward per example, under any strategy. ``auto`` (the default) picks ``hooks`` where it works.
+
+The ``loop`` under ``W`` data-parallel ranks: sharded strategies reduce gradients inside
 backward, so per-example gradients cannot be kept apart by ``no_sync``. Each micro-step therefore
 runs ``W`` backward passes in which one rank in turn backpropagates its example and the others
 ``0 · loss``; the reduced gradient is then that example's gradient over ``W``. This costs ``W``
@@ -30,6 +36,7 @@ from perta_lightning.callbacks.importance import ImportanceCollector
 from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.importance import ImportanceDataModule
 from perta_lightning.data.tofu import PromptFormat, TofuSource
+from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.losses import example_nll
 
 
@@ -41,6 +48,9 @@ class ImportanceModule(LightningModule):
         output_dir: folder for ``forget.safetensors`` and ``retain.safetensors`` (with ``.json`` metadata).
         statistic: ``grad`` (|mean-token gradient|) or ``fisher`` (diagonal empirical Fisher).
         granularity: ``fisher`` only: ``example`` (exact) or ``batch`` (approximation, batch-size dependent).
+        fisher_mode: ``fisher`` by ``example`` only: ``hooks`` (one backward per batch; whole parameters on
+            every rank), ``loop`` (one backward per example; any strategy) or ``auto`` (``hooks`` unless the
+            strategy shards parameters: FSDP, FSDP2, ZeRO-3). Both are exact.
         torch_dtype: dtype the weights are loaded in; statistics are accumulated in fp32 regardless.
         overwrite: replace existing statistics in ``output_dir``.
         max_shard_bytes: largest output shard.
@@ -52,21 +62,30 @@ class ImportanceModule(LightningModule):
         output_dir: str,
         statistic: Literal["grad", "fisher"] = "grad",
         granularity: Literal["example", "batch"] = "example",
+        fisher_mode: Literal["auto", "hooks", "loop"] = "auto",
         torch_dtype: str = "float32",
         overwrite: bool = False,
         max_shard_bytes: int = 5 * 2**30,
     ) -> None:
         super().__init__()
+        if fisher_mode not in ("auto", "hooks", "loop"):
+            raise PertaValueError(f"fisher_mode must be 'auto', 'hooks' or 'loop', got {fisher_mode!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.collector = ImportanceCollector(
             output_dir, statistic, granularity, model_dir=model, overwrite=overwrite, max_shard_bytes=max_shard_bytes
         )
-        if statistic == "grad":
-            self.importance_loss = "token_sum"
-        else:
-            self.importance_loss = "one_example" if granularity == "example" else "example_sum"
         self.model = load_causal_lm(model, None, torch_dtype)
+
+    @property
+    def importance_loss(self) -> str:
+        """The loss convention the collector reads (``fisher_mode`` resolved against the trainer's strategy)."""
+        if self.hparams.statistic == "grad":
+            return "token_sum"
+        if self.hparams.granularity == "batch":
+            return "example_sum"
+        mode = distributed.resolve_fisher_mode(self.hparams.fisher_mode, self.trainer.strategy)
+        return "example_losses" if mode == "hooks" else "one_example"
 
     def configure_callbacks(self) -> list[ImportanceCollector]:
         return [self.collector]
@@ -86,13 +105,20 @@ class ImportanceModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def _example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+    def example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``(B,)`` ``ℓ_i · valid_i`` (mean answer NLL) from a forward of the bare Hugging Face model, outside
+        the strategy's wrapper: the ``example_losses`` convention, whose backward the collector runs."""
+        return self._example_losses(batch, self.model(input_ids=batch["input_ids"],
+                                                      attention_mask=batch["attention_mask"], use_cache=False).logits)
+
+    def _example_losses(self, batch: dict[str, Any], logits: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)``: summed answer NLL (``token_sum``) or mean answer NLL ``ℓ_i``, times ``valid``.
 
-        The forward goes through the strategy's wrapper (DDP, FSDP root, DeepSpeed engine) so that its
-        hooks run and the backward comes after the wrapper's forward has returned.
+        Unless ``logits`` are given, the forward goes through the strategy's wrapper (DDP, FSDP root,
+        DeepSpeed engine) so that its hooks run and the backward comes after the wrapper's forward has returned.
         """
-        logits = self.trainer.strategy.model(batch["input_ids"], batch["attention_mask"])
+        if logits is None:
+            logits = self.trainer.strategy.model(batch["input_ids"], batch["attention_mask"])
         summed, count = example_nll(logits, batch["labels"])
         if bool((count == 0).any()):
             row = int(batch["index"][count == 0][0])
@@ -107,8 +133,12 @@ class ImportanceModule(LightningModule):
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The estimation step. It runs here, not in ``training_step``, because Lightning calls
         ``training_step`` *inside* the wrapper's forward (FSDP, DeepSpeed), where a backward pass is not
-        allowed. Callbacks' ``on_train_batch_start`` (the collector's counting) has already run."""
-        if self.importance_loss != "one_example":
+        allowed. Callbacks' ``on_train_batch_start`` (the collector's counting, and with ``fisher_mode``
+        ``hooks`` the whole step) has already run."""
+        convention = self.importance_loss
+        if convention == "example_losses":
+            return
+        if convention != "one_example":
             self._backward(self._example_losses(batch).sum())
             return
         world = distributed.data_parallel_size(self.trainer.strategy)
@@ -129,6 +159,7 @@ def estimate_importance(
     output_dir: str,
     statistic: Literal["grad", "fisher"] = "grad",
     granularity: Literal["example", "batch"] = "example",
+    fisher_mode: Literal["auto", "hooks", "loop"] = "auto",
     forget_split: str = "forget10",
     retain_split: str = "retain90",
     num_examples: int | None = None,
@@ -141,8 +172,9 @@ def estimate_importance(
     """Estimate forget and retain importance at ``model`` in this process (or under the strategy in
     ``trainer_kwargs``). ``prompt.tokenizer`` defaults to ``model``. Returns ``{"forget": path, "retain": path}``
     of the written statistics (a ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank
-    zero, ``{}`` elsewhere."""
-    module = ImportanceModule(model, output_dir, statistic, granularity, overwrite=overwrite)
+    zero, ``{}`` elsewhere. ``fisher_mode`` chooses how exact per-example Fisher is computed (see
+    :class:`ImportanceModule`)."""
+    module = ImportanceModule(model, output_dir, statistic, granularity, fisher_mode, overwrite=overwrite)
     data = ImportanceDataModule(
         source, prompt, forget_split, retain_split, num_examples, subsample_seed, batch_size
     )

@@ -1,7 +1,7 @@
 """Launched by tests/test_importance_distributed.py: one importance estimation under one strategy.
 
 usage: run_importance.py STRATEGY MODEL_DIR DATA_DIR OUTPUT_ROOT
-Runs ``grad`` then ``fisher`` by example, writing ``OUTPUT_ROOT/<statistic>/{forget,retain}.safetensors``.
+Runs ``grad`` then ``fisher`` by example (``fisher_mode='auto'``), writing ``OUTPUT_ROOT/<statistic>/{forget,retain}.safetensors``.
 Both runs go through one Trainer setup each; the strategy is built fresh for each run.
 """
 
