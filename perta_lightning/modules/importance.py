@@ -24,7 +24,9 @@ backward passes per rank per example slot (the same work per rank as one process
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,8 +181,20 @@ def estimate_importance(
         source, prompt, forget_split, retain_split, num_examples, subsample_seed, batch_size
     )
     trainer = Trainer(**{**importance_trainer_defaults(), **(trainer_kwargs or {})})
-    trainer.fit(module, data)
+    with expected_fit_warnings():
+        trainer.fit(module, data)
     return dict(module.collector.written)
+
+
+@contextlib.contextmanager
+def expected_fit_warnings() -> Iterator[None]:
+    """Mute what Lightning says about an importance run that is intended: no optimizer (nothing is trained),
+    the model in eval mode (no dropout while measuring), a sized iterable of rank-local batches."""
+    with warnings.catch_warnings():
+        for message in (r".*`configure_optimizers` returned `None`", r".*module\(s\) in eval mode",
+                        r".*`IterableDataset` has `__len__` defined"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def importance_trainer_defaults() -> dict[str, Any]:
@@ -209,4 +223,5 @@ def cli_main(argv: Sequence[str] | None = None) -> None:
         trainer_defaults=importance_trainer_defaults(),
         save_config_callback=None,
     )
-    cli.trainer.fit(cli.model, cli.datamodule)
+    with expected_fit_warnings():
+        cli.trainer.fit(cli.model, cli.datamodule)
