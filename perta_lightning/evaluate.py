@@ -291,7 +291,9 @@ def evaluate_model(
     datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
     module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype)
+    from perta_lightning.callbacks.progress import progress_bar
+
     trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     return module.result

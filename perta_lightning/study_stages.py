@@ -8,6 +8,7 @@ a model stage's ``"model"`` folder, an importance stage's ``"forget"`` / ``"reta
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -323,7 +324,7 @@ class Merge(Stage):
                        "retain_importance": runner.path(Product(self.importance, "retain"))}
         written = merge_checkpoints(runner.path(Product(self.target)), runner.path(Product(self.reinforced)),
                                     runner.root / self.name, alpha=list(self.alphas), overwrite=True,
-                                    progress=False, **options)
+                                    progress=sys.stdout.isatty(), **options)
         return {alpha_key(alpha): path for alpha, path in written.items()}
 
 

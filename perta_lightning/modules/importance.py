@@ -180,7 +180,9 @@ def estimate_importance(
     data = ImportanceDataModule(
         source, prompt, forget_split, retain_split, num_examples, subsample_seed, batch_size
     )
-    trainer = Trainer(**{**importance_trainer_defaults(), **(trainer_kwargs or {})})
+    from perta_lightning.callbacks.progress import progress_bar
+
+    trainer = Trainer(**{**importance_trainer_defaults(), "callbacks": [progress_bar()], **(trainer_kwargs or {})})
     with expected_fit_warnings():
         trainer.fit(module, data)
     return dict(module.collector.written)
