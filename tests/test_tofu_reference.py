@@ -92,33 +92,42 @@ def test_published_leaderboard_values():
         assert summary[key] == pytest.approx(value, rel=1e-12), key
 
 
-def _rouge_agreement(log: dict, references: list[str] | None) -> float:
-    """Share of examples whose logged rougeL_recall our ROUGE reproduces (to 1e-6).
+def _rouge_disagreements(log: dict, references: list[str] | None) -> tuple[int, dict[str, tuple[float, float]]]:
+    """Number of examples, and ``{key: (ours, logged)}`` for those whose logged rougeL_recall our ROUGE-L
+    recall misses by more than ``ROUGE_TOLERANCE``.
 
     TOFU stores ``generated_text = [prompt, generation, ground truth]`` (``zip(input_strings, gen_outputs,
     ground_truths)`` in its evaluate_util.py)."""
     keys = sorted(log["generated_text"], key=int)
     generations = [log["generated_text"][k][1] for k in keys]
     refs = [log["generated_text"][k][2] for k in keys] if references is None else [references[int(k)] for k in keys]
-    ours = rouge_l_recall(generations, refs)
-    return sum(abs(a - log["rougeL_recall"][k]) < 1e-6 for a, k in zip(ours, keys)) / len(keys)
+    ours = [float(a) for a in rouge_l_recall(generations, refs)]
+    return len(keys), {k: (a, log["rougeL_recall"][k]) for a, k in zip(ours, keys)
+                       if abs(a - log["rougeL_recall"][k]) > ROUGE_TOLERANCE}
 
 
 def _answers(file: str) -> list[str]:
     return [json.loads(line)["answer"] for line in (REFERENCE / file).read_text().splitlines() if line.strip()]
 
 
+#: Measured: every example agrees exactly (largest difference 0.0 on all 1,634). The margin allows float
+#: rounding only; a tokenisation or LCS change moves a recall by at least 1/len(reference) > 1e-3.
+ROUGE_TOLERANCE = 1e-9
+#: Examples per evaluation set in both logs: forget10, retain, real authors, world facts.
+ROUGE_SET_SIZES = {"forget": 300, "retain": 300, "real_authors": 100, "world_facts": 117}
+
+
 def test_rouge_agrees_with_logged_values():
-    shares = {}
-    for label, path in (("full", FULL), ("retain90", RETAIN)):
+    """Our ROUGE-L recall reproduces every logged per-example value of both TOFU runs."""
+    for path in (FULL, RETAIN):
         data = json.loads(path.read_text())
-        shares[label] = {
-            "forget": _rouge_agreement(data["eval_log_forget.json"], None),
-            "retain": _rouge_agreement(data["eval_log.json"], None),
-            "real_authors": _rouge_agreement(data["eval_real_author_wo_options.json"], _answers("real_authors_perturbed.json")),
-            "world_facts": _rouge_agreement(data["eval_real_world_wo_options.json"], _answers("world_facts_perturbed.json")),
+        per_set = {
+            "forget": _rouge_disagreements(data["eval_log_forget.json"], None),
+            "retain": _rouge_disagreements(data["eval_log.json"], None),
+            "real_authors": _rouge_disagreements(data["eval_real_author_wo_options.json"],
+                                                 _answers("real_authors_perturbed.json")),
+            "world_facts": _rouge_disagreements(data["eval_real_world_wo_options.json"],
+                                                _answers("world_facts_perturbed.json")),
         }
-    print("ROUGE-L agreement shares:", shares)
-    for per_set in shares.values():
-        assert per_set["forget"] >= 0.95 and per_set["retain"] >= 0.95
-        assert per_set["real_authors"] >= 0.80 and per_set["world_facts"] >= 0.80
+        assert {name: size for name, (size, _) in per_set.items()} == ROUGE_SET_SIZES, path.name
+        assert {name: wrong for name, (_, wrong) in per_set.items() if wrong} == {}, path.name

@@ -182,7 +182,10 @@ def estimate_importance(
     )
     from perta_lightning.callbacks.progress import progress_bar
 
-    trainer = Trainer(**{**importance_trainer_defaults(), "callbacks": [progress_bar()], **(trainer_kwargs or {})})
+    options = {**importance_trainer_defaults(), **(trainer_kwargs or {})}
+    if options.get("enable_progress_bar", True) and "callbacks" not in options:
+        options["callbacks"] = [progress_bar()]
+    trainer = Trainer(**options)
     with expected_fit_warnings():
         trainer.fit(module, data)
     return dict(module.collector.written)
