@@ -31,6 +31,11 @@ class Runtime:
 
     accelerator: str = "cpu"
     devices: int = 1
+    precision: str = "32-true"  # Lightning precision of training; bf16-* also evaluates in bfloat16
+
+    @property
+    def eval_dtype(self) -> str:
+        return "bfloat16" if self.precision.startswith("bf16") else "float32"
 
 
 def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
@@ -43,7 +48,8 @@ def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epoc
 
     data = TofuDataModule(source, tokenizer, train_split=splits, paired_split=paired_split, batch_size=batch_size,
                           system_prompt=None)
-    trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, max_epochs=epochs, logger=False,
+    trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, precision=runtime.precision,
+                        max_epochs=epochs, logger=False,
                         enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, data)
@@ -364,5 +370,6 @@ class Evaluate(Stage):
                        forget_split=f"{self.forget_split}_perturbed",
                        holdout_split=self.forget_split.replace("forget", "holdout"), output_json=str(out),
                        retain_result=reference, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                       accelerator=self.runtime.accelerator, devices=self.runtime.devices, system_prompt=None)
+                       accelerator=self.runtime.accelerator, devices=self.runtime.devices, system_prompt=None,
+                       torch_dtype=self.runtime.eval_dtype)
         return {"eval": out}
