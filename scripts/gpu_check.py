@@ -200,7 +200,7 @@ def environment() -> dict[str, Any]:
 
 def gpu_tests(check: Check) -> dict[str, Any]:
     log = check.work / "logs" / "pytest_gpu.log"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
     try:
         check.subprocess(command, min(180, check.left() - 60), log)
     except RuntimeError:
