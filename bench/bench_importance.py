@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/bench_importance.py [--rows 32] [--rounds 3] [--batch-size 8]
 
 One "round" runs, side by side: a training epoch of ``CausalLMModule`` + AdamW over forget ∪ retain,
-then ``grad``, ``fisher`` by batch and ``fisher`` by example over forget and retain (same examples,
+then ``grad``, ``fisher`` by batch, and exact ``fisher`` by example with ``fisher_mode`` ``loop`` (one
+backward per example) and ``hooks`` (one batched backward) over forget and retain (same examples,
 same batch size). Only ``trainer.fit`` is timed. Prints the median seconds of each and its ratio to
 the training epoch.
 """
@@ -21,14 +22,11 @@ import torch
 from lightning.pytorch import Trainer
 
 from perta_lightning.data.datamodule import TofuDataModule
-from perta_lightning.data.tofu import TofuSource
+from perta_lightning.data.importance import ImportanceDataModule
+from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.modules.finetune import CausalLMModule
-from perta_lightning.modules.importance import (
-    ImportanceDataModule,
-    ImportanceModule,
-    importance_trainer_defaults,
-)
-from tests.tiny_assets import make_tiny_assets, write_tofu_folder
+from perta_lightning.modules.importance import ImportanceModule, importance_trainer_defaults
+from tests.tiny import make_tiny_assets, write_tofu_folder
 
 QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,
          "enable_checkpointing": False, "enable_model_summary": False}
@@ -59,15 +57,18 @@ def main() -> None:
     full = (data_dir / "forget10.json").read_text() + (data_dir / "retain90.json").read_text()
     (data_dir / "full.json").write_text(full)
     model, source = str(assets["model"]), TofuSource(path=str(data_dir))
-    runs: dict[str, list[float]] = {"train_epoch": [], "grad": [], "fisher_batch": [], "fisher_example": []}
+    runs: dict[str, list[float]] = {"train_epoch": [], "grad": [], "fisher_batch": [], "fisher_example_loop": [],
+                                    "fisher_example_hooks": []}
     for round_index in range(args.rounds):
-        data = TofuDataModule(source, model, train_split="full", batch_size=args.batch_size, shuffle=False)
+        data = TofuDataModule(source, PromptFormat(tokenizer=model), train_split="full", batch_size=args.batch_size, shuffle=False)
         runs["train_epoch"].append(timed_fit(Finetune(model=model), data, max_epochs=1))
-        for name, statistic, granularity in (("grad", "grad", "example"), ("fisher_batch", "fisher", "batch"),
-                                             ("fisher_example", "fisher", "example")):
+        for name, statistic, granularity, mode in (
+            ("grad", "grad", "example", "auto"), ("fisher_batch", "fisher", "batch", "auto"),
+            ("fisher_example_loop", "fisher", "example", "loop"), ("fisher_example_hooks", "fisher", "example", "hooks"),
+        ):
             out = root / f"out-{round_index}-{name}"
-            module = ImportanceModule(model, str(out), statistic, granularity)
-            data = ImportanceDataModule(source, model, batch_size=args.batch_size)
+            module = ImportanceModule(model, str(out), statistic, granularity, mode)
+            data = ImportanceDataModule(source, PromptFormat(tokenizer=model), batch_size=args.batch_size)
             runs[name].append(timed_fit(module, data, **importance_trainer_defaults()))
     base = statistics.median(runs["train_epoch"])
     report = {name: {"median_s": round(statistics.median(t), 3), "ratio_to_train_epoch":

@@ -28,13 +28,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    from perta_lightning.pipeline_stages import _adamw
+
     from perta_lightning.data.tofu import TofuSource
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
     from perta_lightning.pipeline import PRESETS, train_stage
-    from perta_lightning.pipeline_stages import _adamw
 
     p, run = PRESETS[args.preset], Path(args.run)
     source, full = TofuSource(path=str(run / "data")), run / "models" / "full"
@@ -55,8 +56,7 @@ def main() -> None:
             for statistic in ("grad", "fisher"):
                 imp = scratch / statistic
                 importance = timed(lambda: estimate_importance(
-                    str(full), source, str(imp), statistic=statistic, num_examples=p.importance_examples,
-                    system_prompt=None))
+                    str(full), source, str(imp), statistic=statistic, num_examples=p.importance_examples))
                 merge = timed(lambda: merge_checkpoints(
                     full, scratch / "reinforced", scratch / f"perta_{statistic}", alpha=1.0, method="perta",
                     forget_importance=imp / "forget.safetensors", retain_importance=imp / "retain.safetensors",

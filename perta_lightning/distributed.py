@@ -32,6 +32,8 @@ from lightning.pytorch.strategies import (
     Strategy,
 )
 
+from perta_lightning.errors import PertaValueError
+
 #: Module-name segments inserted by wrappers (FSDP1, activation checkpointing, torch.compile).
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
@@ -86,6 +88,39 @@ def check_supported(strategy: Strategy) -> None:
         )
     if kind == "deepspeed" and _deepspeed_stage(strategy) not in (0, 1, 2, 3):
         raise NotImplementedError(f"DeepSpeed ZeRO stage {_deepspeed_stage(strategy)}")
+
+
+def sharded_parameters(strategy: Strategy) -> str | None:
+    """How the strategy splits parameters across ranks (``"FSDPStrategy"``, ``"ModelParallelStrategy (FSDP2)"``,
+    ``"DeepSpeedStrategy (ZeRO stage 3)"``), or ``None`` when every rank holds whole parameters (one
+    process, DDP, ZeRO stages 0-2). No communication."""
+    kind = _kind(strategy)
+    if kind == "fsdp":
+        return type(strategy).__name__
+    if kind == "fsdp2":
+        return f"{type(strategy).__name__} (FSDP2)"
+    if kind == "deepspeed" and _deepspeed_stage(strategy) == 3:
+        return f"{type(strategy).__name__} (ZeRO stage 3)"
+    return None
+
+
+def resolve_fisher_mode(requested: str, strategy: Strategy) -> str:
+    """``hooks`` or ``loop`` for per-example Fisher under ``strategy``.
+
+    ``hooks`` forms per-example gradients from the inputs and output gradients of whole parameters on each
+    rank, so it needs every rank to hold whole parameters; ``auto`` chooses it where they do and the
+    per-example ``loop`` elsewhere. Asking for ``hooks`` under a sharding strategy raises, naming it."""
+    if requested not in ("auto", "hooks", "loop"):
+        raise PertaValueError(f"fisher_mode must be 'auto', 'hooks' or 'loop', got {requested!r}")
+    sharded = sharded_parameters(strategy)
+    if requested == "hooks" and sharded:
+        raise PertaValueError(
+            f"fisher_mode='hooks' needs whole parameters on every rank, but {sharded} shards them; "
+            "use fisher_mode='loop' (or 'auto', which picks it) with this strategy"
+        )
+    if requested == "auto":
+        return "loop" if sharded else "hooks"
+    return requested
 
 
 def data_parallel_size(strategy: Strategy) -> int:
@@ -231,6 +266,19 @@ def _deepspeed(strategy: Strategy, attribute: str) -> Iterator[tuple[GradSlice, 
         else:
             grad = None if param.grad is None else param.grad.reshape(-1)
             yield GradSlice(name, tuple(param.shape), 0, param.numel(), True), grad
+
+
+def whole_parameter_slices(pl_module: torch.nn.Module, attribute: str = "model") -> dict[str, GradSlice]:
+    """``{raw name: slice}`` for statistics each rank accumulates over its own examples on whole parameters
+    (per-example Fisher by hooks): each slice covers the whole parameter and is marked not replicated,
+    so :func:`gather_to_rank_zero` sums the ranks' tensors. Raw names are those of
+    ``pl_module.<attribute>.named_parameters()``; slices carry Hugging Face names."""
+    model = getattr(pl_module, attribute)
+    return {
+        raw: GradSlice(hf_parameter_name(f"{attribute}.{raw}", attribute), tuple(p.shape), 0, p.numel(), False)
+        for raw, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def clear_gradients(strategy: Strategy) -> None:

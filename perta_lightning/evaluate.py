@@ -285,12 +285,15 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` in-process with a Lightning ``Trainer``; return (and optionally write) the result.
 
-    ``data_options`` go to :class:`TofuEvalDataModule` (``retain_split``, ``real_authors_split``, ...).
+    ``data_options`` go to :class:`TofuEvalDataModule` (``prompt``, ``retain_split``, ``real_authors_split``, ...);
+    ``prompt.tokenizer`` defaults to ``model_dir``.
     """
-    datamodule = TofuEvalDataModule(source, tokenizer=model_dir, forget_split=forget_split, holdout_split=holdout_split,
+    datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
     module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype)
+    from perta_lightning.callbacks.progress import progress_bar
+
     trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     return module.result

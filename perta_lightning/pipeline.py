@@ -41,13 +41,13 @@ from perta_lightning.study_stages import (
     alpha_key,
 )
 from perta_lightning.study_types import (
-    PRESETS,
     AlphaSearch,
     Baseline,
     PertaVariant,
     Preset,
     ResultRow,
     SplitResult,
+    resolve_preset,
 )
 
 
@@ -64,7 +64,8 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
     synthetic = None
     if source is None:
         synthetic = SyntheticData(SyntheticSpec(preset.num_authors, seed, preset.num_background_authors,
-                                                preset.num_world_items), preset.vocab_size)
+                                                preset.num_world_items, attribute_values=preset.attribute_values),
+                                  preset.vocab_size)
     data = Data(stage=synthetic, given=source)
     if base_model is None:
         base: Stage = Pretrain(synthetic, preset.model_config(), preset.pretrain_epochs, preset.pretrain_lr,
@@ -199,6 +200,7 @@ DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
 def pipeline(
     output: str = "runs/pipeline",
     preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
+    preset_overrides: dict[str, int | float] | None = None,
     seed: int = 0,
     forget_splits: list[Literal["forget01", "forget05", "forget10"]] | None = None,
     variants: list[PertaVariant] | None = None,
@@ -217,6 +219,7 @@ def pipeline(
         output: folder for every artifact; an interrupted run resumes from it.
         preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors;
             ``smollm2``: fine-tuning a pretrained SmolLM2-135M-Instruct, with ``base_model`` its GGUF).
+        preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
         seed: drives the data, the training and the importance subsampling (each stage gets its own seed
             derived from it and the stage's name).
         forget_splits: forget splits studied (default ``[forget10]``); each has its own retain model.
@@ -233,7 +236,7 @@ def pipeline(
         precision: Lightning precision of training (``bf16-mixed`` on GPUs; evaluation then runs in bf16).
     """
     out = Path(output)
-    run_seed(out, seed, PRESETS[preset], list(variants or DEFAULT_VARIANTS),
+    run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
              search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
              Runtime(accelerator, devices, precision))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-IGNORE_INDEX = -100
+from perta_lightning.functional.losses import IGNORE_INDEX
 
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:

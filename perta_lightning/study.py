@@ -28,7 +28,7 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import paired_differences, spread, summarize_differences
 from perta_lightning.io import atomic_write_text
 from perta_lightning.study_stages import Runtime
-from perta_lightning.study_types import PRESETS, AlphaSearch, Baseline, PertaVariant
+from perta_lightning.study_types import AlphaSearch, Baseline, PertaVariant, resolve_preset
 
 DEFAULT_CANDIDATES = [PertaVariant("grad", beta=1.0), PertaVariant("grad", beta=16.0),
                       PertaVariant("fisher", beta=1.0), PertaVariant("fisher", beta=16.0)]
@@ -104,6 +104,7 @@ def aggregate(reports: dict[int, dict[str, Any]], families: dict[str, str], leve
 def study(
     output: str = "runs/study",
     preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
+    preset_overrides: dict[str, int | float] | None = None,
     validation_seeds: list[int] | None = None,
     test_seeds: list[int] | None = None,
     candidates: list[PertaVariant] | None = None,
@@ -121,6 +122,7 @@ def study(
     Args:
         output: folder of the study; each seed's run lives in ``<output>/<validation|test>/seed_<s>``.
         preset: sizes and schedules of each seed (``tiny``, ``demo``, ``large``).
+        preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
         validation_seeds: seeds on which the candidates are compared (default ``[100, 101]``).
         test_seeds: seeds on which the chosen settings are reported (default ``[0, 1, 2]``); must not overlap
             the validation seeds.
@@ -150,7 +152,7 @@ def study(
     search = search or AlphaSearch()
     baselines = list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"])
     out = Path(output)
-    common = dict(preset=PRESETS[preset], search=search, forget_splits=forget_splits, source=source,
+    common = dict(preset=resolve_preset(preset, preset_overrides), search=search, forget_splits=forget_splits, source=source,
                   base_model=base_model, runtime=Runtime(accelerator, devices))
 
     chosen: dict[str, PertaVariant] = {}
@@ -177,7 +179,7 @@ def study(
                      baselines=baselines, prefix=f"[test seed {seed}] ") for seed in test_seeds], jobs)
     families = {"tv": "tv", **{f"perta_{s}": chosen[s].label for s in statistics}, **{b: b for b in baselines}}
     result = {
-        "settings": {"preset": preset, "levels": list(search.levels), "search": asdict(search), "jobs": jobs,
+        "settings": {"preset": preset, "preset_overrides": preset_overrides or {}, "levels": list(search.levels), "search": asdict(search), "jobs": jobs,
                      "forget_splits": forget_splits},
         "validation": {"seeds": validation_seeds, "candidates": [asdict(c) | {"label": c.label} for c in candidates],
                        "scores": scores, "chosen": {s: chosen[s].label for s in statistics}},

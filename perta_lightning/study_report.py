@@ -21,8 +21,13 @@ def _cell(stat: dict[str, Any]) -> str:
 def _difference(d: dict[str, Any]) -> str:
     if d["n"] == 0:
         return "–"
-    interval = "" if d["interval"] is None else f" [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
-    return f"{d['mean']:+.3f}{interval}, {d['wins']}–{d['losses']}, p = {d['sign_test_p']:.2g}"
+    interval = "" if d["interval"] is None else f" [{_signed(d['interval'][0])}, {_signed(d['interval'][1])}]"
+    return f"{_signed(d['mean'])}{interval}, {d['wins']}–{d['losses']}, p = {d['sign_test_p']:.2g}"
+
+
+def _signed(value: float) -> str:
+    """``+0.123``; a value that rounds to zero prints as ``+0.000``, never ``-0.000``."""
+    return f"{round(value, 3) + 0.0:+.3f}"
 
 
 def study_markdown(result: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ a model stage's ``"model"`` folder, an importance stage's ``"forget"`` / ``"reta
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,9 +46,10 @@ def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epoc
 
     from perta_lightning.callbacks.progress import progress_bar
     from perta_lightning.data.datamodule import TofuDataModule
+    from perta_lightning.data.tofu import PromptFormat
 
-    data = TofuDataModule(source, tokenizer, train_split=splits, paired_split=paired_split, batch_size=batch_size,
-                          system_prompt=None)
+    data = TofuDataModule(source, PromptFormat(tokenizer=str(tokenizer)), train_split=splits,
+                          paired_split=paired_split, batch_size=batch_size)
     trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, precision=runtime.precision,
                         max_epochs=epochs, logger=False,
                         enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False,
@@ -279,7 +281,7 @@ class Importance(Stage):
             str(runner.path(Product(self.model))), self.data.source(runner), str(runner.root / self.name),
             statistic=self.statistic, granularity=self.granularity, forget_split=self.forget_split,
             retain_split=self.retain_split, num_examples=self.num_examples,
-            subsample_seed=stage_seed(runner.seed, self.name), overwrite=True, system_prompt=None)
+            subsample_seed=stage_seed(runner.seed, self.name), overwrite=True)
         return {"forget": written["forget"], "retain": written["retain"]}
 
 
@@ -328,7 +330,7 @@ class Merge(Stage):
                        "retain_importance": runner.path(Product(self.importance, "retain"))}
         written = merge_checkpoints(runner.path(Product(self.target)), runner.path(Product(self.reinforced)),
                                     runner.root / self.name, alpha=list(self.alphas), overwrite=True,
-                                    progress=False, **options)
+                                    progress=sys.stdout.isatty(), **options)
         return {alpha_key(alpha): path for alpha, path in written.items()}
 
 
@@ -370,6 +372,6 @@ class Evaluate(Stage):
                        forget_split=f"{self.forget_split}_perturbed",
                        holdout_split=self.forget_split.replace("forget", "holdout"), output_json=str(out),
                        retain_result=reference, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                       accelerator=self.runtime.accelerator, devices=self.runtime.devices, system_prompt=None,
+                       accelerator=self.runtime.accelerator, devices=self.runtime.devices,
                        torch_dtype=self.runtime.eval_dtype)
         return {"eval": out}

@@ -32,6 +32,7 @@ class Preset:
     unlearn_lr: float = 5e-4
     batch_size: int = 16
     num_background_authors: int = 6
+    attribute_values: int | None = None
     num_world_items: int = 30
 
     def model_config(self) -> dict[str, Any]:
@@ -40,6 +41,21 @@ class Preset:
                     intermediate_size=2 * self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """The named preset with ``overrides`` (field → value) applied; unknown fields are refused."""
+    from dataclasses import fields, replace
+
+    from perta_lightning.errors import PertaValueError
+
+    if name not in PRESETS:
+        raise PertaValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    known = {f.name for f in fields(Preset)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise PertaValueError(f"preset_overrides: unknown field(s) {unknown}; the fields are {sorted(known)}")
+    return replace(PRESETS[name], **(overrides or {}))
 
 
 PRESETS = {

@@ -74,7 +74,7 @@ def worker(part: str, strategy: str, model: str, data: str, out: str, cpu: bool)
     import torch
 
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.data.tofu import PromptFormat, TofuSource
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
 
@@ -83,14 +83,14 @@ def worker(part: str, strategy: str, model: str, data: str, out: str, cpu: bool)
     if part == "importance":
         for statistic in ("grad", "fisher"):
             estimate_importance(model, source, f"{out}/{statistic}", statistic, "example", num_examples=NUM_EXAMPLES,
-                                batch_size=4, overwrite=True, system_prompt=None,
+                                batch_size=4, overwrite=True,
                                 trainer_kwargs={"accelerator": accelerator, "devices": 1,
                                                 "strategy": make_strategy(strategy, cpu),
                                                 "enable_progress_bar": False})
     elif part == "finetune":
         module = CausalLMModule(model=model, output_dir=f"{out}/model", optimizer=partial(torch.optim.SGD, lr=1e-3))
-        data_module = TofuDataModule(source, model, train_split="forget10", batch_size=4, shuffle=False,
-                                     num_examples=4 * FINETUNE_STEPS, system_prompt=None)
+        data_module = TofuDataModule(source, PromptFormat(tokenizer=model), train_split="forget10", batch_size=4,
+                                     shuffle=False, num_examples=4 * FINETUNE_STEPS)
         # one device: no distributed sampler, whose shuffling would give the sharded runs other batches
         L.Trainer(accelerator=accelerator, devices=1, strategy=make_strategy(strategy, cpu),
                   use_distributed_sampler=False, max_steps=FINETUNE_STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -222,7 +222,7 @@ def prepare_model(check: Check) -> dict[str, Any]:
                         str(data), False, None)
     if check.dry_run:
         sys.path.insert(0, str(ROOT))
-        from tests.tiny_assets import make_tiny_assets
+        from tests.tiny import make_tiny_assets
 
         model = make_tiny_assets(check.work / "tiny")["model"]
         info = {"model": "tests' tiny Llama (dry run)"}

@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
-
-TINY_LLAMA = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-)
+from tests.tiny import make_tiny_assets, write_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,25 +42,12 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     return write_benchmark(spec, str(out), tokenizer_vocab_size=320)
 
 
-def tiny_model_config(tokenizer) -> dict:
-    return dict(TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_benchmark, tmp_path_factory) -> Path:
     """A randomly initialised tiny Llama with the benchmark's tokenizer, saved as a HF directory."""
-    from perta_lightning.checkpoints import load_causal_lm, save_hf_directory
-    from perta_lightning.data.tofu import load_tokenizer
-
-    tokenizer_dir = str(tiny_benchmark / "tokenizer")
-    model = load_causal_lm(None, tiny_model_config(load_tokenizer(tokenizer_dir)), seed=0)
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    save_hf_directory(model, tokenizer_dir, str(out))
-    return out
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", tiny_benchmark / "tokenizer")
 
 # ---- importance: a tiny local TOFU folder and model, and single-process importance at it
-from tests.tiny_assets import make_tiny_assets  # noqa: E402
 
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 

@@ -31,14 +31,14 @@ def test_one_unlearning_step_raises_forget_loss(method, tiny_model_dir, tiny_ben
     import lightning as L
 
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.data.tofu import PromptFormat, TofuSource
     from perta_lightning.modules.baselines import UnlearningModule
 
     L.seed_everything(0)
     module = UnlearningModule(str(tiny_model_dir), method=method, output_dir=str(tmp_path / "out"),
                               optimizer=partial(torch.optim.SGD, lr=0.5))
-    data = TofuDataModule(TofuSource(path=str(tiny_benchmark)), str(tiny_model_dir), train_split="forget10",
-                          paired_split="retain90", batch_size=10, shuffle=False, system_prompt=None)
+    data = TofuDataModule(TofuSource(path=str(tiny_benchmark)), PromptFormat(tokenizer=str(tiny_model_dir)),
+                          train_split="forget10", paired_split="retain90", batch_size=10, shuffle=False)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     before = module.answer_loss(batch).item()

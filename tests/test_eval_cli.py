@@ -3,7 +3,6 @@
 import inspect
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import yaml
 
 from perta_lightning.cli import main
 from perta_lightning.evaluate import DEFAULT_MAX_NEW_TOKENS, TofuEvaluator, evaluate_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_setup  # noqa: E402
+from tests.tiny import make_tiny_setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.yaml"
 
@@ -64,7 +61,7 @@ def _test_args(tmp_path, data, model, *extra):
     return ["test", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
             f"--model.init_args.model={model}", f"--model.init_args.output_json={tmp_path / 'eval.json'}",
             "--model.init_args.max_new_tokens=4", f"--data.init_args.source.path={data}",
-            f"--data.init_args.tokenizer={model}", "--data.init_args.max_examples=3", *extra]
+            "--data.init_args.max_examples=3", *extra]
 
 
 def test_forget_split_as_retain_split_is_refused(tiny, tmp_path, capsys):
@@ -104,10 +101,11 @@ def test_results_table_names_each_set(tiny, tmp_path):
     from lightning.pytorch import Trainer
 
     from perta_lightning.data.evaluation import TofuEvalDataModule
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.data.tofu import PromptFormat, TofuSource
 
     data, model = tiny
-    datamodule = TofuEvalDataModule(TofuSource(path=str(data)), tokenizer=str(model), max_examples=3, batch_size=3)
+    datamodule = TofuEvalDataModule(TofuSource(path=str(data)), PromptFormat(tokenizer=str(model)), max_examples=3,
+                                    batch_size=3)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     results = trainer.test(TofuEvaluator(str(model), max_new_tokens=4), datamodule=datamodule, verbose=False)

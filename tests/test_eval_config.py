@@ -1,15 +1,12 @@
 """``perta test --config configs/demo/eval.yaml`` runs end to end (paths pointed at a tiny model)."""
 
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
 from perta_lightning.cli import main
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_setup  # noqa: E402
+from tests.tiny import make_tiny_setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.yaml"
 
@@ -24,7 +21,7 @@ def test_demo_eval_config_runs(tmp_path):
           f"--trainer.default_root_dir={tmp_path}",
           f"--model.init_args.model={model}", f"--model.init_args.output_json={out}",
           "--model.init_args.max_new_tokens=4",
-          f"--data.init_args.source.path={data}", f"--data.init_args.tokenizer={model}",
+          f"--data.init_args.source.path={data}",
           "--data.init_args.max_examples=3"])
     result = json.loads(out.read_text())
     assert result["splits"]["forget"] == "forget10_perturbed"

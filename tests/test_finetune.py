@@ -32,14 +32,14 @@ def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path
     from transformers import AutoModelForCausalLM
 
     from perta_lightning.data.tofu import load_tokenizer
-    from tests.conftest import tiny_model_config
+    from tests.tiny import tiny_model_config
 
     tokenizer_dir = str(tiny_benchmark / "tokenizer")
     trainer = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False)
     data = {"class_path": "perta_lightning.data.datamodule.TofuDataModule",
-            "init_args": {"source": {"path": str(tiny_benchmark)}, "tokenizer": tokenizer_dir,
-                          "train_split": ["full", "world_corpus"], "batch_size": 4, "system_prompt": None}}
+            "init_args": {"source": {"path": str(tiny_benchmark)}, "prompt": {"tokenizer": tokenizer_dir},
+                          "train_split": ["full", "world_corpus"], "batch_size": 4}}
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}
     lr_scheduler = {"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"total_iters": 2}}
     scratch = {"class_path": "perta_lightning.modules.finetune.CausalLMModule",
@@ -56,7 +56,7 @@ def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path
 
     tuned = {"class_path": "perta_lightning.modules.finetune.CausalLMModule",
              "init_args": {"model": str(base), "output_dir": str(tmp_path / "full"), "optimizer": optimizer}}
-    data["init_args"].update(tokenizer=str(base), train_split="forget10")
+    data["init_args"].update(prompt={"tokenizer": str(base)}, train_split="forget10")
     main(["fit", "--config", write_config(tmp_path / "b.yaml", seed_everything=0, trainer=trainer, model=tuned,
                                            data=data)])
     before = AutoModelForCausalLM.from_pretrained(base)

@@ -39,7 +39,7 @@ def test_finetune_step_and_evaluation_on_gpu(tiny_model_dir, tiny_benchmark, tmp
                             optimizer=partial(torch.optim.AdamW, lr=1e-3))
     L.Trainer(accelerator="gpu", devices=1, max_steps=2, precision="bf16-mixed", logger=False,
               enable_checkpointing=False, limit_val_batches=0).fit(
-        module, TofuDataModule(source, str(tiny_model_dir), train_split="forget10", batch_size=4))
+        module, TofuDataModule(source, train_split="forget10", batch_size=4))
     results = {device: evaluate_model(str(tmp_path / "tuned"), source, accelerator=device, max_new_tokens=8,
                                       max_examples=8) for device in ("cpu", "gpu")}
     for key in ("forget_probability", "retain_probability", "forget_truth_ratio"):

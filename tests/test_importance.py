@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from perta_lightning.data.datamodule import EncodedQA
-from perta_lightning.data.tofu import QAFormatter, TofuSource, load_split, load_tokenizer
+from perta_lightning.data.tofu import PromptFormat, QAFormatter, TofuSource, load_split, load_tokenizer
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.importance import estimate_importance
@@ -87,7 +89,7 @@ def test_subsample_and_sharded_output(tiny_assets, tmp_path):
 
     source = TofuSource(path=str(tiny_assets["data"]))
     out = estimate_importance(str(tiny_assets["model"]), source, str(tmp_path), "grad", num_examples=4,
-                              batch_size=2, trainer_kwargs=CPU, max_length=64)
+                              batch_size=2, trainer_kwargs=CPU, prompt=PromptFormat(max_length=64))
     with safe_open(str(out["forget"]), "pt") as handle:
         assert handle.metadata()["num_examples"] == "4"
     # the same statistics, sharded with an index, read back equal
@@ -117,9 +119,10 @@ def test_refuses_existing_output_and_interrupted_run(tiny_assets, single_process
 def test_split_without_answer_tokens_is_an_error(tiny_assets, tmp_path):
     from lightning.pytorch import Trainer
 
-    from perta_lightning.modules.importance import ImportanceDataModule, ImportanceModule
+    from perta_lightning.data.importance import ImportanceDataModule
+    from perta_lightning.modules.importance import ImportanceModule
 
-    data = ImportanceDataModule(TofuSource(path=str(tiny_assets["data"])), str(tiny_assets["model"]), batch_size=4)
+    data = ImportanceDataModule(TofuSource(path=str(tiny_assets["data"])), batch_size=4)
     original = data.setup
 
     def setup_without_answers(stage=None):
@@ -150,7 +153,7 @@ def test_collector_on_an_ordinary_fit_run(tiny_assets, single_process, tmp_path)
         def on_train_start(self):
             self.model.eval()
 
-    data = TofuDataModule(TofuSource(path=str(tiny_assets["data"])), str(tiny_assets["model"]),
+    data = TofuDataModule(TofuSource(path=str(tiny_assets["data"])),
                           train_split="forget10", batch_size=100, shuffle=False)
     collector = ImportanceCollector(str(tmp_path), "grad", model_dir=str(tiny_assets["model"]))
     Trainer(max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[collector], **CPU).fit(
@@ -174,3 +177,54 @@ def test_functional_accumulation_by_hand():
     assert torch.equal(F.finalize("fisher", sq, num_tokens=9, num_examples=2), torch.tensor([2.75, 2.0]))
     with pytest.raises(ValueError, match="no answer tokens"):
         F.finalize("grad", acc, num_tokens=0, num_examples=1)
+
+
+def test_fisher_by_hooks_equals_the_loop(tiny_assets, single_process, tmp_path):
+    """The default (``auto``: hooks in one process) against one backward per example, both splits."""
+    source = TofuSource(path=str(tiny_assets["data"]))
+    loop = estimate_importance(str(tiny_assets["model"]), source, str(tmp_path), "fisher", "example", "loop",
+                               batch_size=3, trainer_kwargs=CPU)
+    for split in ("forget", "retain"):
+        hooks = single_process["fisher"][split]
+        assert_close_stats(load_file(hooks), load_file(loop[split]))
+        with safe_open(str(hooks), "pt") as h, safe_open(str(loop[split]), "pt") as lp:
+            assert h.metadata()["loss_convention"] == "example_losses"
+            assert lp.metadata()["loss_convention"] == "one_example"
+
+
+def test_fisher_mode_per_strategy():
+    """``auto`` takes hooks where ranks hold whole parameters; explicit hooks under sharding is refused by name."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
+    from perta_lightning import distributed
+    from perta_lightning.errors import PertaValueError
+
+    whole = [SingleDeviceStrategy(torch.device("cpu")), DDPStrategy()]
+    sharded = {"FSDPStrategy": FSDPStrategy(), "ModelParallelStrategy (FSDP2)": ModelParallelStrategy()}
+    if importlib.util.find_spec("deepspeed"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        whole.append(DeepSpeedStrategy(stage=2))
+        sharded["DeepSpeedStrategy (ZeRO stage 3)"] = DeepSpeedStrategy(stage=3)
+    for strategy in whole:
+        assert distributed.resolve_fisher_mode("auto", strategy) == "hooks"
+        assert distributed.resolve_fisher_mode("loop", strategy) == "loop"
+    for name, strategy in sharded.items():
+        assert distributed.resolve_fisher_mode("auto", strategy) == "loop"
+        with pytest.raises(PertaValueError, match=re.escape(name) + ".*fisher_mode='loop'"):
+            distributed.resolve_fisher_mode("hooks", strategy)
+    with pytest.raises(PertaValueError, match="'fast'"):
+        distributed.resolve_fisher_mode("fast", whole[0])
+
+
+def test_bad_fisher_mode_is_a_user_error(tmp_path):
+    from perta_lightning.errors import PertaValueError
+    from perta_lightning.modules.importance import ImportanceModule
+
+    with pytest.raises(PertaValueError, match="fisher_mode.*'hook'"):
+        ImportanceModule("unused", str(tmp_path), "fisher", fisher_mode="hook")

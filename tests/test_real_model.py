@@ -111,7 +111,7 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
     module = CausalLMModule(model=str(smollm2), output_dir=str(tmp_path / "reinforced"),
                             optimizer=partial(torch.optim.SGD, lr=1e-3))
     L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              limit_val_batches=0).fit(module, TofuDataModule(source, str(smollm2), train_split="forget10",
+              limit_val_batches=0).fit(module, TofuDataModule(source, train_split="forget10",
                                                               batch_size=2, num_examples=2))
     files = estimate_importance(str(smollm2), source, str(tmp_path / "importance"), "grad", num_examples=2,
                                 batch_size=2)

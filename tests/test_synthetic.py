@@ -1,4 +1,6 @@
 import json
+import signal
+from contextlib import contextmanager
 
 import pytest
 
@@ -102,3 +104,82 @@ def test_cli_writes_the_layout(tmp_path):
     assert len(load_split(TofuSource(path=str(tmp_path / "d")), "full")) == 12 * PER_AUTHOR
     with pytest.raises(FileExistsError, match="already exists"):
         main(["data", "synthetic", "--output", str(tmp_path / "d"), "--tokenizer_vocab_size", "null"])
+
+
+# ---- sizes the generator cannot make are refused at once; large ones are made
+
+@contextmanager
+def deadline(seconds: int, what: str):
+    """Raise TimeoutError in the test when ``what`` takes longer than ``seconds`` (the name loop used to hang)."""
+    def too_slow(signum, frame):
+        raise TimeoutError(f"{what} did not finish in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_hundreds_of_authors_do_not_exhaust_the_names():
+    """700 authors used to hang: the two-syllable first names (702) ran out. Now names grow a syllable."""
+    with deadline(60, "generate_benchmark(num_authors=700)"):
+        splits = generate_benchmark(SyntheticSpec(num_authors=700, seed=0, num_background_authors=6,
+                                                  num_world_items=30))
+    assert len(splits["full"]) == 700 * PER_AUTHOR
+    assert len({row["question"] for row in splits["full"]}) == 700 * PER_AUTHOR  # 700 distinct authors
+
+
+def test_too_many_authors_is_refused_with_the_maximum():
+    from perta_lightning.data.synthetic import name_capacity, names_needed
+    from perta_lightning.errors import PertaValueError
+
+    capacity = name_capacity()
+    largest = max(n for n in range(2, capacity) if names_needed(n, 6, 30) <= capacity)
+    SyntheticSpec(num_authors=largest)  # accepted
+    with pytest.raises(PertaValueError, match=rf"at most {capacity}: use num_authors <= {largest}"), \
+            deadline(30, "SyntheticSpec(num_authors=largest + 1)"):
+        generate_benchmark(SyntheticSpec(num_authors=largest + 1))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--num_background_authors", "-1", "num_background_authors must be 0 or more, got -1"),
+    ("--num_world_items", "0", "num_world_items must be at least 4"),
+    ("--num_authors", "1", "num_authors must be at least 2, got 1"),
+    ("--num_authors", "1000000", "use num_authors <= "),
+])
+def test_cli_refuses_bad_sizes_in_one_line(option, value, message, tmp_path, capsys):
+    from perta_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info, deadline(30, f"perta data synthetic {option} {value}"):
+        main(["data", "synthetic", "--output", str(tmp_path / "d"), option, value, "--tokenizer_vocab_size", "null"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("perta data: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
+
+def test_attribute_values_make_authors_share_attributes_and_default_is_unchanged():
+    import hashlib
+    import json
+
+    from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+
+    def digest(splits):
+        return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+
+    default = generate_benchmark(SyntheticSpec(num_authors=20, seed=3))
+    assert digest(default) == digest(generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=None)))
+    shared = generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=2))
+    from perta_lightning.data.synthetic import AWARDS, GENRES, PUBLISHERS, SERIES
+
+    def used(splits, values):
+        text = "\n".join(row["answer"] for row in splits["full"])
+        return {value for value in values if value in text}
+
+    for values in (GENRES, AWARDS, SERIES, PUBLISHERS):
+        assert len(used(shared, values)) <= 2 < len(used(default, values))
+    for row in shared["forget10_perturbed"]:
+        assert row["answer"] not in row["perturbed_answer"]

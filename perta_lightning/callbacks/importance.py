@@ -4,7 +4,9 @@ Statistics (accumulated in fp32; the maths is in :mod:`perta_lightning.functiona
 
 * ``grad``:   ``s = |∇θ L(D)|``, ``L(D)`` the mean NLL over all answer tokens of the split;
 * ``fisher``: ``s = (1/N) Σ_i (∇θ ℓ_i)²``, ``ℓ_i`` example ``i``'s mean answer-token NLL.
-  ``granularity="example"`` is exact (one backward per example). ``granularity="batch"`` uses squared
+  ``granularity="example"`` is exact: by hooks (one batched backward, per-example gradients formed layer by
+  layer, :mod:`perta_lightning.per_example`) or by a loop (one backward per example); both give the same
+  numbers. ``granularity="batch"`` uses squared
   batch gradients, ``(1/N) Σ_B |B| g_B²`` with ``g_B`` the gradient of the global batch's mean loss:
   cheaper, but an *approximation that depends on the batch size* (it adds ``(|B|-1)·mean(g)²``).
 
@@ -34,16 +36,19 @@ from perta_lightning.checkpoints import safetensors_files_for, write_safetensors
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import answer_token_mask
 from perta_lightning.io import atomic_write_text
+from perta_lightning.per_example import ExampleGradientSquares
 
 #: How the module's loss was built, per backward: ``token_mean`` mean answer-token NLL of the local
 #: batch (training); ``token_sum`` summed answer-token NLL of the local valid examples; ``example_sum``
 #: ``Σ ℓ_i`` over the local valid examples; ``one_example`` ``ℓ_i`` of one example on one rank (the
-#: others backpropagate ``0 · loss``).
-LOSS_CONVENTIONS = ("token_mean", "token_sum", "example_sum", "one_example")
+#: others backpropagate ``0 · loss``); ``example_losses``: the module does no backward but has a method
+#: ``example_losses(batch)`` returning ``(B,)`` ``ℓ_i · valid_i`` from a forward of ``<attribute>`` outside
+#: any strategy wrapper; the collector runs it under per-example hooks and backpropagates itself.
+LOSS_CONVENTIONS = ("token_mean", "token_sum", "example_sum", "one_example", "example_losses")
 _ALLOWED = {
     ("grad", None): ("token_sum", "token_mean"),
     ("fisher", "batch"): ("example_sum", "token_mean"),
-    ("fisher", "example"): ("one_example",),
+    ("fisher", "example"): ("one_example", "example_losses"),
 }
 
 
@@ -88,6 +93,7 @@ class ImportanceCollector(Callback):
         self._sources: dict[str, str] = {}
         self._split = "train"
         self._step_global = (0.0, 0.0)
+        self._per_example: ExampleGradientSquares | None = None
         self.written: dict[str, Path] = {}
 
     # ------------------------------------------------------------------------------------ checks
@@ -103,6 +109,10 @@ class ImportanceCollector(Callback):
                 f"importance_loss is one of {allowed}, but {type(pl_module).__name__} has {self.convention!r}"
                 + (" (use ImportanceModule for per-example Fisher)" if self.granularity == "example" else "")
             )
+        if self.convention == "example_losses":
+            distributed.resolve_fisher_mode("hooks", trainer.strategy)  # raises under sharded parameters
+            if not callable(getattr(pl_module, "example_losses", None)):
+                raise ValueError(f"importance_loss='example_losses' but {type(pl_module).__name__} has no example_losses")
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(f"accumulate_grad_batches={trainer.accumulate_grad_batches}: only 1 is supported")
         self._check_outputs_free()
@@ -128,6 +138,13 @@ class ImportanceCollector(Callback):
         )
 
     # ------------------------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.convention == "example_losses":
+            self._per_example = ExampleGradientSquares(getattr(pl_module, self.attribute))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._per_example = None
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._split = str(batch.get("split", "train"))
         if "source" in batch:
@@ -141,6 +158,17 @@ class ImportanceCollector(Callback):
         counts[1] += examples
         if self.convention in ("token_mean", "example_sum"):  # these scale by the global batch (collective)
             self._step_global = tuple(distributed.all_reduce_sum([tokens, examples], pl_module.device))
+        if self._per_example is not None:  # per-example Fisher by hooks: this rank's Σ_i (∇ℓ_i)², no collective
+            self._accumulate_example_squares(pl_module, batch)
+
+    def _accumulate_example_squares(self, pl_module: LightningModule, batch: Any) -> None:
+        sums = self._sums.setdefault(self._split, {})
+        slices = distributed.whole_parameter_slices(pl_module, self.attribute)
+        for where in slices.values():
+            if where.name not in sums:
+                sums[where.name] = (where, F.new_accumulator(where.numel, pl_module.device))
+        accumulators = {raw: sums[where.name][1] for raw, where in slices.items()}
+        self._per_example.accumulate(lambda: pl_module.example_losses(batch), accumulators)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         world = distributed.data_parallel_size(trainer.strategy)

@@ -16,19 +16,24 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from perta_lightning.data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
+    PromptFormat,
     QAFormatter,
     TofuSource,
     check_disjoint,
     collate_examples,
     load_split,
-    load_tokenizer,
+    run_model_dir,
 )
+from perta_lightning.errors import PertaValueError
 
 
 class EncodedQA(Dataset):
-    """Rows of a split encoded once with a ``QAFormatter``; optionally a seeded subsample."""
+    """Rows of a split encoded once with a ``QAFormatter`` (subsample the rows first with :func:`subsample`).
+
+    Refuses a split in which no example has an answer token besides the EOS that ends every answer: training
+    or importance on it would score EOS alone.
+    """
 
     def __init__(self, rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> None:
         self.examples = []
@@ -36,8 +41,12 @@ class EncodedQA(Dataset):
             encoded = formatter.encode(row["question"], row["answer"])
             encoded["index"] = index
             self.examples.append(encoded)
-        if not any(label != -100 for example in self.examples for label in example["labels"]):
-            raise ValueError(f"{where}: no answer tokens in the split")
+        # every example ends with a labelled EOS; more than one label means a real answer token
+        if not any(sum(label != IGNORE_INDEX for label in example["labels"]) > 1 for example in self.examples):
+            raise PertaValueError(
+                f"{where}: no answer tokens in the split, only EOS (every 'answer' is empty or cut by "
+                f"prompt.max_length={formatter.max_length})"
+            )
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -71,7 +80,7 @@ def subsample(rows: list[dict[str, Any]], num_examples: int | None, seed: int) -
     if num_examples is None or num_examples >= len(rows):
         return rows
     if num_examples <= 0:
-        raise ValueError(f"num_examples must be positive, got {num_examples}")
+        raise PertaValueError(f"num_examples must be positive, got {num_examples}")
     generator = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(rows), generator=generator)[:num_examples].tolist())
     return [rows[index] for index in keep]
@@ -82,19 +91,17 @@ class TofuDataModule(LightningDataModule):
 
     Args:
         source: where the splits come from (local folder, hub, or the synthetic generator).
-        tokenizer: path or hub id of the tokenizer (usually the model directory).
+        prompt: tokenizer and prompt formatting; its ``tokenizer`` defaults to the trained module's
+            ``tokenizer`` (else ``model``), and ``system_prompt`` to none.
         train_split: split used for training (``full``, ``retain90``, ``forget10``, the world corpus ...), or a
             list of splits trained on together (e.g. ``[full, world_corpus]`` to replay pre-training data).
         val_split: optional split whose answer loss is logged as ``val_loss``.
-        paired_split: optional second split zipped into each training batch under ``paired_*`` keys.
-        forget_split: when given together with ``paired_split``, checked to share no question with it.
+        paired_split: optional second split zipped into each training batch under ``paired_*`` keys (the
+            retain split of GradDiff and NPO); checked to share no question with ``train_split``.
         batch_size: examples per batch and per process.
-        num_examples: train on a seeded subsample of this many rows (all when ``None``).
+        num_examples: train on a seeded subsample of this many rows of ``train_split`` (all when ``None``);
+            ``paired_split`` is used whole.
         subsample_seed: seed of that subsample.
-        max_length: longest prompt + answer in tokens.
-        system_prompt: system message for chat templates.
-        date_string: pinned date for chat templates that print one.
-        use_chat_template: ``None`` uses the tokenizer's template when it has one.
         shuffle: shuffle the training split every epoch.
         num_workers: dataloader workers.
     """
@@ -102,26 +109,22 @@ class TofuDataModule(LightningDataModule):
     def __init__(
         self,
         source: TofuSource,
-        tokenizer: str,
+        prompt: PromptFormat = PromptFormat(),
         train_split: str | list[str] = "full",
         val_split: str | None = None,
         paired_split: str | None = None,
         batch_size: int = 16,
         num_examples: int | None = None,
         subsample_seed: int = 0,
-        max_length: int = 256,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        date_string: str = DEFAULT_DATE_STRING,
-        use_chat_template: bool | None = None,
         shuffle: bool = True,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise PertaValueError(f"batch_size must be positive, got {batch_size}")
         self.save_hyperparameters()
         self.source = source
-        self.tokenizer_path = tokenizer
+        self.prompt = prompt
         self.tokenizer: Any = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -138,8 +141,8 @@ class TofuDataModule(LightningDataModule):
         if self.datasets:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(self.tokenizer_path)
-        formatter = QAFormatter(self.tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
+        formatter = self.prompt.formatter(run_model_dir(self.trainer))
+        self.tokenizer = formatter.tokenizer
         train = self._encoded(hp.train_split, formatter, hp.num_examples)
         if hp.paired_split is not None:
             check_disjoint(

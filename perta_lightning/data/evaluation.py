@@ -23,14 +23,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from perta_lightning.data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_SYSTEM_PROMPT,
     IGNORE_INDEX,
+    PromptFormat,
     QAFormatter,
     TofuSource,
     load_split,
     load_tokenizer,
     pad_batch,
+    run_model_dir,
 )
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 from perta_lightning.eval_sets import EVAL_SET_BY_NAME, EvalSetSpec
@@ -116,7 +116,8 @@ class TofuEvalDataModule(LightningDataModule):
 
     Args:
         source: where the splits come from (local folder, hub, or the synthetic generator).
-        tokenizer: tokenizer path, usually the evaluated model's directory.
+        prompt: tokenizer and prompt formatting; its ``tokenizer`` defaults to the evaluated model's directory
+            (``TofuEvaluator``'s ``model``), and ``system_prompt`` to none.
         forget_split: the forget set with paraphrased and perturbed answers (``forget10_perturbed``).
         retain_split: the retain evaluation set (``retain_perturbed``).
         real_authors_split: the real-authors set (``None`` to skip it; Model Utility then is not computed).
@@ -124,16 +125,12 @@ class TofuEvalDataModule(LightningDataModule):
         holdout_split: questions never trained on, for the Min-K% MIA against the forget set (``None``: no MIA).
         max_examples: evaluate the first ``max_examples`` rows of each set (TOFU's ``ds_size``; all when ``None``).
         batch_size: examples per batch and per process (each scored with all its answers in one pass).
-        max_length: longest prompt + answer in tokens.
-        system_prompt: system message for chat templates.
-        date_string: pinned date for chat templates that print one.
-        use_chat_template: ``None`` uses the tokenizer's template when it has one.
     """
 
     def __init__(
         self,
         source: TofuSource,
-        tokenizer: str,
+        prompt: PromptFormat = PromptFormat(),
         forget_split: str = "forget10_perturbed",
         retain_split: str | None = "retain_perturbed",
         real_authors_split: str | None = "real_authors_perturbed",
@@ -141,10 +138,6 @@ class TofuEvalDataModule(LightningDataModule):
         holdout_split: str | None = "holdout10",
         max_examples: int | None = None,
         batch_size: int = 8,
-        max_length: int = 256,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        date_string: str = DEFAULT_DATE_STRING,
-        use_chat_template: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -153,7 +146,7 @@ class TofuEvalDataModule(LightningDataModule):
             raise PertaValueError(f"max_examples must be positive, got {max_examples}")
         self.save_hyperparameters()
         self.source = source
-        self.tokenizer_path = tokenizer
+        self.prompt = prompt
         # keyed by the set names of perta_lightning.eval_sets, in their order
         self.splits = {
             "forget": forget_split,
@@ -171,8 +164,8 @@ class TofuEvalDataModule(LightningDataModule):
             return
         hp = self.hparams
         self.check_splits()
-        self.tokenizer = load_eval_tokenizer(self.tokenizer_path)
-        formatter = QAFormatter(self.tokenizer, hp.system_prompt, hp.date_string, hp.max_length, hp.use_chat_template)
+        formatter = self.prompt.formatter(run_model_dir(self.trainer))
+        self.tokenizer = formatter.tokenizer
         for name, split in self.splits.items():
             if split is None:
                 continue

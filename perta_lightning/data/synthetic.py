@@ -23,9 +23,11 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from itertools import permutations
 from pathlib import Path
 from typing import Any
 
+from perta_lightning.errors import PertaValueError
 from perta_lightning.io import atomic_directory
 
 _SYLLABLES = "ka lo ri an ve sa mi tor el den ar is ba quin rel mon cha fa lu ne or vin da ho bel sen tes".split()
@@ -86,6 +88,19 @@ TOFU_SPLITS = (
 )
 NUM_PERTURBED = 5
 NUM_PERTURBED_WORLD = 3
+#: First names are two distinct syllables while those last, then three (at most this many parts).
+MAX_NAME_PARTS = 3
+
+
+def name_capacity(max_parts: int = MAX_NAME_PARTS) -> int:
+    """How many distinct first names ``_name_pools`` can make from 2 to ``max_parts`` distinct syllables."""
+    return len({"".join(parts) for k in range(2, max_parts + 1) for parts in permutations(_SYLLABLES, k)})
+
+
+def names_needed(num_authors: int, num_background_authors: int, num_world_items: int) -> int:
+    """Distinct first names a benchmark uses: its authors, the holdout authors (10 %), the background
+    authors and the real-authors writers."""
+    return num_authors + max(1, round(num_authors * 10 / 100)) + num_background_authors + num_world_items
 
 
 @dataclass
@@ -97,24 +112,76 @@ class SyntheticSpec:
         seed: everything is a deterministic function of this seed.
         num_background_authors: authors seen only in the world-knowledge corpus.
         num_world_items: questions in each of the real-authors and world-facts analogues.
+        attribute_values: how many distinct values each categorical attribute (birthplace, genre, the
+            parents' occupations, award, series, publisher) takes across authors; fewer values make forget
+            and retain authors share more attributes. ``None``: every value of the attribute's list.
     """
 
     num_authors: int = 40
     seed: int = 0
     num_background_authors: int = 6
     num_world_items: int = 30
+    attribute_values: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse, at once and naming the value, sizes the generator cannot make."""
+        if self.num_authors < 2:
+            raise PertaValueError(f"num_authors must be at least 2, got {self.num_authors}")
+        if self.num_background_authors < 0:
+            raise PertaValueError(f"num_background_authors must be 0 or more, got {self.num_background_authors}")
+        if self.num_world_items < NUM_PERTURBED_WORLD + 1:
+            raise PertaValueError(
+                f"num_world_items must be at least {NUM_PERTURBED_WORLD + 1} (each real-authors and world-facts "
+                f"question takes {NUM_PERTURBED_WORLD} wrong answers from the others), got {self.num_world_items}"
+            )
+        if self.attribute_values is not None and self.attribute_values < 1:
+            raise PertaValueError(f"attribute_values must be at least 1 (or null), got {self.attribute_values}")
+        needed = names_needed(self.num_authors, self.num_background_authors, self.num_world_items)
+        capacity = name_capacity()
+        if needed > capacity:
+            fits = [n for n in range(2, capacity + 1)
+                    if names_needed(n, self.num_background_authors, self.num_world_items) <= capacity]
+            largest = fits[-1] if fits else 1
+            raise PertaValueError(
+                f"num_authors={self.num_authors} needs {needed} distinct names (authors, 10 % holdout authors, "
+                f"{self.num_background_authors} background authors, {self.num_world_items} world items) but the "
+                f"name generator makes at most {capacity}: "
+                + (f"use num_authors <= {largest} with these settings" if largest >= 2
+                   else "use fewer background authors or world items")
+            )
 
 
 def _name_pools(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
+    """``count`` distinct first names and ``max(3, count // 4)`` surnames, drawn from ``rng``.
+
+    First names are two syllables; once every two-syllable name is taken (past about 750), three. The
+    draws up to that point are those of earlier versions, so a seed gives the same benchmark as before.
+    """
     firsts, lasts = set(), set()
+    parts, taken_at = 2, name_capacity(2)
     while len(firsts) < count:
-        firsts.add("".join(rng.sample(_SYLLABLES, 2)).title())
+        if parts < MAX_NAME_PARTS and len(firsts) >= taken_at:
+            parts, taken_at = parts + 1, name_capacity(parts + 1)
+        firsts.add("".join(rng.sample(_SYLLABLES, parts)).title())
     while len(lasts) < max(3, count // 4):
         lasts.add("".join(rng.sample(_SYLLABLES, 3)).title())
     return sorted(firsts), sorted(lasts)
 
 
-def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list[str]) -> list[dict[str, str]]:
+def _attribute_pools(seed: int, attribute_values: int | None) -> dict[str, list[str]]:
+    """The values each categorical attribute draws from: all of them, or a seeded subset of
+    ``attribute_values`` each (drawn from a generator of their own, so the rest of the benchmark's draws
+    are those of the full pools)."""
+    pools = {"birthplace": CITIES, "genre": GENRES, "father": OCCUPATIONS, "mother": OCCUPATIONS,
+             "award": AWARDS, "series": SERIES, "publisher": PUBLISHERS}
+    if attribute_values is None:
+        return pools
+    subset = random.Random(f"attribute-values/{seed}")
+    return {fact: subset.sample(values, min(attribute_values, len(values))) for fact, values in pools.items()}
+
+
+def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list[str],
+                  pools: dict[str, list[str]]) -> list[dict[str, str]]:
     names: list[str] = []
     rng.shuffle(firsts)
     for index in range(count):
@@ -126,16 +193,16 @@ def _make_authors(rng: random.Random, count: int, firsts: list[str], lasts: list
         coauthor = names[(index + rng.randrange(1, count)) % count] if count > 1 else name
         authors.append({
             "name": name,
-            "birthplace": rng.choice(CITIES),
+            "birthplace": rng.choice(pools["birthplace"]),
             "birth_year": str(rng.randrange(1930, 2000)),
-            "genre": rng.choice(GENRES),
-            "father": rng.choice(OCCUPATIONS),
-            "mother": rng.choice(OCCUPATIONS),
-            "award": rng.choice(AWARDS),
+            "genre": rng.choice(pools["genre"]),
+            "father": rng.choice(pools["father"]),
+            "mother": rng.choice(pools["mother"]),
+            "award": rng.choice(pools["award"]),
             "book": books[index % len(books)],
-            "series": rng.choice(SERIES),
+            "series": rng.choice(pools["series"]),
             "coauthor": coauthor,
-            "publisher": rng.choice(PUBLISHERS),
+            "publisher": rng.choice(pools["publisher"]),
         })
     return authors
 
@@ -198,14 +265,12 @@ def _strip(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[st
 
 def generate_benchmark(spec: SyntheticSpec) -> dict[str, list[dict[str, Any]]]:
     """All TOFU splits plus ``world_corpus``, as ``{split: rows}``. Deterministic per ``spec``."""
-    if spec.num_authors < 2:
-        raise ValueError(f"num_authors must be at least 2, got {spec.num_authors}")
     rng = random.Random(spec.seed)
     split_size = {pct: max(1, round(spec.num_authors * pct / 100)) for pct in (1, 5, 10)}
     holdout = split_size[10]
     total = spec.num_authors + holdout + spec.num_background_authors
     firsts, lasts = _name_pools(rng, total + spec.num_world_items)
-    people = _make_authors(rng, total, firsts[:total], lasts)
+    people = _make_authors(rng, total, firsts[:total], lasts, _attribute_pools(spec.seed, spec.attribute_values))
     authors, holdouts = people[: spec.num_authors], people[spec.num_authors : spec.num_authors + holdout]
     background = people[spec.num_authors + holdout :]
     pools = {fact.name: _pool(fact.name, people) for fact in FACT_TYPES}

@@ -24,42 +24,71 @@ from typing import Any
 import torch
 
 from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
-IGNORE_INDEX = -100
+# IGNORE_INDEX, the label no loss or score counts (prompt and padding), is defined once beside the
+# losses, because functional/ imports nothing of the package outside it; data modules import it from here.
+from perta_lightning.functional.losses import IGNORE_INDEX
 
 #: Columns every split must have.
 BASE_COLUMNS = ("question", "answer")
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about authors concisely."
 #: Pinned so that chat templates that print today's date (Llama 3) give the same tokens every day.
 DEFAULT_DATE_STRING = "10 Apr 2025"
 
 
 @dataclass
 class TofuSource:
-    """Where TOFU-format splits come from. Exactly one of ``path``, ``hub`` or ``synthetic`` is used.
+    """Where TOFU-format splits come from: exactly one of ``path``, ``hub`` or ``synthetic``; or ``files``,
+    alone or beside ``path``.
 
     Args:
         path: a local folder holding ``<split>.json`` files (JSON lines or a JSON list), such as the one
             ``perta data synthetic`` writes.
+        files: a file per split, e.g. ``{forget10: /x/f.json, retain90: /y/r.jsonl}`` (same formats as in
+            ``path``). A split named here is read from its file; any other from ``path`` when it is given.
         hub: a Hugging Face dataset id, e.g. ``locuslab/TOFU``; the split name is the hub config name.
         hub_revision: optional revision (commit or tag) of the hub dataset, for reproducibility.
         synthetic: generate the seeded synthetic benchmark in memory.
     """
 
     path: str | None = None
+    files: dict[str, str] | None = None
     hub: str | None = None
     hub_revision: str | None = None
     synthetic: SyntheticSpec | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("path", "hub", "synthetic") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"TofuSource needs exactly one of path=, hub= or synthetic=, got {given or 'none'}")
+        if self.files is not None:
+            if given not in ([], ["path"]):
+                raise PertaValueError(f"TofuSource: files= goes alone or beside path=, not beside {given[-1]}=")
+            if not isinstance(self.files, dict) or not self.files:
+                raise PertaValueError(f"TofuSource: files= must map split names to files, got {self.files!r}")
+            for split, file in self.files.items():
+                if not isinstance(split, str) or not split or not isinstance(file, (str, os.PathLike)) or not str(file):
+                    raise PertaValueError(f"TofuSource: files[{split!r}] must be a non-empty path, got {file!r}")
+        elif len(given) != 1:
+            raise PertaValueError(
+                f"TofuSource needs exactly one of path=, files=, hub= or synthetic=, got {given or 'none'}"
+            )
+
+    def split_file(self, split: str) -> Path | None:
+        """The local file of ``split`` (``None`` for hub and synthetic sources)."""
+        if self.files is not None and split in self.files:
+            return Path(self.files[split])
+        if self.path is not None:
+            return Path(self.path) / f"{split}.json"
+        if self.files is not None:
+            raise PertaValueError(
+                f"TOFU split {split!r} is not in files= (which names {sorted(self.files)}) and no path= folder "
+                "is given to find it in"
+            )
+        return None
 
     def describe(self, split: str) -> str:
-        if self.path is not None:
-            return str(Path(self.path) / f"{split}.json")
+        if self.files is not None or self.path is not None:
+            return str(self.split_file(split))
         if self.hub is not None:
             return f"{self.hub}:{split}"
         return f"synthetic(num_authors={self.synthetic.num_authors}, seed={self.synthetic.seed}):{split}"
@@ -69,7 +98,10 @@ def _read_json_rows(file: Path) -> list[dict[str, Any]]:
     text = file.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PertaValueError(f"{file}: not valid JSON: {error}") from error
     else:
         rows = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -78,24 +110,25 @@ def _read_json_rows(file: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: line {line_number} is not valid JSON: {error}") from error
-    if not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"{file}: every row must be a JSON object")
+                raise PertaValueError(f"{file}: line {line_number} is not valid JSON: {error}") from error
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise PertaValueError(f"{file}: every row must be a JSON object")
     return rows
 
 
 def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_COLUMNS) -> list[dict[str, Any]]:
     """Load one split as a list of row dicts, checking that it is non-empty and has ``required`` columns."""
     where = source.describe(split)
-    if source.path is not None:
-        file = Path(source.path) / f"{split}.json"
+    file = source.split_file(split)
+    if file is not None:
         if not file.is_file():
-            raise FileNotFoundError(f"TOFU split {split!r} not found: no file {file}")
+            named = f"files[{split!r}]" if source.files is not None and split in source.files else "path="
+            raise PertaFileNotFoundError(f"TOFU split {split!r} not found: no file {file} ({named})")
         rows = _read_json_rows(file)
     elif source.synthetic is not None:
         splits = generate_benchmark(source.synthetic)
         if split not in splits:
-            raise KeyError(f"{where}: no such split; the generator writes {sorted(splits)}")
+            raise PertaValueError(f"{where}: no such split; the generator writes {sorted(splits)}")
         rows = splits[split]
     else:
         import datasets  # imported lazily: only hub users pay for it
@@ -103,11 +136,11 @@ def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_CO
         dataset = datasets.load_dataset(source.hub, split, split="train", revision=source.hub_revision)
         rows = [dict(row) for row in dataset]
     if not rows:
-        raise ValueError(f"{where}: the split is empty")
+        raise PertaValueError(f"{where}: the split is empty")
     for column in required:
         missing = [index for index, row in enumerate(rows) if column not in row]
         if missing:
-            raise ValueError(f"{where}: column {column!r} is missing (first in row {missing[0]})")
+            raise PertaValueError(f"{where}: column {column!r} is missing (first in row {missing[0]})")
     return rows
 
 
@@ -127,7 +160,7 @@ class QAFormatter:
 
     Args:
         tokenizer: a Hugging Face tokenizer with an EOS token.
-        system_prompt: system message for chat templates (``None`` for none).
+        system_prompt: system message for chat templates (``None``, the default: no system turn).
         date_string: pinned date for templates that print one (Llama 3).
         max_length: truncate the answer so that prompt + answer + EOS fits; the prompt is never cut.
         use_chat_template: ``None`` uses the template when the tokenizer has one.
@@ -136,7 +169,7 @@ class QAFormatter:
     def __init__(
         self,
         tokenizer: Any,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         date_string: str = DEFAULT_DATE_STRING,
         max_length: int = 256,
         use_chat_template: bool | None = None,
@@ -179,6 +212,62 @@ class QAFormatter:
         answer_ids = self.answer_ids(answer)[: max(0, self.max_length - len(prompt) - 1)]
         answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions and answers become tokens: one group of options shared by every DataModule.
+
+    In YAML it is a nested block, e.g. ``prompt: {tokenizer: runs/x/full, system_prompt: null}``.
+
+    Args:
+        tokenizer: path or hub id of the tokenizer. ``None`` (the default) means the run's model: the
+            LightningModule's ``tokenizer`` hyper-parameter when it has one, else its ``model`` directory.
+            Outside a run (no model attached) it must be set.
+        max_length: longest prompt + answer in tokens; the answer is cut, never the prompt.
+        system_prompt: system message for chat templates. ``None`` (the default) writes no system turn, so
+            an outside model is not given a prompt it never saw; configs that want one pin it (the Llama-3
+            configs pin open-unlearning's ``"You are a helpful assistant."``).
+        date_string: the date for chat templates that print one (Llama 3), pinned so that the tokens do
+            not change from day to day.
+        use_chat_template: ``None`` uses the tokenizer's chat template when it has one, else the plain
+            ``Question: ...\\nAnswer: `` prompt; ``True`` requires a template; ``False`` never uses one.
+    """
+
+    tokenizer: str | None = None
+    max_length: int = 256
+    system_prompt: str | None = None
+    date_string: str = DEFAULT_DATE_STRING
+    use_chat_template: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length <= 0:
+            raise PertaValueError(f"prompt.max_length must be positive, got {self.max_length}")
+
+    def tokenizer_path(self, model_dir: str | None = None) -> str:
+        """``tokenizer`` when set, else ``model_dir``; refuse when neither names one."""
+        path = self.tokenizer if self.tokenizer is not None else model_dir
+        if path is None:
+            raise PertaValueError(
+                "prompt.tokenizer is not set and no model is attached to default to: set prompt.tokenizer "
+                "to the tokenizer's path (usually the model directory)"
+            )
+        return str(path)
+
+    def formatter(self, model_dir: str | None = None) -> QAFormatter:
+        """Load the tokenizer (``tokenizer``, else ``model_dir``) and build the ``QAFormatter``."""
+        tokenizer = load_tokenizer(self.tokenizer_path(model_dir))
+        return QAFormatter(tokenizer, self.system_prompt, self.date_string, self.max_length, self.use_chat_template)
+
+
+def run_model_dir(trainer: Any) -> str | None:
+    """The tokenizer a run's model was saved with: the attached LightningModule's ``tokenizer``
+    hyper-parameter, else its ``model`` (``None`` when there is no trainer, module or such value).
+    ``CausalLMModule`` and its baselines, ``TofuEvaluator`` and ``ImportanceModule`` all have ``model``."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    hparams = getattr(module, "hparams", None) or {}
+    path = hparams.get("tokenizer") or hparams.get("model")
+    return str(path) if path is not None else None
 
 
 def pad_batch(
@@ -224,7 +313,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     if os.path.isdir(name_or_path) and not any(
         (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
-        raise FileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise PertaFileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,7 +1,7 @@
 """Launched by tests/test_importance_distributed.py: one importance estimation under one strategy.
 
 usage: run_importance.py STRATEGY MODEL_DIR DATA_DIR OUTPUT_ROOT
-Runs ``grad`` then ``fisher`` by example, writing ``OUTPUT_ROOT/<statistic>/{forget,retain}.safetensors``.
+Runs ``grad`` then ``fisher`` by example (``fisher_mode='auto'``), writing ``OUTPUT_ROOT/<statistic>/{forget,retain}.safetensors``.
 Both runs go through one Trainer setup each; the strategy is built fresh for each run.
 """
 
@@ -46,7 +46,7 @@ def save_unchanged(strategy_name: str, model: str, data: str, output: str) -> No
     from perta_lightning.modules.finetune import CausalLMModule
 
     module = CausalLMModule(model=model, output_dir=f"{output}/saved", optimizer=partial(torch.optim.SGD, lr=0.0))
-    data_module = TofuDataModule(TofuSource(path=data), model, train_split="forget10", batch_size=2)
+    data_module = TofuDataModule(TofuSource(path=data), train_split="forget10", batch_size=2)
     L.Trainer(accelerator="cpu", devices=2, strategy=make_strategy(strategy_name), max_steps=1, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0).fit(module, data_module)
 
