@@ -85,8 +85,7 @@ def worker(part: str, strategy: str, model: str, data: str, out: str, cpu: bool)
             estimate_importance(model, source, f"{out}/{statistic}", statistic, "example", num_examples=NUM_EXAMPLES,
                                 batch_size=4, overwrite=True,
                                 trainer_kwargs={"accelerator": accelerator, "devices": 1,
-                                                "strategy": make_strategy(strategy, cpu),
-                                                "enable_progress_bar": False})
+                                                "strategy": make_strategy(strategy, cpu)})
     elif part == "finetune":
         module = CausalLMModule(model=model, output_dir=f"{out}/model", optimizer=partial(torch.optim.SGD, lr=1e-3))
         data_module = TofuDataModule(source, PromptFormat(tokenizer=model), train_split="forget10", batch_size=4,
