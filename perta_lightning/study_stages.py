@@ -27,11 +27,21 @@ def _adamw(lr: float) -> Any:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where training and evaluation run; not part of any stage's settings (it does not change results
+    """Where training and evaluation run. Only the precision enters stage settings (the rest does not change results
     beyond float-kernel differences)."""
 
     accelerator: str = "cpu"
     devices: int = 1
+    precision: str = "32-true"  # Lightning precision of training; bf16-* also evaluates in bfloat16
+
+    @property
+    def eval_dtype(self) -> str:
+        return "bfloat16" if self.precision.startswith("bf16") else "float32"
+
+    def settings(self) -> dict[str, Any]:
+        """What of the runtime changes results beyond float-kernel noise: the precision, when not float32
+        (left out at the default, so float32 runs keep their records)."""
+        return {} if self.precision == "32-true" else {"precision": self.precision}
 
 
 def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
@@ -45,7 +55,8 @@ def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epoc
 
     data = TofuDataModule(source, PromptFormat(tokenizer=str(tokenizer)), train_split=splits,
                           paired_split=paired_split, batch_size=batch_size)
-    trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, max_epochs=epochs, logger=False,
+    trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, precision=runtime.precision,
+                        max_epochs=epochs, logger=False,
                         enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, data)
@@ -139,7 +150,8 @@ class Pretrain(Stage):
         return [self.data]
 
     def settings(self) -> dict[str, Any]:
-        return {"model": self.model_config, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+        return {"model": self.model_config, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -182,7 +194,7 @@ class FineTune(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "splits": self.splits, "epochs": self.epochs, "lr": self.lr,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -224,7 +236,8 @@ class Unlearn(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "method": self.method, "forget": self.forget_split,
-                "retain": self.retain_split, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+                "retain": self.retain_split, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -352,7 +365,7 @@ class Evaluate(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "model": self.model.key, "forget": self.forget_split,
-                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(f"{self.name}.json")]
@@ -366,5 +379,6 @@ class Evaluate(Stage):
                        forget_split=f"{self.forget_split}_perturbed",
                        holdout_split=self.forget_split.replace("forget", "holdout"), output_json=str(out),
                        retain_result=reference, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                       accelerator=self.runtime.accelerator, devices=self.runtime.devices)
+                       accelerator=self.runtime.accelerator, devices=self.runtime.devices,
+                       torch_dtype=self.runtime.eval_dtype)
         return {"eval": out}

@@ -33,6 +33,7 @@ class Preset:
     batch_size: int = 16
     num_background_authors: int = 6
     attribute_values: int | None = None
+    num_world_items: int = 30
 
     def model_config(self) -> dict[str, Any]:
         """The small Llama trained from scratch as θ0."""
@@ -69,6 +70,14 @@ PRESETS = {
     "large": Preset(num_authors=100, hidden_size=128, num_layers=3, vocab_size=1024, pretrain_epochs=15,
                     finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, importance_examples=100,
                     eval_max_new_tokens=32, num_background_authors=10),
+    # Fine-tuning a pretrained SmolLM2-135M-Instruct (base_model: its GGUF); the model sizes above are unused.
+    # Learning rates as open-unlearning's TOFU fine-tuning (1e-5, 10 epochs, batch 32) scaled for a 135M model
+    # and a few epochs; 10 authors and 10 real-authors / world-facts questions so that one seed fits about an
+    # hour on a 2-core CPU (see configs/smollm2/pipeline.yaml for what was cut).
+    "smollm2": Preset(num_authors=10, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=0,
+                      finetune_epochs=3, reinforce_epochs=2, unlearn_epochs=2, importance_examples=10,
+                      eval_max_new_tokens=32, finetune_lr=5e-5, reinforce_lr=5e-5, unlearn_lr=1e-5, batch_size=8,
+                      num_background_authors=2, num_world_items=10),
 }
 
 

@@ -1,5 +1,6 @@
 """GPU checks (marked ``gpu``; skipped without CUDA): the same statistics and evaluation on the GPU as on CPU."""
 
+import json
 from functools import partial
 
 import pytest
@@ -43,3 +44,21 @@ def test_finetune_step_and_evaluation_on_gpu(tiny_model_dir, tiny_benchmark, tmp
                                       max_examples=8) for device in ("cpu", "gpu")}
     for key in ("forget_probability", "retain_probability", "forget_truth_ratio"):
         assert results["gpu"]["aggregates"][key] == pytest.approx(results["cpu"]["aggregates"][key], rel=1e-3)
+
+
+def test_study_stages_in_bf16_on_gpu(tiny_model_dir, tiny_benchmark, tmp_path):
+    """A fine-tune and an evaluation stage under ``Runtime(precision="bf16-mixed")``, as the GPU study runs them."""
+    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.stages import Product, StageRunner
+    from perta_lightning.study_stages import Data, Evaluate, FineTune, Pretrained, Runtime
+
+    runtime = Runtime("gpu", 1, "bf16-mixed")
+    data = Data(given=TofuSource(path=str(tiny_benchmark)))
+    runner = StageRunner(tmp_path, seed=0)
+    base = Pretrained(str(tiny_model_dir))
+    tuned = FineTune("models/tuned", base, data, ["forget10"], 1, 1e-3, 4, runtime=runtime)
+    evaluation = Evaluate("eval/tuned", Product(tuned), data, "forget10", max_new_tokens=8, runtime=runtime)
+    runner.run_all([base, tuned, evaluation])
+    result = json.loads(runner.path(Product(evaluation, "eval")).read_text())
+    for key in ("forget_probability", "retain_probability", "forget_truth_ratio"):
+        assert 0.0 <= result["aggregates"][key] <= 1.0, key

