@@ -14,11 +14,12 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +38,39 @@ _FUNCTION_SUBCOMMANDS = {
 }
 
 
+@contextlib.contextmanager
+def as_command_line(args: list[str]) -> Iterator[None]:
+    """Hand ``args`` to LightningCLI as its own command line (it warns when given both ``args`` and a
+    ``sys.argv``), with the dependency noise that teaches a user nothing muted."""
+    from perta_lightning.callbacks.progress import quiet_dependencies
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "perta"]
+    try:
+        with quiet_dependencies():
+            yield
+    finally:
+        sys.argv = saved
+
+
 def lightning_main(args: list[str] | None = None) -> None:
     """Run LightningCLI with model and data chosen by ``class_path`` in the config."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        # Each stage writes the settings that made it beside its artifact (perta_hparams.json, the
-        # evaluation's "settings"), so LightningCLI's own config.yaml in the working directory is not wanted.
-        save_config_callback=None,
-        args=args,
-        auto_configure_optimizers=True,
-    )
+    args = list(args) if args is not None else sys.argv[1:]
+    with as_command_line(args):
+        LightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # Each stage writes the settings that made it beside its artifact (perta_hparams.json, the
+            # evaluation's "settings"), so LightningCLI's own config.yaml in the working directory is not wanted.
+            save_config_callback=None,
+            args=args,
+            auto_configure_optimizers=True,
+        )
 
 
 def parse_function_config(path: str | Path) -> Any:

@@ -277,7 +277,7 @@ class StageRunner:
     """
 
     def __init__(self, root: str | os.PathLike, seed: int, progress: Progress | None = None) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # products built from it are then absolute, whatever the cwd
         self.seed = seed
         self.progress = progress or Progress()
         self.records: dict[str, StageRecord] = {}

@@ -93,3 +93,14 @@ def test_records_hold_relative_paths(tmp_path, monkeypatch):
     again = Write("a", "x")
     run(Path("r"), [again])
     assert again.runs == 0
+
+
+def test_a_fresh_run_in_a_relative_folder_records_paths_inside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = Write("a", "x")
+    b = Write("b", "y", upstream=a)
+    runner = run(Path("runs") / "r", [a, b])
+    record = json.loads((tmp_path / "runs" / "r" / "stages" / "b.json").read_text())
+    assert record["products"] == {"file": "b.txt"} and record["files"][0]["path"] == "b.txt"
+    assert runner.path(Product(a, "file")) == tmp_path / "runs" / "r" / "a.txt"
+    assert (tmp_path / "runs" / "r" / "b.txt").read_text().startswith("x:")

@@ -77,7 +77,8 @@ def progress_bar(interval: float = 15.0) -> ProgressBar:
 def quiet_dependencies() -> Iterator[None]:
     """Mute dependency messages a user cannot act on, for the duration of the block."""
     lightning_logs = [logging.getLogger(name) for name in
-                      ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+                      ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                       "lightning.fabric.utilities.seed")]
     levels = [log.level for log in lightning_logs]
     bars = None
     try:

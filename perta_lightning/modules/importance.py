@@ -25,6 +25,7 @@ backward passes per rank per example slot (the same work per rank as one process
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -218,15 +219,18 @@ def cli_main(argv: Sequence[str] | None = None) -> None:
     """``perta importance --config X.yaml``: LightningCLI over :class:`ImportanceModule` and its data."""
     from lightning.pytorch.cli import LightningCLI
 
-    cli = LightningCLI(
-        ImportanceModule,
-        ImportanceDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=list(argv) if argv is not None else None,
-        run=False,
-        trainer_defaults=importance_trainer_defaults(),
-        save_config_callback=None,
-    )
-    with expected_fit_warnings():
+    from perta_lightning.cli import as_command_line
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    with as_command_line(args), expected_fit_warnings():
+        cli = LightningCLI(
+            ImportanceModule,
+            ImportanceDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=False,
+            trainer_defaults=importance_trainer_defaults(),
+            save_config_callback=None,
+        )
         cli.trainer.fit(cli.model, cli.datamodule)
