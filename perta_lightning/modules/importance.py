@@ -197,7 +197,7 @@ def expected_fit_warnings() -> Iterator[None]:
     """Mute what Lightning says about an importance run that is intended: no optimizer (nothing is trained),
     the model in eval mode (no dropout while measuring), a sized iterable of rank-local batches."""
     with warnings.catch_warnings():
-        for message in (r".*`configure_optimizers` returned `None`", r".*module\(s\) in eval mode",
+        for message in (r".*configure_optimizers` returned `None`", r".*module\(s\) in eval mode",
                         r".*`IterableDataset` has `__len__` defined"):
             warnings.filterwarnings("ignore", message=message)
         yield
