@@ -14,12 +14,11 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +37,14 @@ _FUNCTION_SUBCOMMANDS = {
 }
 
 
-@contextlib.contextmanager
-def as_command_line(args: list[str]) -> Iterator[None]:
-    """Hand ``args`` to LightningCLI as its own command line (it warns when given both ``args`` and a
-    ``sys.argv``), with the dependency noise that teaches a user nothing muted."""
-    from perta_lightning.callbacks.progress import quiet_dependencies
-
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "perta"]
-    try:
-        with quiet_dependencies():
-            yield
-    finally:
-        sys.argv = saved
-
-
 def lightning_main(args: list[str] | None = None) -> None:
     """Run LightningCLI with model and data chosen by ``class_path`` in the config."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
     args = list(args) if args is not None else sys.argv[1:]
+    from perta_lightning.arguments import as_command_line
+
     with as_command_line(args):
         LightningCLI(
             LightningModule,

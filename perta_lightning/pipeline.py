@@ -244,20 +244,16 @@ def pipeline(
 
 
 def build_parser() -> Any:
-    from jsonargparse import ArgumentParser
+    from perta_lightning.arguments import function_parser
 
-    parser = ArgumentParser(prog="perta pipeline", description=pipeline.__doc__.splitlines()[0])
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(pipeline, as_positional=False)
-    return parser
+    return function_parser(pipeline, "perta pipeline")
 
 
 def cli_main(argv: list[str]) -> None:
     import torch
 
-    parser = build_parser()
-    args = parser.instantiate_classes(parser.parse_args(argv))
-    options = {key: value for key, value in vars(args).items() if key != "config" and not key.startswith("__")}
+    from perta_lightning.arguments import call_with_arguments
+
     torch.set_float32_matmul_precision("high")
-    out = pipeline(**options)
+    out = call_with_arguments(build_parser(), pipeline, argv)
     print(f"[perta pipeline] reports: {', '.join(str(p) for p in sorted(out.glob('forget*/report.md')))}")

@@ -196,17 +196,13 @@ def study(
 
 
 def build_parser() -> Any:
-    from jsonargparse import ArgumentParser
+    from perta_lightning.arguments import function_parser
 
-    parser = ArgumentParser(prog="perta study", description=study.__doc__.splitlines()[0])
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(study, as_positional=False)
-    return parser
+    return function_parser(study, "perta study")
 
 
 def cli_main(argv: list[str]) -> None:
-    parser = build_parser()
-    args = parser.instantiate_classes(parser.parse_args(argv))
-    options = {key: value for key, value in vars(args).items() if key != "config" and not key.startswith("__")}
-    out = study(**options)
+    from perta_lightning.arguments import call_with_arguments
+
+    out = call_with_arguments(build_parser(), study, argv)
     print(f"[perta study] {out / 'study.md'}")

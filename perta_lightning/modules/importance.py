@@ -219,7 +219,7 @@ def cli_main(argv: Sequence[str] | None = None) -> None:
     """``perta importance --config X.yaml``: LightningCLI over :class:`ImportanceModule` and its data."""
     from lightning.pytorch.cli import LightningCLI
 
-    from perta_lightning.cli import as_command_line
+    from perta_lightning.arguments import as_command_line
 
     args = list(argv) if argv is not None else sys.argv[1:]
     with as_command_line(args), expected_fit_warnings():
