@@ -140,7 +140,7 @@ def test_nested_prompt_block_in_yaml_reaches_the_formatter(class_path, tiny_benc
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     parser.add_argument("--config", action="config")
-    data = parser.instantiate(parser.parse_args(["--config", str(tmp_path / "data.yaml")])).data
+    data = parser.instantiate_classes(parser.parse_args(["--config", str(tmp_path / "data.yaml")])).data
     assert data.prompt == PromptFormat(str(tiny_benchmark / "tokenizer"), 40, "Answer briefly.", "1 Jan 2000", True)
     formatter = data.prompt.formatter()
     assert formatter.system_prompt == "Answer briefly." and formatter.max_length == 40 and formatter.use_chat_template
@@ -239,7 +239,7 @@ def test_files_block_in_yaml(tmp_path):
 
     parser = ArgumentParser()
     parser.add_argument("--source", type=TofuSource)
-    parsed = parser.instantiate(parser.parse_args(["--source", json.dumps({"files": {"forget10": "/x/f.json"}})]))
+    parsed = parser.instantiate_classes(parser.parse_args(["--source", json.dumps({"files": {"forget10": "/x/f.json"}})]))
     assert parsed.source.files == {"forget10": "/x/f.json"} and parsed.source.path is None
 
 
