@@ -18,7 +18,7 @@ import torch
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
 from perta_lightning.io import atomic_write_text
-from perta_lightning.stages import Product, StageRunner
+from perta_lightning.stages import Product, StageRunner, relative_to_run
 from perta_lightning.study_stages import Importance
 from perta_lightning.study_types import AlphaSearch, PertaVariant, ResultRow, SplitResult
 
@@ -40,19 +40,12 @@ def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
             "forget_rouge": summary["forget_rouge"], "forget_truth_ratio": summary["forget_truth_ratio"],
             "extraction_strength": aggregates.get("forget_extraction_strength"),
             "retain_rouge": summary["retain_rouge"], "unlearn_seconds": row.unlearn_seconds,
-            "model_dir": _relative(row.model, root), "eval_file": _relative(row.eval_file, root),
+            "model_dir": relative_to_run(root, row.model), "eval_file": relative_to_run(root, row.eval_file),
         })
     target_utility = next(r["model_utility"] for r in table if r["method"] == "target")
     for row in table:
         row["collapsed"] = is_collapsed(row["model_utility"], target_utility)
     return table
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def curves(table: list[dict[str, Any]]) -> dict[str, list[CurvePoint]]:
@@ -193,7 +186,7 @@ def write_report(result: SplitResult, variants: list[PertaVariant], search: Alph
     for variant in variants:
         stage = importance[variant.label]
         files[variant.label] = {"beta": variant.beta, "power": variant.power, "statistic": variant.statistic,
-                                **{key: _relative(runner.path(Product(stage, key)), runner.root)
+                                **{key: relative_to_run(runner.root, runner.path(Product(stage, key)))
                                    for key in ("forget", "retain")}}
     out = result.root
     atomic_write_text(out / "report.json", json.dumps({

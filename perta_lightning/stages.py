@@ -83,7 +83,9 @@ def checksum_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _relative(root: Path, path: Path) -> str:
+def relative_to_run(root: Path, path: Path) -> str:
+    """``path`` as stored in records and reports: relative to the run folder when inside it (a relative
+    ``path`` is taken as relative to ``root``), else absolute."""
     absolute = path if path.is_absolute() else root / path
     try:
         return absolute.resolve().relative_to(root.resolve()).as_posix()
@@ -103,7 +105,7 @@ def record_files(root: Path, paths: Iterable[Path]) -> list[FileRecord]:
             files.add(path)
         else:
             raise FileNotFoundError(f"{path}: the stage did not write this output")
-    return sorted((FileRecord(_relative(root, p), p.stat().st_size, checksum_file(p)) for p in files),
+    return sorted((FileRecord(relative_to_run(root, p), p.stat().st_size, checksum_file(p)) for p in files),
                   key=lambda r: r.path)
 
 
@@ -232,7 +234,7 @@ class Progress:
         self.remaining_cost -= self.expected_cost
         self.expected, self.expected_cost = 0, 0.0
 
-    def _print(self, text: str) -> None:
+    def say(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
 
     def _eta(self) -> str:
@@ -245,7 +247,7 @@ class Progress:
         self.done += 1
         self.total = max(self.total, self.done)
         elapsed = _duration(time.perf_counter() - self._start)
-        self._print(f"{self.prefix}[stage {self.done}/{self.total}] {stage.name}: {stage.description} "
+        self.say(f"{self.prefix}[stage {self.done}/{self.total}] {stage.name}: {stage.description} "
                     f"({elapsed} elapsed{self._eta()})")
 
     def finish(self, stage: Stage, seconds: float, skipped: str | None) -> None:
@@ -253,9 +255,9 @@ class Progress:
         if skipped is None:
             self._spent_cost += stage.cost
             self._spent_seconds += seconds
-            self._print(f"{self.prefix}    done in {_duration(seconds)}")
+            self.say(f"{self.prefix}    done in {_duration(seconds)}")
         else:
-            self._print(f"{self.prefix}    {skipped}")
+            self.say(f"{self.prefix}    {skipped}")
 
 
 def _duration(seconds: float) -> str:
@@ -314,7 +316,7 @@ class StageRunner:
             self.progress.finish(stage, record.seconds, "up to date, skipped")
         else:
             if reason != "not run yet":
-                self.progress._print(f"{self.progress.prefix}    running again: {reason}")
+                self.progress.say(f"{self.progress.prefix}    running again: {reason}")
             seed = stage_seed(self.seed, stage.name)
             L.seed_everything(seed, verbose=False)
             self.root.mkdir(parents=True, exist_ok=True)
@@ -323,7 +325,7 @@ class StageRunner:
             seconds = time.perf_counter() - start
             record = StageRecord(stage.name, self.key(stage), plain(stage.settings()),
                                  self._input_fingerprints(stage), record_files(self.root, stage.outputs()),
-                                 seconds, seed, {key: _relative(self.root, Path(path)) for key, path in products.items()})
+                                 seconds, seed, {key: relative_to_run(self.root, Path(path)) for key, path in products.items()})
             atomic_write_text(self.record_path(stage.name), json.dumps(asdict(record), indent=2))
             self.progress.finish(stage, seconds, None)
         self.records[stage.name] = record

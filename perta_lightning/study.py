@@ -40,9 +40,9 @@ def _seed_job(job: dict[str, Any]) -> None:
 
     from perta_lightning.pipeline import run_seed
 
-    if job.pop("threads", None):
-        torch.set_num_threads(job["threads_value"])
-    job.pop("threads_value", None)
+    threads = job.pop("threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")
     run_seed(**job)
 
@@ -54,7 +54,7 @@ def _run_seeds(jobs: list[dict[str, Any]], workers: int) -> None:
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for future in [pool.submit(_seed_job, dict(job, threads=True, threads_value=threads)) for job in jobs]:
+        for future in [pool.submit(_seed_job, dict(job, threads=threads)) for job in jobs]:
             future.result()
 
 
