@@ -175,18 +175,23 @@ def test_prompt_without_tokenizer_or_model_is_refused(tiny_benchmark):
         PromptFormat(max_length=0)
 
 
-def test_eval_datamodule_tokenizer_defaults_to_the_evaluated_model(tiny_model_dir, tiny_benchmark):
+def test_eval_datamodule_tokenizer_defaults_to_the_evaluated_model(tiny_model_dir, tiny_benchmark, tmp_path):
     """No ``prompt.tokenizer``: the evaluation data is tokenized with the evaluated model's tokenizer."""
+    import shutil
+
     from lightning.pytorch import Trainer
 
     from perta_lightning.data.evaluation import TofuEvalDataModule
     from perta_lightning.evaluate import TofuEvaluator
 
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a tokenizer no other folder has
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 99}))
     data = TofuEvalDataModule(TofuSource(path=str(tiny_benchmark)), holdout_split=None, real_authors_split=None,
                               world_facts_split=None, retain_split=None, max_examples=2)
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
-        TofuEvaluator(str(tiny_model_dir), max_new_tokens=2), datamodule=data, verbose=False)
-    assert data.tokenizer.name_or_path == str(tiny_model_dir)
+        TofuEvaluator(str(model), max_new_tokens=2), datamodule=data, verbose=False)
+    assert data.tokenizer.model_max_length == 99
 
 
 def test_run_model_dir_prefers_the_modules_tokenizer():
@@ -257,3 +262,32 @@ def test_split_with_only_empty_answers_is_refused(tiny_benchmark, tmp_path):
     with pytest.raises(PertaValueError, match=r"forget10\.json: no answer tokens in the split, only EOS"):
         ImportanceDataModule(source, prompt).setup("fit")
     TofuDataModule(source, prompt, train_split="retain90").setup("fit")  # one real answer token is enough
+
+
+# ---- one formatter per tokenizer and options, each text tokenized once
+
+def test_formatters_are_shared_by_tokenizer_contents_and_options(tiny_benchmark, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_benchmark / "tokenizer", tmp_path / "another_model_dir")
+    first = PromptFormat().formatter(str(tiny_benchmark / "tokenizer"))
+    assert PromptFormat().formatter(str(copy)) is first  # the same files in another model's folder
+    assert PromptFormat(system_prompt="Be brief.").formatter(str(copy)) is not first
+    assert PromptFormat(max_length=64).formatter(str(copy)) is not first
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 77
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    changed = PromptFormat().formatter(str(copy))
+    assert changed is not first and changed.tokenizer.model_max_length == 77
+
+
+def test_cached_encodings_equal_fresh_ones_and_cannot_be_corrupted(tokenizer):
+    formatter, fresh = QAFormatter(tokenizer), QAFormatter(tokenizer)
+    pairs = [("Where was Ana born?", "In Lima."), ("Where was Ana born?", "In Quito."), ("Who?", "In Lima.")]
+    for _ in range(2):
+        for question, answer in pairs:
+            assert formatter.encode(question, answer) == fresh.encode(question, answer)
+    ids = formatter.prompt_ids("Who?")
+    ids.append(-5)  # a caller changing its list must not change the next caller's
+    assert formatter.prompt_ids("Who?") == fresh.prompt_ids("Who?")
+    assert len(formatter._prompt_ids) == 2 and len(formatter._answer_ids) == 2

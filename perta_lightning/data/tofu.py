@@ -14,8 +14,10 @@ so that the loss (and every score) covers the answer tokens only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +186,9 @@ class QAFormatter:
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         if self.use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+        # every stage of a study encodes the same questions and answers: each text is tokenized once
+        self._prompt_ids: dict[str, list[int]] = {}
+        self._answer_ids: dict[str, list[int]] = {}
 
     def prompt_text(self, question: str) -> str:
         """The text before the answer: the chat template's user turn and assistant header, or plain Q/A."""
@@ -197,14 +202,19 @@ class QAFormatter:
         )
 
     def prompt_ids(self, question: str) -> list[int]:
-        # Chat templates already carry their special tokens (BOS included); plain prompts get the
-        # tokenizer's usual specials.
-        return self.tokenizer(self.prompt_text(question), add_special_tokens=not self.use_chat_template)[
-            "input_ids"
-        ]
+        ids = self._prompt_ids.get(question)
+        if ids is None:
+            # Chat templates already carry their special tokens (BOS included); plain prompts get the
+            # tokenizer's usual specials.
+            ids = self._prompt_ids[question] = self.tokenizer(
+                self.prompt_text(question), add_special_tokens=not self.use_chat_template)["input_ids"]
+        return list(ids)
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids = self._answer_ids.get(answer)
+        if ids is None:
+            ids = self._answer_ids[answer] = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return list(ids)
 
     def encode(self, question: str, answer: str) -> dict[str, list[int]]:
         """``input_ids`` and ``labels`` for one pair; labels are -100 on the prompt."""
@@ -255,9 +265,54 @@ class PromptFormat:
         return str(path)
 
     def formatter(self, model_dir: str | None = None) -> QAFormatter:
-        """Load the tokenizer (``tokenizer``, else ``model_dir``) and build the ``QAFormatter``."""
-        tokenizer = load_tokenizer(self.tokenizer_path(model_dir))
-        return QAFormatter(tokenizer, self.system_prompt, self.date_string, self.max_length, self.use_chat_template)
+        """The ``QAFormatter`` of the tokenizer (``tokenizer``, else ``model_dir``) with these options.
+
+        Formatters are kept per process, keyed by the tokenizer files' contents and these options, so the
+        stages of a study, each with its own copy of the same tokenizer, load it and tokenize each text once."""
+        path = self.tokenizer_path(model_dir)
+        key = _tokenizer_fingerprint(path)
+        if key is not None:
+            key = (key, self.system_prompt, self.date_string, self.max_length, self.use_chat_template)
+            if key in _FORMATTERS:
+                _FORMATTERS.move_to_end(key)
+                return _FORMATTERS[key]
+        formatter = QAFormatter(load_tokenizer(path), self.system_prompt, self.date_string, self.max_length,
+                                self.use_chat_template)
+        if key is not None:
+            _FORMATTERS[key] = formatter
+            while len(_FORMATTERS) > _MAX_FORMATTERS:
+                _FORMATTERS.popitem(last=False)
+        return formatter
+
+
+_FORMATTERS: OrderedDict[tuple, QAFormatter] = OrderedDict()
+_MAX_FORMATTERS = 4
+#: The files a tokenizer is loaded from (``config.json`` only lends its ``model_type``).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model")
+
+
+def _tokenizer_fingerprint(path: str) -> str | None:
+    """A digest of the tokenizer files of a local folder (``None`` for a hub id: not cached)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    digest, found = hashlib.sha256(), False
+    for name in _TOKENIZER_FILES:
+        file = folder / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+            found = True
+    if not found:
+        return None
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            digest.update(str(json.loads(config.read_text()).get("model_type")).encode())
+        except (ValueError, AttributeError):
+            return None  # let the loader report it
+    return digest.hexdigest()
 
 
 def run_model_dir(trainer: Any) -> str | None:
