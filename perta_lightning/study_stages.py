@@ -86,20 +86,47 @@ class SyntheticData(Stage):
         return {"data": out, "tokenizer": out / "tokenizer"}
 
 
+#: The evaluation splits a synthetic run may read from given files: the sets that are not about its authors.
+WORLD_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
+
+
 @dataclass(frozen=True)
 class Data:
-    """Where a run's TOFU splits come from: the run's own synthetic stage, or a given source."""
+    """Where a run's TOFU splits come from: the run's own synthetic stage, or a given source.
+
+    ``files``: ``(split, path)`` pairs read from files instead of the synthetic stage (only the
+    :data:`WORLD_SPLITS`, e.g. TOFU's real real-authors and world-facts sets for a pretrained θ0, whose world
+    is not the synthetic one). Their contents' digests enter the settings of the stages that read them."""
 
     stage: SyntheticData | None = None
     given: TofuSource | None = None
+    files: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+
+        for split, path in self.files:
+            if self.stage is None:
+                raise PertaValueError("eval_files: only a synthetic run takes them; give a source's files= instead")
+            if split not in WORLD_SPLITS:
+                raise PertaValueError(f"eval_files: key {split!r} is not one of {list(WORLD_SPLITS)}")
+            if not Path(path).is_file():
+                raise PertaFileNotFoundError(f"eval_files[{split}]: no such file: {path}")
 
     def source(self, runner: StageRunner) -> TofuSource:
         if self.stage is not None:
-            return TofuSource(path=str(runner.path(Product(self.stage, "data"))))
+            return TofuSource(path=str(runner.path(Product(self.stage, "data"))),
+                              files=dict(self.files) if self.files else None)
         return self.given
 
     def settings(self) -> Any:
-        return "synthetic" if self.stage is not None else self.given
+        if self.stage is None:
+            return self.given
+        if not self.files:
+            return "synthetic"
+        from perta_lightning.stages import checksum_file
+
+        return {"synthetic": True, "files": {split: checksum_file(Path(path)) for split, path in self.files}}
 
     @property
     def stages(self) -> list[Stage]:

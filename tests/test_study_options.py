@@ -32,3 +32,51 @@ def test_variant_labels_name_what_differs_from_the_paper():
     assert PertaVariant("grad").label == "perta_grad"
     assert PertaVariant("fisher", beta=16.0, power=2.0, importance_at="base", granularity="batch",
                         num_examples=20).label == "perta_fisher_b16_p2_at_base_batch_n20"
+
+
+def _graph(eval_files):
+    from perta_lightning.pipeline import study_graph
+    from perta_lightning.study_stages import Runtime
+
+    return study_graph(resolve_preset("tiny"), 0, "forget10", "retain90", [PertaVariant("grad")], ["grad_diff"],
+                       None, None, Runtime(), eval_files)
+
+
+def test_eval_files_reach_the_evaluations_only(tmp_path):
+    from perta_lightning.data.tofu import load_split
+
+    file = tmp_path / "real.json"
+    file.write_text('{"question": "Who wrote Hamlet?", "answer": "Shakespeare", "perturbed_answer": ["Dickens"]}\n')
+    graph = _graph({"real_authors_perturbed": str(file)})
+    plain = _graph(None)
+    # training stages read the synthetic data only: their settings (and so their records) do not change
+    assert graph["full"].settings() == plain["full"].settings()
+    evaluation = graph["target"].settings()["data"]
+    assert evaluation["synthetic"] is True and set(evaluation["files"]) == {"real_authors_perturbed"}
+    assert plain["target"].settings()["data"] == "synthetic"
+    before = evaluation["files"]["real_authors_perturbed"]
+    file.write_text(file.read_text().replace("Dickens", "Austen"))
+    assert _graph({"real_authors_perturbed": str(file)})["target"].settings()["data"]["files"] != {
+        "real_authors_perturbed": before}  # a changed file re-runs the evaluations
+
+    class Runner:
+        def path(self, product):
+            return tmp_path / "synthetic"
+
+    source = graph["target"].data.source(Runner())
+    assert load_split(source, "real_authors_perturbed")[0]["answer"] == "Shakespeare"
+    assert source.split_file("world_facts_perturbed") == tmp_path / "synthetic" / "world_facts_perturbed.json"
+
+
+def test_eval_files_errors_name_the_key(capsys, tmp_path):
+    from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+
+    with pytest.raises(PertaValueError, match=r"eval_files: key 'forget10_perturbed' is not one of"):
+        _graph({"forget10_perturbed": str(tmp_path)})
+    with pytest.raises(PertaFileNotFoundError, match=r"eval_files\[world_facts_perturbed\]: no such file: .*gone"):
+        _graph({"world_facts_perturbed": str(tmp_path / "gone.json")})
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--preset", "tiny", "--eval_files", "{real_authors_perturbed: missing.json}",
+              "--output", str(tmp_path / "p")])
+    assert "eval_files[real_authors_perturbed]: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
