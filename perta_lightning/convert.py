@@ -12,7 +12,11 @@ is located without being imported.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,21 @@ def is_gguf(spec: str | None) -> bool:
     return spec is not None and spec.endswith(".gguf")
 
 
+@contextlib.contextmanager
+def _gguf_bar_on_terminals_only() -> Iterator[None]:
+    """Transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not reach; off a
+    terminal (CI, log files) its carriage returns are noise, so it is disabled there."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not sys.stderr.isatty():
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def gguf_to_hf(gguf_path: str, output: str, torch_dtype: str = "float32", overwrite: bool = False) -> Path:
     """Dequantise ``gguf_path`` into a Hugging Face directory ``output`` (weights in ``torch_dtype``)."""
     import torch
@@ -56,7 +75,8 @@ def gguf_to_hf(gguf_path: str, output: str, torch_dtype: str = "float32", overwr
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     dtype = getattr(torch, torch_dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    with _gguf_bar_on_terminals_only():
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The loaded model still carries its GGUF quantisation marker, which save_pretrained refuses; the weights
     # are already dequantised, so copy them into a plain model of the same architecture.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -90,11 +91,20 @@ def quiet_dependencies() -> Iterator[None]:
         hf_logging = None
     for log in lightning_logs:
         log.setLevel(logging.WARNING)
+    # DeepSpeed, when a dependency imports it, warns that it falls back to the CPU; on a machine without
+    # CUDA that is the only choice, so name it and spare the warning (a user's own setting is kept)
+    import torch
+
+    accelerator_set = "DS_ACCELERATOR" in os.environ
+    if not accelerator_set and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             yield
     finally:
+        if not accelerator_set:
+            os.environ.pop("DS_ACCELERATOR", None)
         for log, level in zip(lightning_logs, levels):
             log.setLevel(level)
         if hf_logging is not None and bars:
