@@ -1,6 +1,10 @@
-"""Batched TOFU evaluation vs a naive loop on a demo-size Llama (hidden 256, 4 layers, ~5M parameters).
+"""Batched TOFU evaluation vs a naive loop on a random Llama (by default hidden 256, 4 layers, ~4.7M parameters).
 
     PYTHONPATH=. python bench/bench_eval.py [--runs 3] [--max-examples 20] [--max-new-tokens 32] [--threads 2]
+        [--hidden 256] [--layers 4]
+
+``--hidden 640 --layers 8`` gives a ~40M-parameter model, where floating-point work rather than Python and
+framework overhead per forward pass dominates.
 
 Both evaluate forget, retain, real authors, world facts and holdout sets: the naive loop scores one
 example and one answer per forward pass and generates one question at a time; the evaluator scores a
@@ -38,10 +42,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both paths")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (the MLP is 4x, heads of 64 or 4 heads)")
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))
-    data, model = make_tiny_setup(root, num_authors=40, hidden=256, layers=4, vocab_size=1024, intermediate=1024)
+    data, model = make_tiny_setup(root, num_authors=40, hidden=args.hidden, layers=args.layers, vocab_size=1024,
+                                  intermediate=4 * args.hidden, heads=max(4, args.hidden // 64))
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters())
     source = TofuSource(path=str(data))
     fast_times, naive_times = [], []
@@ -73,7 +80,7 @@ def main() -> None:
     examples = sum(len(c["answer_nll"]) for c in naive["examples"].values())
     fast_median, naive_median = statistics.median(fast_times), statistics.median(naive_times)
     print(f"load average before/after: {load_before} / {os.getloadavg()}")
-    print(f"model: Llama hidden 256, 4 layers, {params / 1e6:.2f}M parameters; {examples} examples over 5 sets, "
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters; {examples} examples over 5 sets, "
           f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, torch threads={args.threads}")
     print(f"batched evaluator: runs {[round(t, 1) for t in fast_times]} s, median {fast_median:.1f} s")
     print(f"naive loop:        runs {[round(t, 1) for t in naive_times]} s, median {naive_median:.1f} s")

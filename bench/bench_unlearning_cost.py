@@ -28,18 +28,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from perta_lightning.pipeline_stages import _adamw
-
     from perta_lightning.data.tofu import TofuSource
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
-    from perta_lightning.pipeline import PRESETS, train_stage
+    from perta_lightning.study_stages import Runtime, _adamw, fit
+    from perta_lightning.study_types import PRESETS
 
-    p, run = PRESETS[args.preset], Path(args.run)
+    p, run, runtime = PRESETS[args.preset], Path(args.run), Runtime()
     source, full = TofuSource(path=str(run / "data")), run / "models" / "full"
-    train = dict(accelerator="cpu", devices=1)
 
     def timed(work) -> float:
         start = time.perf_counter()
@@ -50,9 +48,9 @@ def main() -> None:
     for _ in range(args.repeats):
         scratch = Path(tempfile.mkdtemp(prefix="perta-cost-"))
         try:
-            reinforce = timed(lambda: train_stage(
+            reinforce = timed(lambda: fit(
                 CausalLMModule(model=str(full), output_dir=str(scratch / "reinforced"), optimizer=_adamw(p.reinforce_lr)),
-                source, str(full), "forget10", p.reinforce_epochs, p.batch_size, **train))
+                source, str(full), ["forget10"], p.reinforce_epochs, p.batch_size, runtime))
             for statistic in ("grad", "fisher"):
                 imp = scratch / statistic
                 importance = timed(lambda: estimate_importance(
@@ -66,10 +64,10 @@ def main() -> None:
                                                    method="tv", progress=False))
             times.setdefault("tv", []).append(reinforce + merge)
             for method in ("grad_ascent", "grad_diff", "npo"):
-                times.setdefault(method, []).append(timed(lambda: train_stage(
+                times.setdefault(method, []).append(timed(lambda: fit(
                     UnlearningModule(str(full), method=method, output_dir=str(scratch / method),
                                      optimizer=_adamw(p.unlearn_lr)),
-                    source, str(full), "forget10", p.unlearn_epochs, p.batch_size, paired_split="retain90", **train)))
+                    source, str(full), ["forget10"], p.unlearn_epochs, p.batch_size, runtime, paired_split="retain90")))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     baseline = statistics.median(times["grad_diff"])

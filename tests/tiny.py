@@ -65,7 +65,7 @@ def write_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, output_sc
 
 
 def make_tiny_setup(root: Path, num_authors: int = 10, hidden: int = 32, layers: int = 2, seed: int = 0,
-                    vocab_size: int = 400, intermediate: int | None = None) -> tuple[Path, Path]:
+                    vocab_size: int = 400, intermediate: int | None = None, heads: int = 4) -> tuple[Path, Path]:
     """Write ``root/data`` (synthetic TOFU splits + tokenizer) and ``root/model`` (random Llama + tokenizer)."""
     data = root / "data"
     write_benchmark(SyntheticSpec(num_authors=num_authors, seed=seed, num_world_items=12), str(data),
@@ -73,8 +73,8 @@ def make_tiny_setup(root: Path, num_authors: int = 10, hidden: int = 32, layers:
     # a larger output scale makes greedy generations varied, not one repeated token
     model_dir = write_tiny_model(
         root / "model", data / "tokenizer", seed=seed, output_scale=20.0, hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=None,
+        intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=512, bos_token_id=None,
     )
     return data, model_dir
 
