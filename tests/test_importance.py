@@ -84,6 +84,22 @@ def test_batch_fisher_with_batch_one_is_exact_and_grad_ignores_batch_size(tiny_a
     assert_close_stats(load_file(grad["retain"]), load_file(single_process["grad"]["retain"]))
 
 
+def test_bf16_statistics_are_the_fp32_ones_rounded_once(tiny_assets, single_process, tmp_path):
+    source = TofuSource(path=str(tiny_assets["data"]))
+    out = estimate_importance(str(tiny_assets["model"]), source, str(tmp_path), "fisher", batch_size=3,
+                              trainer_kwargs=CPU, save_dtype="bfloat16")
+    exact = load_file(single_process["fisher"]["forget"])
+    half = load_file(out["forget"])
+    assert half.keys() == exact.keys() and all(t.dtype == torch.bfloat16 for t in half.values())
+    for name in exact:  # round to nearest of the same fp32 sums: bit for bit the cast of the exact file
+        assert torch.equal(half[name], exact[name].bfloat16()), name
+    assert json.loads((tmp_path / "forget.json").read_text())["dtype"] == "bfloat16"
+    from perta_lightning.errors import PertaValueError
+
+    with pytest.raises(PertaValueError, match="save_dtype must be one of \\['bfloat16', 'float32'\\], got 'float16'"):
+        estimate_importance(str(tiny_assets["model"]), source, str(tmp_path / "x"), "fisher", save_dtype="float16")
+
+
 def test_subsample_and_sharded_output(tiny_assets, tmp_path):
     from perta_lightning.modules.importance import ImportanceModule  # noqa: F401  (public API)
 

@@ -57,6 +57,8 @@ class ImportanceModule(LightningModule):
         torch_dtype: dtype the weights are loaded in; statistics are accumulated in fp32 regardless.
         overwrite: replace existing statistics in ``output_dir``.
         max_shard_bytes: largest output shard.
+        save_dtype: ``float32`` (exact, the default) or ``bfloat16`` (half the bytes; see
+            :class:`~perta_lightning.callbacks.importance.ImportanceCollector`).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ImportanceModule(LightningModule):
         torch_dtype: str = "float32",
         overwrite: bool = False,
         max_shard_bytes: int = 5 * 2**30,
+        save_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
         if fisher_mode not in ("auto", "hooks", "loop"):
@@ -76,7 +79,8 @@ class ImportanceModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.collector = ImportanceCollector(
-            output_dir, statistic, granularity, model_dir=model, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+            output_dir, statistic, granularity, model_dir=model, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+            save_dtype=save_dtype,
         )
         self.model = load_causal_lm(model, None, torch_dtype)
 
@@ -171,13 +175,15 @@ def estimate_importance(
     overwrite: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
     prompt: PromptFormat = PromptFormat(),
+    save_dtype: Literal["float32", "bfloat16"] = "float32",
 ) -> dict[str, Path]:
     """Estimate forget and retain importance at ``model`` in this process (or under the strategy in
     ``trainer_kwargs``). ``prompt.tokenizer`` defaults to ``model``. Returns ``{"forget": path, "retain": path}``
     of the written statistics (a ``.safetensors`` file, or a ``.safetensors.index.json`` when sharded) on rank
     zero, ``{}`` elsewhere. ``fisher_mode`` chooses how exact per-example Fisher is computed (see
     :class:`ImportanceModule`)."""
-    module = ImportanceModule(model, output_dir, statistic, granularity, fisher_mode, overwrite=overwrite)
+    module = ImportanceModule(model, output_dir, statistic, granularity, fisher_mode, overwrite=overwrite,
+                              save_dtype=save_dtype)
     data = ImportanceDataModule(
         source, prompt, forget_split, retain_split, num_examples, subsample_seed, batch_size
     )
