@@ -59,12 +59,39 @@ def score_answers(
     answer_ids: torch.Tensor,
     answer_mask: torch.Tensor,
     example: torch.Tensor,
+    groups: int = 4,
+    min_group: int = 16,
 ) -> torch.Tensor:
     """Logits ``(N, 1 + A, V)`` of ``[last prompt token of example[n]] ++ answer_ids[n]`` after the prefix.
 
     ``answer_ids`` / ``answer_mask``: ``(N, A)`` right padded; ``example``: ``(N,)`` prompt row of each answer.
-    ``prefix`` (from :func:`encode_prefix`) is left unchanged. Logit ``[n, t]`` predicts block token ``t + 1``.
+    ``prefix`` (from :func:`encode_prefix`) is left unchanged. Logit ``[n, t]`` predicts block token ``t + 1``;
+    logits past an answer's end mean nothing (its labels there are ``-100``).
+
+    Answers of one batch differ in length (a paraphrase, five perturbed answers), so one block padded to the
+    longest wastes about a third of its tokens. The answers are sorted by length and run in up to ``groups``
+    blocks of at least ``min_group`` answers, each padded to its own longest: fewer padded tokens for a few
+    more forward passes. Each row's numbers do not depend on the grouping beyond float rounding.
     """
+    lengths = answer_mask.long().sum(-1)
+    count = max(1, min(groups, answer_ids.shape[0] // max(1, min_group)))
+    if count == 1:
+        return _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example)
+    order = torch.argsort(lengths, stable=True)
+    out: torch.Tensor | None = None
+    for rows in torch.tensor_split(order, count):
+        width = int(lengths[rows].max())
+        logits = _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids[rows, :width],
+                              answer_mask[rows, :width], example[rows])
+        if out is None:
+            out = logits.new_zeros(answer_ids.shape[0], answer_ids.shape[1] + 1, logits.shape[-1])
+        out[rows, : width + 1] = logits
+    return out
+
+
+def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 answer_ids: torch.Tensor, answer_mask: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """:func:`score_answers` for one block of answers, padded to its longest."""
     cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, example), layer.values.index_select(0, example))
                                          for layer in prefix.layers])
     ids = torch.cat([prompt_ids[example, -1:], answer_ids], dim=1)

@@ -18,7 +18,9 @@ def model():
 
 
 @torch.no_grad()
-def test_cached_scores_equal_full_sequences(model):
+@pytest.mark.parametrize("groups, min_group", [(1, 1), (2, 1), (4, 1), (4, 2)])
+def test_cached_scores_equal_full_sequences(model, groups, min_group):
+    """One block, or answers grouped by length (each group padded to its own longest, its rows put back)."""
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]  # different lengths: left padding matters
     answers = [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1], [27, 1], [28, 29, 1]]
     example = torch.tensor([0, 1, 2, 0, 2])
@@ -27,7 +29,8 @@ def test_cached_scores_equal_full_sequences(model):
     answer_ids = pad_batch(answers, 0)
     answer_mask = pad_batch([[1] * len(a) for a in answers], 0)
     prefix = encode_prefix(model, prompt_ids, prompt_mask)
-    logits = score_answers(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example)
+    logits = score_answers(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example, groups, min_group)
+    assert logits.shape[:2] == (len(answers), answer_ids.shape[1] + 1)
     labels = block_labels(pad_batch(answers, -100))
     nll, count = example_nll(logits, labels)
     for n, answer in enumerate(answers):
