@@ -225,7 +225,11 @@ def main() -> None:
         by_forget = []
         fs_model = parse_size(args.forget_size_model)
         for forget in args.forget_sizes.split(","):
-            runs = medians(fs_model, forget, args.repeats)
+            label = f"{fs_model[0]}x{fs_model[1]}"
+            if forget == args.forget and label in everything["sizes"]:  # measured in the size sweep
+                runs = everything["sizes"][label]["runs"]
+            else:
+                runs = medians(fs_model, forget, args.repeats)
             n = len(load_split(source, forget))
             everything["forget_sizes"][forget] = {"examples": n, "runs": runs}
             by_forget.append((forget, float(n), {s: statistics.median(v) for s, v in runs.items()}))
