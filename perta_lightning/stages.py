@@ -197,20 +197,31 @@ class Product:
 class Progress:
     """Prints ``[stage k/N] name: what it does`` with the elapsed time and an estimate of what is left.
 
-    The estimate scales the measured seconds per unit of ``Stage.cost`` of the stages run so far.
+    The estimate is the cost (``Stage.cost``) still to come, by kind of stage (its class), times the seconds
+    per unit of cost measured on that kind so far, or on every kind while that one has not run yet: the
+    relative costs of a kind are right within a run, but not from one model to another (an evaluation of a
+    pretrained 135M model with TOFU's real-world sets costs far more, against its fine-tuning, than one of
+    the demo's models).
     """
 
     total: int = 0
-    remaining_cost: float = 0.0
     prefix: str = ""
     stream: Any = None
     done: int = 0
     _start: float = field(default_factory=time.perf_counter)
-    _spent_cost: float = 0.0
-    _spent_seconds: float = 0.0
+    _remaining: dict[str, float] = field(default_factory=dict)  # cost still to come, by kind
+    _spent: dict[str, list[float]] = field(default_factory=dict)  # kind -> [cost, seconds] of stages run
 
     expected: int = 0
     expected_cost: float = 0.0
+    expected_kind: str = ""
+
+    @property
+    def remaining_cost(self) -> float:
+        return sum(self._remaining.values())
+
+    def _add(self, kind: str, cost: float) -> None:
+        self._remaining[kind] = self._remaining.get(kind, 0.0) + cost
 
     def plan(self, stages: Sequence[Stage]) -> None:
         """Add ``stages`` to the count and the cost still to come; they use up what ``expect`` foresaw."""
@@ -219,29 +230,44 @@ class Progress:
         self.expected -= claimed
         self.expected_cost -= claimed * share
         self.total += len(stages) - claimed
-        self.remaining_cost += sum(stage.cost for stage in stages) - claimed * share
+        self._add(self.expected_kind, -claimed * share)
+        for stage in stages:
+            self._add(type(stage).__name__, stage.cost)
 
-    def expect(self, count: int, cost: float) -> None:
-        """Foresee ``count`` stages of ``cost`` in all that are not declared yet (a search's rounds)."""
+    def expect(self, count: int, cost: float, kind: str = "Evaluate") -> None:
+        """Foresee ``count`` stages of ``cost`` in all, mostly of ``kind``, that are not declared yet (a search's
+        rounds)."""
         self.expected += count
         self.expected_cost += cost
+        self.expected_kind = kind
         self.total += count
-        self.remaining_cost += cost
+        self._add(kind, cost)
 
     def settle(self) -> None:
         """Drop what ``expect`` foresaw and did not happen."""
         self.total -= self.expected
-        self.remaining_cost -= self.expected_cost
+        self._add(self.expected_kind, -self.expected_cost)
         self.expected, self.expected_cost = 0, 0.0
 
     def say(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
 
+    def seconds_left(self) -> float | None:
+        """The estimate of what is left (``None`` before any stage has run)."""
+        spent_cost = sum(cost for cost, _ in self._spent.values())
+        if spent_cost <= 0:
+            return None
+        overall = sum(seconds for _, seconds in self._spent.values()) / spent_cost
+        left = 0.0
+        for kind, cost in self._remaining.items():
+            measured = self._spent.get(kind)
+            rate = measured[1] / measured[0] if measured and measured[0] > 0 else overall
+            left += rate * max(cost, 0.0)
+        return left
+
     def _eta(self) -> str:
-        if self._spent_cost <= 0:
-            return ""
-        left = self._spent_seconds / self._spent_cost * max(self.remaining_cost, 0.0)
-        return f", about {_duration(left)} left"
+        left = self.seconds_left()
+        return "" if left is None else f", about {_duration(left)} left"
 
     def start(self, stage: Stage) -> None:
         self.done += 1
@@ -251,10 +277,12 @@ class Progress:
                     f"({elapsed} elapsed{self._eta()})")
 
     def finish(self, stage: Stage, seconds: float, skipped: str | None) -> None:
-        self.remaining_cost -= stage.cost
+        kind = type(stage).__name__
+        self._add(kind, -stage.cost)
         if skipped is None:
-            self._spent_cost += stage.cost
-            self._spent_seconds += seconds
+            spent = self._spent.setdefault(kind, [0.0, 0.0])
+            spent[0] += stage.cost
+            spent[1] += seconds
             self.say(f"{self.prefix}    done in {_duration(seconds)}")
         else:
             self.say(f"{self.prefix}    {skipped}")

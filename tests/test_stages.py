@@ -104,3 +104,31 @@ def test_a_fresh_run_in_a_relative_folder_records_paths_inside_it(tmp_path, monk
     assert record["products"] == {"file": "b.txt"} and record["files"][0]["path"] == "b.txt"
     assert runner.path(Product(a, "file")) == tmp_path / "runs" / "r" / "a.txt"
     assert (tmp_path / "runs" / "r" / "b.txt").read_text().startswith("x:")
+
+
+def test_estimate_uses_each_kind_of_stage_own_pace():
+    """What is left is priced per kind of stage once that kind has run, else at the pace of all so far."""
+
+    @dataclass(eq=False)
+    class Evaluate(Write):
+        cost: float = 0.3
+
+    progress = Progress(stream=open("/dev/null", "w"))
+    train = [Write(f"t{i}", "x") for i in range(2)]  # cost 1.0 each
+    evals = [Evaluate(f"e{i}", "x") for i in range(3)]
+    progress.plan([*train, *evals])
+    assert progress.seconds_left() is None  # nothing measured yet
+    progress.finish(train[0], 10.0, None)
+    # 10 s per unit of cost so far: one training (1.0) and three evaluations (0.9) left
+    assert progress.seconds_left() == pytest.approx(10.0 * 1.9)
+    progress.finish(train[1], 10.0, None)
+    progress.finish(evals[0], 30.0, None)  # an evaluation is 100 s per unit here, not 10
+    assert progress.seconds_left() == pytest.approx(2 * 30.0)
+    progress.expect(4, 1.2)  # a search's rounds: priced as evaluations
+    assert progress.seconds_left() == pytest.approx(2 * 30.0 + 4 * 30.0)
+    progress.plan([Evaluate("e3", "x")])  # one foreseen stage declared
+    assert progress.seconds_left() == pytest.approx(2 * 30.0 + 4 * 30.0)
+    progress.settle()  # three foreseen stages did not happen
+    assert progress.seconds_left() == pytest.approx(3 * 30.0) and progress.total == 6
+    progress.finish(evals[1], 0.0, "skipped: up to date")  # a skipped stage leaves the pace alone
+    assert progress.seconds_left() == pytest.approx(2 * 30.0)
