@@ -35,10 +35,10 @@ from perta_lightning.data.tofu import TofuSource
 from perta_lightning.errors import PertaValueError
 from perta_lightning.eval_sets import EVAL_SET_BY_NAME, UTILITY_KEYS
 from perta_lightning.functional import tofu_metrics as F
-from perta_lightning.functional.losses import example_nll
+from perta_lightning.functional.losses import answer_token_mask
 from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues, MinKMiaAUC, TofuSetMetrics
-from perta_lightning.prompt_cache import CACHE_ARG, block_labels, encode_prefix, score_answers
+from perta_lightning.prompt_cache import CACHE_ARG, block_labels, encode_prefix, score_answer_tokens
 from perta_lightning.summary import (
     FORMAT,
     check_same_forget_set,
@@ -163,20 +163,20 @@ class TofuEvaluator(LightningModule):
         size, num_perturbed = index.numel(), batch["num_perturbed"]
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         prefix = encode_prefix(self.model, prompt_ids, prompt_mask)
-        logits = score_answers(self.model, prefix, prompt_ids, prompt_mask, batch["answer_ids"], batch["answer_mask"],
-                               batch["answer_example"])
+        nll, hits = score_answer_tokens(self.model, prefix, prompt_ids, prompt_mask, batch["answer_ids"],
+                                        batch["answer_labels"], batch["answer_mask"], batch["answer_example"])
         labels = block_labels(batch["answer_labels"])
-        nll_sum, count = example_nll(logits, labels)
-        mean_nll = nll_sum.double() / count
+        mask = answer_token_mask(labels)
+        mean_nll = (nll * mask).sum(dim=1).double() / mask.sum(dim=1)
         values = {"answer_nll": mean_nll[:size]}
         offset = size
         if spec.has_paraphrase:
             values["paraphrased_nll"] = mean_nll[size : 2 * size]
             offset = 2 * size
         if spec.extraction_strength:
-            values["extraction_strength"] = F.extraction_strength(logits[:size], labels[:size]).to(self.device)
+            values["extraction_strength"] = F.extraction_strength_from_hits(hits[:size], labels[:size]).to(self.device)
         if spec.min_k:
-            values["min_k_score"] = F.min_k_score(logits[:size], labels[:size], self.hparams.mink_k).to(self.device)
+            values["min_k_score"] = F.min_k_score_from_nll(nll[:size], labels[:size], self.hparams.mink_k).to(self.device)
             self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)

@@ -66,27 +66,73 @@ def score_answers(
 
     ``answer_ids`` / ``answer_mask``: ``(N, A)`` right padded; ``example``: ``(N,)`` prompt row of each answer.
     ``prefix`` (from :func:`encode_prefix`) is left unchanged. Logit ``[n, t]`` predicts block token ``t + 1``;
-    logits past an answer's end mean nothing (its labels there are ``-100``).
+    logits past an answer's end mean nothing (its labels there are ``-100``). :func:`score_answer_tokens`
+    gives what the metrics need without holding ``(N, 1 + A, V)`` logits.
 
     Answers of one batch differ in length (a paraphrase, five perturbed answers), so one block padded to the
     longest wastes about a third of its tokens. The answers are sorted by length and run in up to ``groups``
     blocks of at least ``min_group`` answers, each padded to its own longest: fewer padded tokens for a few
     more forward passes. Each row's numbers do not depend on the grouping beyond float rounding.
     """
-    lengths = answer_mask.long().sum(-1)
-    count = max(1, min(groups, answer_ids.shape[0] // max(1, min_group)))
-    if count == 1:
-        return _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example)
-    order = torch.argsort(lengths, stable=True)
     out: torch.Tensor | None = None
-    for rows in torch.tensor_split(order, count):
-        width = int(lengths[rows].max())
-        logits = _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids[rows, :width],
-                              answer_mask[rows, :width], example[rows])
+    for rows, width, logits in _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                               example, groups, min_group):
+        if rows is None:
+            return logits
         if out is None:
             out = logits.new_zeros(answer_ids.shape[0], answer_ids.shape[1] + 1, logits.shape[-1])
         out[rows, : width + 1] = logits
     return out
+
+
+def score_answer_tokens(
+    model: torch.nn.Module,
+    prefix: DynamicCache,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_labels: torch.Tensor,
+    answer_mask: torch.Tensor,
+    example: torch.Tensor,
+    groups: int = 4,
+    min_group: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL and argmax hits ``(N, A)`` of each answer token, as :func:`score_answers` would give them
+    through :func:`~perta_lightning.functional.losses.token_nll` and ``argmax == label`` over
+    :func:`block_labels`, but one group of answers' logits at a time.
+
+    A batch's logits are ``N × (1 + A) × V`` floats: for batch 32 with 7 answers of 30 tokens and Llama 3's
+    128k vocabulary, 3.6 GB, and the log-softmax as much again. Holding one group (of up to ``groups``) and
+    reducing it to two ``(n, A)`` tensors keeps the peak to a fraction of that. NLL is float32, 0 where the
+    label is ignored; hits are ``False`` there.
+    """
+    from perta_lightning.functional.losses import token_nll
+
+    nll = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
+    hits = torch.zeros(answer_ids.shape, dtype=torch.bool, device=answer_ids.device)
+    for rows, width, logits in _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                               example, groups, min_group):
+        labels = block_labels(answer_labels if rows is None else answer_labels[rows, :width])
+        where = slice(None) if rows is None else rows
+        nll[where, : labels.shape[1] - 1] = token_nll(logits, labels)
+        hits[where, : labels.shape[1] - 1] = logits[:, :-1].argmax(dim=-1) == labels[:, 1:]
+        del logits
+    return nll, hits
+
+
+def _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example, groups, min_group):
+    """``(rows, width, logits)`` per group of length-sorted answers (``rows`` ``None``: one block of all)."""
+    lengths = answer_mask.long().sum(-1)
+    count = max(1, min(groups, answer_ids.shape[0] // max(1, min_group)))
+    if count == 1:
+        yield None, answer_ids.shape[1], _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids,
+                                                      answer_mask, example)
+        return
+    order = torch.argsort(lengths, stable=True)
+    for rows in torch.tensor_split(order, count):
+        width = int(lengths[rows].max())
+        yield rows, width, _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids[rows, :width],
+                                        answer_mask[rows, :width], example[rows])
 
 
 def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

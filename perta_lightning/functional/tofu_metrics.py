@@ -89,12 +89,16 @@ def extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     ``extraction_strength``, ``k`` is searched in ``0..N-1``; when not even the last token is predicted
     ``k`` stays ``N-1``, so the score is at least ``1/N``.
     """
-    predictions = logits[:, :-1, :].argmax(dim=-1)
-    targets = labels[:, 1:]
+    return extraction_strength_from_hits(logits[:, :-1, :].argmax(dim=-1) == labels[:, 1:], labels)
+
+
+def extraction_strength_from_hits(hits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`extraction_strength` from ``hits`` ``(B, T-1)``: whether the argmax at each position equals the
+    next label (what a scorer keeps instead of ``(B, T, V)`` logits). ``-> (B,)`` float64."""
     mask = scored_token_mask(labels)
     scores = []
     for row in range(labels.shape[0]):
-        wrong = (predictions[row][mask[row]] != targets[row][mask[row]]).nonzero().flatten()
+        wrong = (~hits[row][mask[row]]).nonzero().flatten()
         n = int(mask[row].sum())
         if n == 0:
             raise ValueError(f"example {row} of the batch has no answer tokens before its final (EOS) token")
@@ -107,9 +111,13 @@ def min_k_score(logits: torch.Tensor, labels: torch.Tensor, k: float = 0.4) -> t
     """Min-K% Prob score per example: minus the mean of the lowest ``max(1, int(N*k))`` log probabilities of
     the ``N`` answer tokens without the final labelled one (:func:`scored_token_mask`); higher means less likely
     a member, as open-unlearning's ``MinKProbAttack``. ``-> (B,)``."""
+    return min_k_score_from_nll(token_nll(logits, labels), labels, k)
+
+
+def min_k_score_from_nll(nll: torch.Tensor, labels: torch.Tensor, k: float = 0.4) -> torch.Tensor:
+    """:func:`min_k_score` from the per-token NLL ``(B, T-1)`` of :func:`~perta_lightning.functional.losses.token_nll`."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
-    nll = token_nll(logits, labels)
     mask = scored_token_mask(labels)
     scores = []
     for row in range(labels.shape[0]):
