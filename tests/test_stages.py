@@ -132,3 +132,29 @@ def test_estimate_uses_each_kind_of_stage_own_pace():
     assert progress.seconds_left() == pytest.approx(3 * 30.0) and progress.total == 6
     progress.finish(evals[1], 0.0, "skipped: up to date")  # a skipped stage leaves the pace alone
     assert progress.seconds_left() == pytest.approx(2 * 30.0)
+
+
+def test_a_finished_stage_leaves_no_cycle_of_its_objects_alive(tmp_path):
+    """What a stage built in reference cycles (as a Trainer and its module are) is freed when the stage ends."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    kept: list = []
+
+    @dataclass(eq=False)
+    class Cyclic(Write):
+        def run(self, runner):
+            big = Big()
+            big.me = big  # a cycle: plain reference counting never frees it
+            kept.append(weakref.ref(big))
+            return super().run(runner)
+
+    gc.disable()  # no automatic collection may hide a missing one
+    try:
+        StageRunner(tmp_path, 0, Progress(stream=open("/dev/null", "w"))).run(Cyclic("c", "x"))
+        assert kept[0]() is None
+    finally:
+        gc.enable()
