@@ -217,10 +217,6 @@ class Progress:
     expected_cost: float = 0.0
     expected_kind: str = ""
 
-    @property
-    def remaining_cost(self) -> float:
-        return sum(self._remaining.values())
-
     def _add(self, kind: str, cost: float) -> None:
         self._remaining[kind] = self._remaining.get(kind, 0.0) + cost
 
