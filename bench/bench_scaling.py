@@ -158,9 +158,9 @@ def plot(path: Path, params: list[float], medians: list[dict[str, float]]) -> No
     right.set(xlabel="parameters", ylabel="seconds (median)", title="one unlearning run (without evaluation)")
     right.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from perta_lightning.io import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def table(rows: list[tuple[str, float, dict[str, float]]], first: str = "model", size: str = "parameters") -> str:

@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from perta_lightning.errors import PertaValueError
 
@@ -223,10 +224,12 @@ def replace_directory(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file in the same directory and rename it into place.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` (text ``"w"`` in UTF-8, or binary ``"wb"``) and rename it into place
+    when the block ends; on an error or SIGTERM the temporary is removed and ``path`` is left as it was.
 
-    The file gets mode ``0o666 & ~umask``; the temporary is removed on an error or SIGTERM.
+    The file gets mode ``0o666 & ~umask``.
     """
     path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +237,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp, fd = _locked_temporary(path.parent, f".{path.name}.tmp-", directory=False)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())
-            with open(fd, "w", encoding="utf-8", closefd=False) as handle:
-                handle.write(text)
+            with open(fd, mode, encoding=None if "b" in mode else "utf-8", closefd=False) as handle:
+                yield handle
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -243,3 +246,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             raise
         finally:
             os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through :func:`atomic_file`."""
+    with atomic_file(path) as handle:
+        handle.write(text)
+
+
+def atomic_save_figure(figure: Any, path: str | os.PathLike, **options: Any) -> None:
+    """``figure.savefig`` through :func:`atomic_file`, in the format of ``path``'s suffix."""
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", **options)

@@ -17,7 +17,7 @@ import torch
 
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
-from perta_lightning.io import atomic_write_text
+from perta_lightning.io import atomic_save_figure, atomic_write_text
 from perta_lightning.stages import Product, StageRunner, relative_to_run
 from perta_lightning.study_stages import Importance
 from perta_lightning.study_types import AlphaSearch, PertaVariant, ResultRow, SplitResult
@@ -123,7 +123,7 @@ def plot_tradeoff(table: list[dict[str, Any]], path: Path) -> None:
     axis.set_title("Forgetting against utility")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 
@@ -167,7 +167,7 @@ def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> Non
     axis.set_ylabel("PerTA weight w")
     axis.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 

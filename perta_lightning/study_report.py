@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from perta_lightning.io import atomic_save_figure
+
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -107,5 +109,5 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
     right.set_title("Matched Forget Quality, test seeds")
     right.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    atomic_save_figure(figure, path, dpi=110)
     plt.close(figure)

@@ -233,3 +233,30 @@ def test_cli_corrupt_bin_with_allow_pickle(tmp_path, capsys):
     code, err = _run_cli(capsys, ["--target", str(td), "--reinforced", str(rd), "--method", "tv", "--allow_pickle",
                                   "--output", str(tmp_path / "o")])
     _assert_one_line_error(code, err, f"{rd / 'pytorch_model.bin'}: not a loadable weights-only pickle checkpoint")
+
+
+def test_a_figure_that_fails_midway_leaves_the_old_one_and_no_temporary(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from perta_lightning.io import atomic_save_figure
+
+    figure, axis = plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    path = tmp_path / "tradeoff.png"
+    atomic_save_figure(figure, path, dpi=50)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    class Broken:
+        def savefig(self, handle, **options):
+            handle.write(b"\x89PNG half")  # a write cut short, as a full disk would
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_figure(Broken(), path)
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tradeoff.png"]
+    plt.close(figure)
