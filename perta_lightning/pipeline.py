@@ -37,6 +37,7 @@ from perta_lightning.study_stages import (
     Pretrain,
     Runtime,
     SyntheticData,
+    TransformImportance,
     Unlearn,
     alpha_key,
 )
@@ -82,14 +83,19 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
                       p.finetune_lr, p.batch_size, "fine-tune θ0", runtime)
     reinforced = FineTune(f"{at}/models/reinforced", full, data, [forget_split], p.reinforce_epochs,
                           p.reinforce_lr, p.batch_size, "reinforce θ_full", runtime)
-    importance: dict[tuple, Importance] = {}
+    raw: dict[tuple, Importance] = {}
+    importance: dict[tuple, Stage] = {}  # by PertaVariant.files_key: raw importance, or a transform of it
     for v in variants:
         key = v.importance_key(p.importance_examples)
-        if key not in importance:
+        if key not in raw:
             statistic, where, granularity, n = key
-            importance[key] = Importance(f"{at}/importance/{statistic}_at_{where}_{granularity}_n{n}",
-                                         full if where == "full" else base, data, statistic, granularity,
-                                         forget_split, retain_split, n)
+            raw[key] = Importance(f"{at}/importance/{statistic}_at_{where}_{granularity}_n{n}",
+                                  full if where == "full" else base, data, statistic, granularity,
+                                  forget_split, retain_split, n)
+            importance[(*key, "none")] = raw[key]
+        files = v.files_key(p.importance_examples)
+        if files not in importance:
+            importance[files] = TransformImportance(f"{raw[key].name}_{v.transform}", raw[key], v.transform)
     unlearned = [Unlearn(f"{at}/models/{method}", full, data, method, forget_split, retain_split,
                          p.unlearn_epochs, p.unlearn_lr, p.batch_size, runtime) for method in baselines]
     evaluation = dict(data=eval_data, forget_split=forget_split, max_new_tokens=p.eval_max_new_tokens, runtime=runtime)
@@ -97,7 +103,8 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
     target = Evaluate(f"{at}/eval/target", Product(full), reference=reference, **evaluation)
     baseline_evals = [Evaluate(f"{at}/eval/{u.method}", Product(u), reference=reference, **evaluation)
                       for u in unlearned]
-    stages = [*data.stages, base, full, retain, reinforced, *importance.values(), *unlearned, reference, target,
+    stages = [*data.stages, base, full, retain, reinforced, *raw.values(),
+              *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,
               *baseline_evals]
     return dict(stages=stages, full=full, reinforced=reinforced, importance=importance, reference=reference,
                 target=target, baselines=list(zip(unlearned, baseline_evals)), evaluation=evaluation)
@@ -108,9 +115,12 @@ def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str
     """Rounds of merge + evaluate for one method until each level is bracketed; its rows and evaluations."""
     importance = None
     if variant is not None:
-        importance = graph["importance"][variant.importance_key(preset.importance_examples)]
+        importance = graph["importance"][variant.files_key(preset.importance_examples)]
     reinforce_seconds = runner.records[graph["reinforced"].name].seconds
-    importance_seconds = 0.0 if importance is None else runner.records[importance.name].seconds
+    importance_stages = [] if importance is None else [importance]
+    if isinstance(importance, TransformImportance):  # and the raw importance it transforms
+        importance_stages.append(importance.source)
+    importance_seconds = sum(runner.records[stage.name].seconds for stage in importance_stages)
     reference = graph["reference"]
     reference_file = runner.path(Product(reference, "eval"))
     points: list[CurvePoint] = [target]
@@ -180,8 +190,12 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
                 rows += method_rows
             runner.progress.settle()
             result = SplitResult(forget_split, output / forget_split, rows, counts)
-            used = {v.label: graph["importance"][v.importance_key(preset.importance_examples)] for v in variants}
+            used = {v.label: graph["importance"][v.files_key(preset.importance_examples)] for v in variants}
             write_report(result, variants, search, used, runner)
+            if variants:
+                from perta_lightning.diagnostics import diagnose_split
+
+                diagnose_split(result.root)
             results.append(result)
     return results
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from perta_lightning.costs import method_costs
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
 from perta_lightning.io import atomic_save_figure, atomic_write_text
-from perta_lightning.stages import Product, StageRunner, relative_to_run
-from perta_lightning.study_stages import Importance
+from perta_lightning.provenance import model_digest
+from perta_lightning.stages import Product, Stage, StageRunner, checksum_file, relative_to_run
 from perta_lightning.study_types import AlphaSearch, PertaVariant, ResultRow, SplitResult
 
 COLUMNS = ("method", "alpha", "forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio",
@@ -41,6 +42,7 @@ def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
             "extraction_strength": aggregates.get("forget_extraction_strength"),
             "retain_rouge": summary["retain_rouge"], "unlearn_seconds": row.unlearn_seconds,
             "model_dir": relative_to_run(root, row.model), "eval_file": relative_to_run(root, row.eval_file),
+            "model_digest": model_digest(row.model), "eval_checksum": checksum_file(Path(row.eval_file)),
         })
     target_utility = next(r["model_utility"] for r in table if r["method"] == "target")
     for row in table:
@@ -172,7 +174,7 @@ def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> Non
 
 
 def write_report(result: SplitResult, variants: list[PertaVariant], search: AlphaSearch,
-                 importance: dict[str, Importance], runner: StageRunner) -> list[dict[str, Any]]:
+                 importance: dict[str, Stage], runner: StageRunner) -> list[dict[str, Any]]:
     """Write ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png`` of one forget split."""
     table = build_rows(result.rows, runner.root)
     for row in table:
@@ -189,9 +191,10 @@ def write_report(result: SplitResult, variants: list[PertaVariant], search: Alph
                                 **{key: relative_to_run(runner.root, runner.path(Product(stage, key)))
                                    for key in ("forget", "retain")}}
     out = result.root
-    atomic_write_text(out / "report.json", json.dumps({
-        "settings": settings, "rows": table, "matched": at_levels, "importance": files,
-        "search_evaluations": result.search_evaluations}, indent=2))
+    data = {"settings": settings, "rows": table, "matched": at_levels, "importance": files,
+            "search_evaluations": result.search_evaluations}
+    data["costs"] = method_costs(runner.root, data)
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
                                                   result.search_evaluations))
     plot_tradeoff(table, out / "tradeoff.png")

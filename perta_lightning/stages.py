@@ -137,6 +137,8 @@ class StageRecord:
     seconds: float
     seed: int
     products: dict[str, str] = field(default_factory=dict)
+    #: What the stage computed, in machine-free counts (``Stage.work``): example passes, bytes, evaluations.
+    work: dict[str, float] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -179,6 +181,11 @@ class Stage(ABC):
     @abstractmethod
     def outputs(self) -> list[Path]:
         """The files and folders this stage writes, relative to the run folder."""
+
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """Machine-free counts of what the stage computed (called after ``run``, kept in its record), e.g.
+        ``{"forward": examples, "backward": examples}`` for training; none by default."""
+        return {}
 
     @abstractmethod
     def run(self, runner: StageRunner) -> dict[str, Path] | None:
@@ -357,6 +364,8 @@ class StageRunner:
             record = StageRecord(stage.name, self.key(stage), plain(stage.settings()),
                                  self._input_fingerprints(stage), record_files(self.root, stage.outputs()),
                                  seconds, seed, {key: relative_to_run(self.root, Path(path)) for key, path in products.items()})
+            self.records[stage.name] = record  # work() may read the stage's own products
+            record.work = plain(stage.work(self))
             atomic_write_text(self.record_path(stage.name), json.dumps(asdict(record), indent=2))
             self.progress.finish(stage, seconds, None)
         self.records[stage.name] = record

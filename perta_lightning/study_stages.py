@@ -25,6 +25,22 @@ def _adamw(lr: float) -> Any:
     return partial(torch.optim.AdamW, lr=lr, weight_decay=0.01)
 
 
+def _rows(source: TofuSource, split: str) -> int:
+    from perta_lightning.data.tofu import load_split
+
+    return len(load_split(source, split))
+
+
+def _passes(examples: float, forward_only: float = 0.0) -> dict[str, float]:
+    """Example passes of a stage: ``examples`` forward and backward, plus ``forward_only`` forward."""
+    return {"forward": float(examples + forward_only), "backward": float(examples)}
+
+
+def _weight_bytes(runner: StageRunner, stage: Stage) -> int:
+    """Bytes of a finished stage's weight files (``*.safetensors``), as its record lists them."""
+    return sum(f.size for f in runner.records[stage.name].files if f.path.endswith(".safetensors"))
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where training and evaluation run. Only the precision enters stage settings (the rest does not change results
@@ -193,6 +209,9 @@ class Pretrain(Stage):
             self.batch_size, self.runtime)
         return {"model": out}
 
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        return _passes(self.epochs * _rows(Data(self.data).source(runner), "world_corpus"))
+
 
 @dataclass(eq=False)
 class FineTune(Stage):
@@ -233,6 +252,10 @@ class FineTune(Stage):
         module = CausalLMModule(model=str(init), output_dir=str(out), optimizer=_adamw(self.lr))
         fit(module, self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime)
         return {"model": out}
+
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        source = self.data.source(runner)
+        return _passes(self.epochs * sum(_rows(source, split) for split in self.splits))
 
 
 @dataclass(eq=False)
@@ -278,6 +301,14 @@ class Unlearn(Stage):
             self.runtime, paired_split=self.retain_split)
         return {"model": out}
 
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """GradAscent: the forget examples; GradDiff and NPO: as many retain examples beside them (the
+        retain split is cycled to the forget split's length); NPO: one more forward of the frozen reference."""
+        forget = self.epochs * _rows(self.data.source(runner), self.forget_split)
+        if self.method == "grad_ascent":
+            return _passes(forget)
+        return _passes(2 * forget, forget if self.method == "npo" else 0.0)
+
 
 @dataclass(eq=False)
 class Importance(Stage):
@@ -317,6 +348,70 @@ class Importance(Stage):
             retain_split=self.retain_split, num_examples=self.num_examples,
             subsample_seed=stage_seed(runner.seed, self.name), overwrite=True)
         return {"forget": written["forget"], "retain": written["retain"]}
+
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """One forward and backward per importance example of each split (batch Fisher as well)."""
+        source = self.data.source(runner)
+        sizes = [_rows(source, split) for split in (self.forget_split, self.retain_split)]
+        return _passes(sum(sizes if self.num_examples is None else [min(n, self.num_examples) for n in sizes]))
+
+
+@dataclass(eq=False)
+class TransformImportance(Stage):
+    """An importance pair transformed tensor by tensor before the weight rule (this project's variants):
+    ``rank`` (:func:`~perta_lightning.functional.weights.rank_contrast`) or ``excess``
+    (:func:`~perta_lightning.functional.weights.excess_importance`)."""
+
+    name: str
+    source: Stage
+    transform: Literal["rank", "excess"]
+    cost: float = 0.1
+
+    @property
+    def description(self) -> str:
+        return f"{self.transform} transform of {self.source.name}"
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.source]
+
+    def settings(self) -> dict[str, Any]:
+        return {"transform": self.transform}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.name)]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        import json
+
+        from perta_lightning.checkpoints import TensorSource, write_safetensors_sharded
+        from perta_lightning.functional.weights import excess_importance, rank_contrast
+        from perta_lightning.io import atomic_write_text
+
+        out = runner.root / self.name
+        files = {key: runner.path(Product(self.source, key)) for key in ("forget", "retain")}
+        written = {}
+        with TensorSource.from_path(files["forget"]) as s_f, TensorSource.from_path(files["retain"]) as s_r:
+            names = sorted(s_f.infos)
+            if names != sorted(s_r.infos):
+                from perta_lightning.errors import PertaValueError
+
+                raise PertaValueError(f"{files['forget']} and {files['retain']}: different tensor names")
+
+            def transformed(index: int):  # one tensor at a time; each file's pass recomputes its half
+                for name in names:
+                    forget, retain = s_f.read(name).float(), s_r.read(name).float()
+                    if self.transform == "rank":
+                        yield name, rank_contrast(forget, retain)[index]
+                    else:
+                        yield name, excess_importance(forget, retain) if index == 0 else retain
+
+            for index, key in enumerate(("forget", "retain")):
+                metadata = {"format": "pt", "transform": self.transform, "split": key,
+                            "transformed_from": files[key].name}
+                written[key] = write_safetensors_sharded(transformed(index), out, key, metadata)
+                atomic_write_text(out / f"{key}.json", json.dumps({**metadata, "path": written[key].name}, indent=2))
+        return written
 
 
 def alpha_key(alpha: float) -> str:
@@ -367,6 +462,11 @@ class Merge(Stage):
                                     progress=sys.stdout.isatty(), **options)
         return {alpha_key(alpha): path for alpha, path in written.items()}
 
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """Bytes read (target, reinforced and importance weights, once for every α of the pass) and written."""
+        read = sum(_weight_bytes(runner, stage) for stage in self.inputs)
+        return {"bytes_read": float(read), "bytes_written": float(_weight_bytes(runner, self))}
+
 
 @dataclass(eq=False)
 class Evaluate(Stage):
@@ -409,3 +509,7 @@ class Evaluate(Stage):
                        accelerator=self.runtime.accelerator, devices=self.runtime.devices,
                        torch_dtype=self.runtime.eval_dtype)
         return {"eval": out}
+
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """One evaluation: every evaluation set scored and generated once (the same work for every model)."""
+        return {"evaluations": 1.0}

@@ -92,6 +92,9 @@ class PertaVariant:
         importance_at: the model at which importance is estimated: θ_full (``full``) or θ0 (``base``).
         granularity: Fisher by ``example`` (exact) or by ``batch`` (squared batch-mean gradients).
         num_examples: importance examples per split (``None``: the preset's).
+        transform: this project's variants, not the paper's: ``rank`` makes w the rank quantile of
+            s_f / s_r within each tensor (β and p must stay 1), ``excess`` keeps only the forget importance
+            beyond what s_r predicts (see :mod:`perta_lightning.functional.weights`).
     """
 
     statistic: Literal["grad", "fisher"] = "fisher"
@@ -100,10 +103,28 @@ class PertaVariant:
     importance_at: Literal["full", "base"] = "full"
     granularity: Literal["example", "batch"] = "example"
     num_examples: int | None = None
+    transform: Literal["none", "rank", "excess"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.transform == "rank" and (self.beta != 1.0 or self.power != 1.0):
+            from perta_lightning.errors import PertaValueError
+
+            raise PertaValueError(f"PertaVariant: transform 'rank' sets w itself; beta and power must be 1, got "
+                                  f"beta={self.beta}, power={self.power}")
 
     def importance_key(self, default_examples: int | None) -> tuple:
-        """What decides the importance files this variant reads (variants sharing it share the files)."""
+        """What decides the raw importance files this variant starts from (variants sharing it share them)."""
         return (self.statistic, self.importance_at, self.granularity, self.num_examples or default_examples)
+
+    def files_key(self, default_examples: int | None) -> tuple:
+        """What decides the importance files this variant's merges read: the raw ones and the transform."""
+        return (*self.importance_key(default_examples), self.transform)
+
+    def at(self, where: Literal["full", "base"]) -> PertaVariant:
+        """The same variant with importance estimated at another model."""
+        from dataclasses import replace
+
+        return replace(self, importance_at=where)
 
     @property
     def label(self) -> str:
@@ -119,6 +140,8 @@ class PertaVariant:
             parts.append(self.granularity)
         if self.num_examples is not None:
             parts.append(f"n{self.num_examples}")
+        if self.transform != "none":
+            parts.append(self.transform)
         return "_".join(parts)
 
 

@@ -162,6 +162,24 @@ def forget_quality(ratios: torch.Tensor, retain_ratios: torch.Tensor) -> tuple[f
     return float(result.pvalue), float(result.statistic)
 
 
+def forget_quality_ladder(n: int) -> list[float]:
+    """Every value Forget Quality can take with ``n`` forget examples on each side, in increasing order.
+
+    The two-sample KS statistic of two samples of size ``n`` is ``k / n`` for ``k = 0..n``, so the p-value
+    moves in ``n + 1`` steps whatever the truth ratios are: a Forget Quality level between two steps is
+    reached only at the step above it. Computed with the same test as :func:`forget_quality`.
+    """
+    import numpy as np
+    from scipy.stats import ks_2samp
+
+    if n < 1:
+        raise ValueError(f"forget_quality_ladder: need n >= 1, got {n}")
+    base = np.arange(n, dtype=np.float64)
+    # shifting one sample by k - 1/2 puts exactly k of its points past the other's: statistic k / n
+    values = {float(ks_2samp(base, base + k - 0.5).pvalue) for k in range(1, n + 1)} | {1.0}
+    return sorted(values)
+
+
 def harmonic_mean(values: Sequence[float]) -> float:
     """Harmonic mean (scipy's ``hmean``); 0 when any value is 0. Raises on negative or NaN values."""
     from scipy.stats import hmean

@@ -14,12 +14,18 @@ at ``θ_t``). Its default, ``DEFAULT_EPS = 1e-20``, is far below typical squared
 importances of large models (often 1e-8 … 1e-16, where 1e-12 would visibly bias ``w`` towards 0)
 and far above the float32 underflow limit (~1e-38). Pass ``eps=0`` to forbid the guard: then an
 entry with ``s_f = s_r = 0`` gives NaN, which the merge reports as an error.
+
+Two transforms of the importances, applied per tensor before the rule (this project's variants, not the
+paper's): :func:`rank_contrast` (the weight becomes the rank quantile of ``s_f / s_r``) and
+:func:`excess_importance` (only the forget importance beyond what ``s_r`` predicts counts).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from perta_lightning.functional.diagnostics import average_ranks
 
 DEFAULT_EPS = 1e-20
 
@@ -70,3 +76,37 @@ def perta_weights(
     if eps:
         den.add_(eps)
     return torch.div(s_f, den, out=den)
+
+
+def rank_contrast(forget_importance: Tensor, retain_importance: Tensor, eps: float = DEFAULT_EPS
+                  ) -> tuple[Tensor, Tensor]:
+    """Importances ``(q, 1 − q)`` whose PerTA weight (β = p = 1) is the rank quantile ``q`` of the ratio.
+
+    ``q`` is the mean rank, within the tensor, of ``log(s_f + ε) − log(s_r + ε)``, less one half, over the
+    tensor's size: it lies in (0, 1), ties share one value, and its distribution is uniform whatever the
+    scale of the two importances or their correlation. Where forget and retain importance are strongly
+    rank-correlated, ``w = s_f / (s_f + β s_r)`` is nearly one number (PerTA ≈ TV with α / (1 + β)); this
+    weight keeps their *ordering* and spreads it over [0, 1]. Shapes: any ``S``, float32 out.
+    """
+    if forget_importance.shape != retain_importance.shape:
+        raise ValueError(f"rank_contrast: shape {tuple(forget_importance.shape)} != {tuple(retain_importance.shape)}")
+    ratio = torch.log(forget_importance.double() + eps) - torch.log(retain_importance.double() + eps)
+    q = ((average_ranks(ratio.flatten()) - 0.5) / ratio.numel()).reshape(ratio.shape).float()
+    return q, 1.0 - q
+
+
+def excess_importance(forget_importance: Tensor, retain_importance: Tensor) -> Tensor:
+    """Forget importance beyond what the retain importance predicts: ``max(s_f − m · s_r, 0)``.
+
+    ``m`` is the tensor's median of ``s_f / s_r`` over the entries with ``s_r > 0`` (0 when there are none):
+    the typical share of forget importance an entry has per unit of retain importance. What is left is
+    the importance specific to the forget set; about half of each tensor's entries get none, so their
+    weight ``w = s_f' / (s_f' + β s_r)`` is 0. Shape ``S`` in, float32 ``S`` out.
+    """
+    if forget_importance.shape != retain_importance.shape:
+        raise ValueError(f"excess_importance: shape {tuple(forget_importance.shape)} != "
+                         f"{tuple(retain_importance.shape)}")
+    s_f, s_r = forget_importance.float(), retain_importance.float()
+    positive = s_r > 0
+    m = torch.median(s_f[positive] / s_r[positive]) if positive.any() else s_f.new_zeros(())
+    return torch.clamp(s_f - m * s_r, min=0.0)
