@@ -10,6 +10,7 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 * ``perta summarize``       Forget Quality, Model Utility and sub-scores from evaluation files
 * ``perta pipeline``        one seed of the study, end to end, with its report
 * ``perta study``           the multi-seed study, PerTA's settings chosen on held-out seeds
+* ``perta compare``         where two study runs part: kernels, then the first model whose bytes differ
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _FUNCTION_SUBCOMMANDS = {
     "summarize": "perta_lightning.evaluate:summarize_main",
     "pipeline": "perta_lightning.pipeline:cli_main",
     "study": "perta_lightning.study:cli_main",
+    "compare": "perta_lightning.provenance:compare_main",
 }
 
 

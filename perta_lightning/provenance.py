@@ -93,3 +93,48 @@ def peak_rss_gib() -> float:
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
     return largest * scale / 2**30
+
+
+def compare_studies(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """Where two studies' results (``study.json`` data) part: machine and kernel differences, then per seed
+    and split the first evaluated model (in the order the seed's report lists them) whose weights differ.
+    Empty when both ran on the same kernels and every shared model is bit for bit the same."""
+    lines = []
+    m1, m2 = first.get("machine", {}), second.get("machine", {})
+    for key in sorted(set(m1) | set(m2)):
+        if m1.get(key) != m2.get(key) and key not in ("platform",):
+            lines.append(f"machine.{key}: {m1.get(key)!r} != {m2.get(key)!r}")
+    for phase in ("validation", "test"):
+        seeds1, seeds2 = first.get("models", {}).get(phase, {}), second.get("models", {}).get(phase, {})
+        for seed in sorted(set(seeds1) & set(seeds2), key=int):
+            for split in sorted(set(seeds1[seed]) & set(seeds2[seed])):
+                other = {(r["method"], r["alpha"]): r for r in seeds2[seed][split]}
+                for row in seeds1[seed][split]:
+                    twin = other.get((row["method"], row["alpha"]))
+                    if twin is not None and twin["model_digest"] != row["model_digest"]:
+                        alpha = "" if row["alpha"] is None else f" α = {row['alpha']:g}"
+                        lines.append(f"{phase} seed {seed} {split}: first differing model {row['method']}{alpha} "
+                                     f"({row['model_digest']} != {twin['model_digest']})")
+                        break
+    return lines
+
+
+def compare_main(argv: list[str]) -> None:
+    """``perta compare A/study.json B/study.json``: print where two study runs part (nothing if nowhere)."""
+    import json
+
+    from perta_lightning.errors import PertaValueError
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: perta compare FIRST/study.json SECOND/study.json\n\n" + (compare_studies.__doc__ or ""))
+        return
+    if len(argv) != 2:
+        raise PertaValueError(f"compare takes two study.json files, got {len(argv)} argument(s)")
+    data = []
+    for path in argv:
+        try:
+            data.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:
+            raise PertaValueError(f"{path}: cannot read a study result ({error})") from error
+    lines = compare_studies(*data)
+    print("\n".join(lines) if lines else "the same kernels and the same bytes in every shared model")
