@@ -336,5 +336,25 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-__all__ = ["FAILS", "HOLDS", "UNRESOLVED", "claims_table", "machine_line", "replication", "replication_markdown",
+__all__ = ["FAILS", "HOLDS", "UNRESOLVED", "claims_table", "machine_line", "replication", "replication_markdown", "rewrite",
            "rules_text"]
+
+
+def rewrite(study_dir: str) -> None:
+    """Write ``replication.json`` and ``REPLICATION.md`` of a finished study anew from its ``study.json``."""
+    import json
+    from pathlib import Path
+
+    from perta_lightning.io import atomic_write_text
+
+    folder = Path(study_dir)
+    table = replication(json.loads((folder / "study.json").read_text()))
+    atomic_write_text(folder / "replication.json", json.dumps(table, indent=2))
+    atomic_write_text(folder / "REPLICATION.md", replication_markdown(table))
+    print(f"[replication] {folder / 'REPLICATION.md'}")
+
+
+if __name__ == "__main__":  # python -m perta_lightning.replication STUDY_DIR
+    import sys
+
+    rewrite(sys.argv[1])
