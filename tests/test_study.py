@@ -21,9 +21,10 @@ from perta_lightning.study_types import AlphaSearch, PertaVariant
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [PertaVariant("fisher"), PertaVariant("fisher", beta=16.0)]
+PROPOSED = [PertaVariant("fisher", transform="excess")]
 SEARCH = AlphaSearch(rounds=2)
-OPTIONS = dict(preset="tiny", validation_seeds=[7], test_seeds=[0, 1], candidates=CANDIDATES,
-               baselines=["grad_diff"], search=SEARCH)
+OPTIONS = dict(preset="tiny", validation_seeds=[7], test_seeds=[0, 1], candidates=CANDIDATES, proposed=PROPOSED,
+               importance_at_base=True, baselines=["grad_diff"], search=SEARCH)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,8 @@ def tiny_study(tmp_path_factory) -> Path:
 def _without_seconds(report: dict) -> dict:
     for row in report["rows"]:
         row.pop("unlearn_seconds")
+    for cost in report.pop("costs").values():  # the counts stay; seconds are the machine's
+        assert cost["seconds"] > 0
     return report
 
 
@@ -44,7 +47,7 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
     # recompute each candidate's score from the validation seed's evaluated models
     levels = result["settings"]["levels"]
     scores = {}
-    for candidate in CANDIDATES:
+    for candidate in CANDIDATES + PROPOSED:
         target = next(r for r in report["rows"] if r["method"] == "target")
         points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])]
         points += [CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"], r["collapsed"])
@@ -52,17 +55,22 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
         values = utilities_at_levels(points, levels)
         scores[candidate.label] = sum(v or 0.0 for v in values) / len(values)
         assert result["validation"]["scores"][candidate.label]["mean"] == pytest.approx(scores[candidate.label])
-    best = max(CANDIDATES, key=lambda c: scores[c.label]).label
-    assert result["validation"]["chosen"] == {"fisher": best}
+    best = max(CANDIDATES, key=lambda c: scores[c.label])
+    assert result["validation"]["chosen"] == {"fisher": best.label}
+    # the proposed variant goes to the test seeds only if it beats the chosen candidate on validation
+    accepted = scores[PROPOSED[0].label] > scores[best.label]
+    assert result["validation"]["proposed"][0]["accepted"] is accepted
     test_report = json.loads((tiny_study / "test" / "seed_0" / "forget10" / "report.json").read_text())
-    assert {r["method"] for r in test_report["rows"]} == {"retain", "target", "grad_diff", "tv", best}
+    expected = {"retain", "target", "grad_diff", "tv", best.label, best.at("base").label}
+    assert {r["method"] for r in test_report["rows"]} == expected | ({PROPOSED[0].label} if accepted else set())
     assert not (tiny_study / "test" / "seed_7").exists()
 
 
 def test_the_aggregate_is_finite_and_follows_the_seeds(tiny_study):
     result = json.loads((tiny_study / "study.json").read_text())
     families = result["test"]["splits"]["forget10"]
-    assert set(families) == {"tv", "perta_fisher", "grad_diff"}
+    proposed = {f"proposed_{PROPOSED[0].label}"} if result["validation"]["proposed"][0]["accepted"] else set()
+    assert set(families) == {"tv", "perta_fisher", "perta_fisher_at_base", "grad_diff"} | proposed
     for family, data in families.items():
         for index, stat in enumerate(data["at_levels"]):
             values = [data["per_seed"][seed][index] for seed in ("0", "1")]
@@ -110,8 +118,13 @@ def test_a_damaged_artifact_reruns_its_stage_and_what_depends_on_it(tiny_study, 
     out = capsys.readouterr().out
     assert "running again: forget10/models/reinforced/model.safetensors is missing" in out
     assert "forget10/eval/target.json has" in out
-    for name in ("study.json",):
-        assert json.loads((copy / name).read_text()) == json.loads((tiny_study / name).read_text())
+    rerun, clean = (json.loads((folder / "study.json").read_text()) for folder in (copy, tiny_study))
+    for result in (rerun, clean):
+        result.pop("invocation")  # this invocation's time and memory
+        for families in result["test"]["splits"].values():
+            for data in families.values():
+                data.pop("costs")  # wall seconds of the rebuilt stages
+    assert rerun == clean
     for seed_name in ("seed_0", "seed_1"):
         path = Path("test") / seed_name / "forget10" / "report.json"
         assert _without_seconds(json.loads((copy / path).read_text())) == \
@@ -176,3 +189,50 @@ def test_notebook_reads_the_study(tiny_study):
         del os.environ["PERTA_STUDY"]
     outputs = "".join(str(output) for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
     assert "test seeds [0, 1]" in outputs and "paired difference" in outputs
+    assert "claim 1: not resolved" in outputs
+
+
+def test_the_replication_table_follows_the_study(tiny_study):
+    """REPLICATION.md and replication.json: the claims' per-seed values are the study's paired differences,
+    the costs those of the stage records, and two test seeds resolve nothing."""
+    from perta_lightning.stages import StageRecord
+
+    result = json.loads((tiny_study / "study.json").read_text())
+    table = json.loads((tiny_study / "replication.json").read_text())
+    assert [c["claim"] for c in table["claims"]] == ["1", "2", "3", "4"]
+    assert all(c["verdict"] == "not resolved" for c in table["claims"])  # 2 seeds < min_seeds
+    families = result["test"]["splits"]["forget10"]
+    row = next(r for r in table["rows"] if r["claim"] == "1" and r["b"] == "tv")
+    for seed in ("0", "1"):
+        pairs = [a - b for a, b in zip(families["perta_fisher"]["per_seed"][seed], families["tv"]["per_seed"][seed])
+                 if a is not None and b is not None]
+        if pairs:
+            assert row["per_seed"][seed] == pytest.approx(sum(pairs) / len(pairs))
+    # claim 2 pairs the chosen variant with itself at θ0
+    assert next(r for r in table["rows"] if r["claim"] == "2")["a"] == "perta_fisher_at_base"
+    # claim 3: the cost is the sum of the stage records the method needed
+    cost_row = next(r for r in table["rows"] if r["claim"] == "3" and not r["informative_only"])
+    root = tiny_study / "test" / "seed_0"
+    report = json.loads((root / "forget10" / "report.json").read_text())
+    label = families["perta_fisher"]["label"]
+    names = ["forget10/models/reinforced", *{str(Path(r["model_dir"]).parent) if "/alpha_" in r["model_dir"]
+                                             else r["model_dir"] for r in report["rows"] if r["method"] == label},
+             *[r["eval_file"].removesuffix(".json") for r in report["rows"] if r["method"] == label],
+             str(Path(report["importance"][label]["forget"]).parent)]
+    seconds = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in names)
+    baseline = sum(StageRecord.load(root / RECORD_DIR / f"forget10/{kind}/grad_diff.json").seconds
+                   for kind in ("models", "eval"))
+    assert cost_row["per_seed"]["0"] == pytest.approx(seconds / baseline)
+    assert report["costs"][label]["backward"] > 0 and report["costs"]["grad_diff"]["backward"] > 0
+    # what the numbers rest on: the machine, and the digest of every evaluated model
+    assert result["machine"]["torch"] and result["machine"]["aten_cpu_capability"]
+    from perta_lightning.provenance import model_digest
+
+    digests = result["models"]["test"]["0"]["forget10"]
+    assert len(digests) == len(report["rows"])
+    assert digests[0]["model_digest"] == model_digest(root / report["rows"][0]["model_dir"])
+    markdown = (tiny_study / "REPLICATION.md").read_text()
+    assert "| **1. PerTA-grad and PerTA-fisher improve on TV" in markdown and "## The rules" in markdown
+    diagnostic = json.loads((root / "forget10" / "diagnostic.json").read_text())
+    assert set(diagnostic["variants"]) == set(report["importance"])
+    assert 0 < diagnostic["variants"][label]["kept_share"] <= 1
