@@ -1,0 +1,171 @@
+"""The README's and bench/RESULTS.md's figures, generated from finished runs, never typed.
+
+    python scripts/results.py collect [--demo runs/study] [--replication runs/replication]
+    python scripts/results.py render      # rewrite the generated blocks of README.md and bench/RESULTS.md
+    python scripts/results.py check       # exit 1 when a generated block is not what the results give
+
+``collect`` copies each finished study's ``study.json`` and ``replication.json`` into ``bench/results/<name>/``
+(committed: they are the runs the documents quote, with the machine and every model's digest, so another
+machine's run can be compared with ``perta compare``). ``render`` replaces every block between
+``<!-- generated: NAME -->`` and ``<!-- /generated: NAME -->`` with what ``BLOCKS[NAME]`` makes of those
+files; ``check`` (run by the tests) fails when a block was edited by hand or the results changed without
+a render.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DOCUMENTS = [REPO / "README.md", REPO / "bench" / "RESULTS.md"]
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated: (?P=name) -->)", re.S)
+
+sys.path.insert(0, str(REPO))
+
+
+def _load(name: str, file: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name / file).read_text())
+
+
+def _duration(seconds: float) -> str:
+    from perta_lightning.replication import _duration as duration
+
+    return duration(seconds)
+
+
+def _evaluations(result: dict[str, Any]) -> int:
+    return sum(len(rows) for phase in result["models"].values() for splits in phase.values()
+               for rows in splits.values())
+
+
+def main_command() -> str:
+    """The README's main command: its time, memory and size, from the demo study's own record."""
+    result = _load("demo", "study.json")
+    run, machine = result["invocation"], result["machine"]
+    seeds = len(result["validation"]["seeds"]) + len(result["test"]["seeds"])
+    return (f"Measured on a {machine['cpu_count']}-core {machine['cpu_model']} (torch {machine['torch']}, "
+            f"{machine['aten_cpu_capability']} kernels), `.venv` already installed: `bash scripts/demo.sh` ran the "
+            f"whole study in **{_duration(run['wall_seconds'])}** (peak memory {run['peak_rss_gib']:.1f} GiB, the "
+            f"largest process) — {seeds} seeds ({len(result['validation']['seeds'])} validation, "
+            f"{len(result['test']['seeds'])} test), {_evaluations(result)} evaluations, "
+            f"{run['torch_threads_per_seed']} torch thread(s) per seed, {result['settings']['jobs']} seed(s) at once.\n")
+
+
+def _demote(markdown: str, levels: int = 2) -> str:
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def demo_results() -> str:
+    """The demo study's test-seed tables (``study.md``), from its ``study.json``."""
+    from perta_lightning.study_report import study_markdown
+
+    body = study_markdown(_load("demo", "study.json")).split("\n", 2)[2]  # without the title
+    return _demote(body).strip() + "\n"
+
+
+def replication_summary() -> str:
+    """The replication's claims table, this project's variants and where it ran, from ``replication.json``."""
+    from perta_lightning.replication import claims_table, machine_line
+
+    table = _load("replication", "replication.json")
+    lines = [f"Preset `{table['preset']}`, test seeds {table['test_seeds']}, validation seeds "
+             f"{table['validation_seeds']}, forget splits {table['splits']}, Forget Quality levels "
+             f"{table['levels']}. {machine_line(table)}", ""]
+    lines += claims_table(table)
+    lines += [""]
+    for own in table["own_variants"]:
+        if own["validation_score"] is not None and not own["accepted_on_validation"]:
+            lines.append(f"- This project's `{own['label']}`: rejected on the validation seeds (score "
+                         f"{own['validation_score']:.3f} against {own['against_score']:.3f} for `{own['against']}`).")
+        else:
+            lines.append(f"- This project's `{own['label']}`: on the test seeds, against TV {own.get('vs_tv')}, "
+                         f"against `{own['against']}` {own.get('vs_paper')}; {'kept' if own['kept'] else 'not kept'}.")
+    return "\n".join(lines).strip() + "\n"
+
+
+def replication_full() -> str:
+    """All of ``REPLICATION.md`` (for bench/RESULTS.md), from ``replication.json``."""
+    from perta_lightning.replication import replication_markdown
+
+    body = replication_markdown(_load("replication", "replication.json")).split("\n", 2)[2]
+    return _demote(body).strip() + "\n"
+
+
+def diagnostic() -> str:
+    """The diagnostic's per-split medians (bench/bench_diagnostic.py's JSON)."""
+    data = json.loads((RESULTS / "diagnostic.json").read_text())
+    lines = ["| study | split | variant | median ρ(s_f, s_r) | median kept share of ‖τ‖² | uniform importance "
+             "would keep | mean edge over TV (seeds) |", "|---|---|---|---|---|---|---|"]
+    for name, summary in data.items():
+        for split, families in summary["splits"].items():
+            for family, entry in families.items():
+                edges = [s["edge_over_tv"] for s in entry["seeds"] if s["edge_over_tv"] is not None]
+                mean = f"{sum(edges) / len(edges):+.3f} ({len(edges)})" if edges else "–"
+                lines.append(f"| {name} (`{summary['preset']}`) | {split} | `{entry['label']}` | "
+                             f"{entry['median_rank_correlation']:.3f} | {entry['median_kept_share']:.3f} | "
+                             f"{entry['seeds'][0]['uniform_kept_share']:.3f} | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS = {"main-command": main_command, "demo-results": demo_results, "replication": replication_summary,
+          "replication-full": replication_full, "diagnostic": diagnostic}
+
+
+def render_text(text: str) -> str:
+    """``text`` with every generated block made anew."""
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"unknown generated block {name!r}; known: {sorted(BLOCKS)}")
+        return match.group(1) + BLOCKS[name]() + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def collect(demo: str | None, replication: str | None) -> None:
+    for name, folder in (("demo", demo), ("replication", replication)):
+        if folder is None:
+            continue
+        target = RESULTS / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ("study.json", "replication.json", "REPLICATION.md", "study.md"):
+            shutil.copyfile(Path(folder) / file, target / file)
+        print(f"[results] {folder} -> {target.relative_to(REPO)}")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from perta_lightning.io import atomic_write_text
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("verb", choices=["collect", "render", "check"])
+    parser.add_argument("--demo", default=None)
+    parser.add_argument("--replication", default=None)
+    args = parser.parse_args(argv)
+    if args.verb == "collect":
+        collect(args.demo, args.replication)
+        return 0
+    stale = []
+    for document in DOCUMENTS:
+        text = document.read_text()
+        fresh = render_text(text)
+        if fresh != text:
+            stale.append(document.relative_to(REPO).as_posix())
+            if args.verb == "render":
+                atomic_write_text(document, fresh)
+    if args.verb == "check" and stale:
+        print(f"[results] generated blocks out of date in {stale}: run python scripts/results.py render")
+        return 1
+    print(f"[results] {'rewrote ' + ', '.join(stale) if stale and args.verb == 'render' else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
