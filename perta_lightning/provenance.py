@@ -10,6 +10,7 @@ moved.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import re
@@ -85,6 +86,19 @@ def model_digest(model_dir: str | os.PathLike) -> str | None:
     for file in files:
         hasher.update(f"{file.name}:{checksum_file(file)}\n".encode())
     return hasher.hexdigest()
+
+
+LOCATION_KEYS = ("model", "retain_result")
+
+
+def evaluation_digest(eval_file: str | os.PathLike) -> str:
+    """A digest of an evaluation file's results (canonical JSON without the paths it names in
+    ``LOCATION_KEYS``), so the same evaluation in two study folders, or on two machines, has one digest."""
+    data = json.loads(Path(eval_file).read_text())
+    for key in LOCATION_KEYS:
+        data.pop(key, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
 def peak_rss_gib() -> float:

@@ -19,8 +19,8 @@ from perta_lightning.costs import method_costs
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
 from perta_lightning.io import atomic_save_figure, atomic_write_text
-from perta_lightning.provenance import model_digest
-from perta_lightning.stages import Product, Stage, StageRunner, checksum_file, relative_to_run
+from perta_lightning.provenance import evaluation_digest, model_digest
+from perta_lightning.stages import Product, Stage, StageRunner, relative_to_run
 from perta_lightning.study_types import AlphaSearch, PertaVariant, ResultRow, SplitResult
 
 COLUMNS = ("method", "alpha", "forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio",
@@ -42,7 +42,7 @@ def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
             "extraction_strength": aggregates.get("forget_extraction_strength"),
             "retain_rouge": summary["retain_rouge"], "unlearn_seconds": row.unlearn_seconds,
             "model_dir": relative_to_run(root, row.model), "eval_file": relative_to_run(root, row.eval_file),
-            "model_digest": model_digest(row.model), "eval_checksum": checksum_file(Path(row.eval_file)),
+            "model_digest": model_digest(row.model), "eval_checksum": evaluation_digest(row.eval_file),
         })
     target_utility = next(r["model_utility"] for r in table if r["method"] == "target")
     for row in table:

@@ -80,3 +80,21 @@ def test_compare_names_the_kernels_and_the_first_model_that_differs():
     assert lines[0] == "machine.aten_cpu_capability: 'AVX512' != 'AVX2'"
     assert lines[1].startswith("test seed 0 forget10: first differing model tv α = 1")
     assert compare_studies(first, first) == []
+
+
+def test_an_evaluation_digest_ignores_where_the_files_lie_and_sees_every_number(tmp_path):
+    import json
+
+    from perta_lightning.provenance import evaluation_digest
+
+    result = {"format": "perta-tofu-eval/1", "model": "/a/models/tv", "retain_result": "/a/eval/retain.json",
+              "aggregates": {"forget_quality": 0.25}, "examples": {"forget": {"answer_nll": [1.0, 2.0]}}}
+    moved = dict(result, model="/elsewhere/models/tv", retain_result="/elsewhere/eval/retain.json")
+    changed = dict(result, examples={"forget": {"answer_nll": [1.0, 2.0000001]}})
+    paths = []
+    for name, data in (("first", result), ("moved", moved), ("changed", changed)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data, indent=1 if name == "moved" else None))
+    first, moved_digest, changed_digest = (evaluation_digest(path) for path in paths)
+    assert first == moved_digest
+    assert first != changed_digest

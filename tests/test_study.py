@@ -135,10 +135,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_report(tiny_study, tmp_path):
     """Kill a pipeline of test seed 0 mid-way (SIGKILL at its importance stage), resume: the same report."""
     run = tmp_path / "killed"
     config = tmp_path / "pipeline.yaml"
-    chosen = json.loads((tiny_study / "study.json").read_text())["validation"]["chosen"]["fisher"]
-    variant = next(c for c in CANDIDATES if c.label == chosen)
+    validation = json.loads((tiny_study / "study.json").read_text())["validation"]
+    variant = next(c for c in CANDIDATES if c.label == validation["chosen"]["fisher"])
+    # the test seeds' variants: the chosen one, its twin with importance at θ0, and the accepted proposals
+    variants = [variant, variant.at("base")] + [v for v, decision in zip(PROPOSED, validation["proposed"])
+                                                 if decision["accepted"]]
     config.write_text(json.dumps({
-        "output": str(run), "preset": "tiny", "seed": 0, "variants": [{"statistic": "fisher", "beta": variant.beta}],
+        "output": str(run), "preset": "tiny", "seed": 0,
+        "variants": [{"statistic": v.statistic, "beta": v.beta, "importance_at": v.importance_at,
+                      "transform": v.transform} for v in variants],
         "baselines": ["grad_diff"], "search": {"rounds": SEARCH.rounds}}))
     command = [sys.executable, "-m", "perta_lightning", "pipeline", "--config", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
