@@ -66,7 +66,7 @@ def demo_results() -> str:
     from perta_lightning.study_report import study_markdown
 
     body = study_markdown(_load("demo", "study.json")).split("\n", 2)[2]  # without the title
-    return _demote(body).strip() + "\n"
+    return _demote(body, 1).strip() + "\n"
 
 
 def replication_summary() -> str:
@@ -87,6 +87,29 @@ def replication_summary() -> str:
             lines.append(f"- This project's `{own['label']}`: on the test seeds, against TV {own.get('vs_tv')}, "
                          f"against `{own['against']}` {own.get('vs_paper')}; {'kept' if own['kept'] else 'not kept'}.")
     return "\n".join(lines).strip() + "\n"
+
+
+def replication_reading() -> str:
+    """What each claim's verdict rests on, listed from ``replication.json`` (so the prose cannot drift)."""
+    table = _load("replication", "replication.json")
+    lines = []
+    for claim in table["claims"]:
+        rows = [r for r in table["rows"] if r["claim"] == claim["claim"]]
+        grouped: dict[str, dict[str, list[str]]] = {}
+        for row in rows:
+            where = "" if row["split"] == "pooled" else f" ({row['split']})"
+            grouped.setdefault(row["quantity"], {}).setdefault(row["verdict"], []).append(
+                f"{row['comparison']}{where}")
+        parts = " ".join(f"{quantity}: " + "; ".join(f"*{verdict}* for {', '.join(names)}"
+                                                     for verdict, names in verdicts.items()) + "."
+                         for quantity, verdicts in grouped.items())
+        lines.append(f"- **Claim {claim['claim']}, {claim['verdict']}.** {parts}")
+    steps = table["forget_quality_steps"]
+    ladder = ", ".join(f"{split} ({entry['forget_examples']} questions) steps up to "
+                       f"{max(level['reached_at'] - level['below'] for level in entry['levels']):.3f}"
+                       for split, entry in steps.items())
+    lines.append(f"- **How fine Forget Quality is** at the levels used: {ladder}.")
+    return "\n".join(lines) + "\n"
 
 
 def replication_full() -> str:
@@ -114,6 +137,7 @@ def diagnostic() -> str:
 
 
 BLOCKS = {"main-command": main_command, "demo-results": demo_results, "replication": replication_summary,
+          "replication-reading": replication_reading,
           "replication-full": replication_full, "diagnostic": diagnostic}
 
 
