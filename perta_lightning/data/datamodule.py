@@ -75,6 +75,17 @@ def _collate_paired(items: list[tuple[dict[str, Any], dict[str, Any]]], pad_toke
     return batch
 
 
+def encode_rows(rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> Dataset:
+    """Rows as training examples: question/answer pairs (:class:`EncodedQA`, loss on the answer), or raw text
+    when the rows have a ``text`` column (:class:`~perta_lightning.data.muse.EncodedText`: next-token loss over
+    the whole text, chunked to ``formatter.max_length`` tokens), as MUSE corpora are."""
+    if rows and "text" in rows[0] and "question" not in rows[0]:
+        from perta_lightning.data.muse import EncodedText
+
+        return EncodedText(rows, formatter.tokenizer, formatter.max_length, where)
+    return EncodedQA(rows, formatter, where)
+
+
 def subsample(rows: list[dict[str, Any]], num_examples: int | None, seed: int) -> list[dict[str, Any]]:
     """A seeded subsample of ``num_examples`` rows in their original order (all rows when ``None``)."""
     if num_examples is None or num_examples >= len(rows):
@@ -132,10 +143,10 @@ class TofuDataModule(LightningDataModule):
         names = [splits] if isinstance(splits, str) else list(splits)
         return [row for name in names for row in load_split(self.source, name)]
 
-    def _encoded(self, splits: str | list[str], formatter: QAFormatter, num_examples: int | None = None) -> EncodedQA:
+    def _encoded(self, splits: str | list[str], formatter: QAFormatter, num_examples: int | None = None) -> Dataset:
         rows = subsample(self._rows(splits), num_examples, self.hparams.subsample_seed)
         where = ", ".join(self.source.describe(name) for name in ([splits] if isinstance(splits, str) else splits))
-        return EncodedQA(rows, formatter, where)
+        return encode_rows(rows, formatter, where)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from perta_lightning import distributed
-from perta_lightning.data.datamodule import EncodedQA, subsample
+from perta_lightning.data.datamodule import encode_rows, subsample
 from perta_lightning.data.tofu import PromptFormat, TofuSource, collate_examples, load_split, run_model_dir
 from perta_lightning.errors import PertaValueError
 
@@ -100,7 +100,7 @@ class ImportanceDataModule(LightningDataModule):
         for label, split in (("forget", hp.forget_split), ("retain", hp.retain_split)):
             where = self.source.describe(split)
             rows = subsample(load_split(self.source, split), hp.num_examples, hp.subsample_seed)
-            examples = EncodedQA(rows, formatter, where).examples
+            examples = encode_rows(rows, formatter, where).examples
             self.batches += rank_batches(examples, label, where, hp.batch_size, rank, world, tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:

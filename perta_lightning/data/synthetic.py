@@ -356,20 +356,25 @@ def synthetic(output: str, num_authors: int = 40, seed: int = 0, num_background_
 
 
 def build_parser() -> Any:
-    """The jsonargparse parser of ``perta data`` (subcommand ``synthetic``)."""
+    """The jsonargparse parser of ``perta data`` (subcommands ``synthetic`` and ``muse-synthetic``)."""
     from jsonargparse import ArgumentParser
+
+    from perta_lightning.data.muse_synthetic import muse_synthetic
 
     parser = ArgumentParser(prog="perta data", description="Data preparation commands.")
     subcommands = parser.add_subcommands(dest="command")
-    sub = ArgumentParser(description=synthetic.__doc__.splitlines()[0])
-    sub.add_function_arguments(synthetic)
-    sub.add_argument("--config", action="config")
-    subcommands.add_subcommand("synthetic", sub)
+    for name, function in (("synthetic", synthetic), ("muse-synthetic", muse_synthetic)):
+        sub = ArgumentParser(description=function.__doc__.splitlines()[0])
+        sub.add_function_arguments(function)
+        sub.add_argument("--config", action="config")
+        subcommands.add_subcommand(name, sub)
     return parser
 
 
 def cli_main(argv: list[str]) -> None:
-    """``perta data synthetic ...``."""
+    """``perta data synthetic ...`` or ``perta data muse-synthetic ...``."""
+    from perta_lightning.data.muse_synthetic import muse_synthetic
+
     args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args.synthetic).items() if k != "config" and not k.startswith("__")}
-    synthetic(**options)
+    options = {k: v for k, v in vars(args[args.command]).items() if k != "config" and not k.startswith("__")}
+    (muse_synthetic if args.command == "muse-synthetic" else synthetic)(**options)

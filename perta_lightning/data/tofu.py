@@ -119,7 +119,12 @@ def _read_json_rows(file: Path) -> list[dict[str, Any]]:
 
 
 def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_COLUMNS) -> list[dict[str, Any]]:
-    """Load one split as a list of row dicts, checking that it is non-empty and has ``required`` columns."""
+    """Load one split as a list of row dicts, checking that it is non-empty and has ``required`` columns.
+
+    A :class:`~perta_lightning.data.muse.MuseSource` loads and checks its own splits (their columns are MUSE's,
+    ``required`` does not apply)."""
+    if not isinstance(source, TofuSource) and hasattr(source, "rows"):
+        return source.rows(split)
     where = source.describe(split)
     file = source.split_file(split)
     if file is not None:
@@ -147,13 +152,15 @@ def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_CO
 
 
 def check_disjoint(forget: list[dict[str, Any]], retain: list[dict[str, Any]], where: str) -> None:
-    """Raise if a forget question also appears in the retain split (TOFU splits go by author)."""
-    retain_questions = {row["question"] for row in retain}
-    overlap = [row["question"] for row in forget if row["question"] in retain_questions]
+    """Raise if a forget question (or, for raw-text corpora, a forget text) also appears in the retain split
+    (TOFU splits go by author, MUSE corpora by article)."""
+    column = "question" if forget and "question" in forget[0] else "text"
+    retain_values = {row.get(column) for row in retain}
+    overlap = [row[column] for row in forget if row[column] in retain_values]
     if overlap:
         raise ValueError(
-            f"{where}: {len(overlap)} question(s) of the forget split also appear in the retain split, "
-            f"column 'question', e.g. {overlap[0]!r}"
+            f"{where}: {len(overlap)} row(s) of the forget split also appear in the retain split, "
+            f"column {column!r}, e.g. {overlap[0][:80]!r}"
         )
 
 
