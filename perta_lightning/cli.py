@@ -5,9 +5,11 @@ data module are chosen by ``class_path`` in the YAML, so any LightningModule of 
 the user's) can be run. The other subcommands are plain typed functions parsed by jsonargparse:
 
 * ``perta data synthetic``  write the synthetic fictitious-authors benchmark in the TOFU layout
+* ``perta data muse-synthetic``  write the synthetic news corpus in the MUSE layout
 * ``perta importance``      collect forget/retain importance at a fixed model (LightningCLI)
 * ``perta merge``           streaming TV / PerTA merge of Hugging Face checkpoints
-* ``perta summarize``       Forget Quality, Model Utility and sub-scores from evaluation files
+* ``perta summarize``       Forget Quality, Model Utility and sub-scores (TOFU), or VerbMem, KnowMem and
+                            PrivLeak (MUSE), from evaluation files
 * ``perta pipeline``        one seed of the study, end to end, with its report
 * ``perta study``           the multi-seed study, PerTA's settings chosen on held-out seeds
 * ``perta compare``         where two study runs part: kernels, then the first model whose bytes differ
@@ -65,11 +67,13 @@ def parse_function_config(path: str | Path) -> Any:
     """Parse (without running) a YAML config of a function subcommand, chosen by the file name's first word.
 
     ``merge*.yaml`` is checked by ``perta merge``'s parser, ``pipeline*.yaml`` by ``perta pipeline``'s, and so
-    on: each such module has a ``build_parser()`` returning its jsonargparse parser.
+    on: each such module has a ``build_parser()`` returning its jsonargparse parser. A qualifier may come first
+    (``muse_study.yaml`` configures ``perta study``): the first word of the name that is a command counts.
     """
     path = Path(path)
-    command = path.stem.split("_")[0].split("-")[0].split(".")[0]
-    if command not in _FUNCTION_SUBCOMMANDS:
+    words = path.stem.replace("-", "_").replace(".", "_").split("_")
+    command = next((word for word in words if word in _FUNCTION_SUBCOMMANDS), None)
+    if command is None:
         raise ValueError(f"{path}: cannot tell which perta command it configures (name it <command>*.yaml)")
     module = importlib.import_module(_FUNCTION_SUBCOMMANDS[command].split(":")[0])
     return module.build_parser().parse_args(["--config", str(path)])

@@ -1,4 +1,5 @@
-"""Reading evaluation files and summarising them: Forget Quality, Model Utility and the 12 sub-scores.
+"""Reading evaluation files and summarising them: Forget Quality, Model Utility and the 12 sub-scores
+(TOFU), or VerbMem, KnowMem and PrivLeak (MUSE, :mod:`perta_lightning.muse_summary`).
 
 Three layouts are read, recognised by their top-level keys:
 
@@ -200,8 +201,13 @@ def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, A
     """Forget Quality (KS p-value against the retain model), Model Utility and the 12 sub-scores.
 
     A score that cannot be computed (a sub-score missing from the file, NaN truth ratios or scores) is
-    ``None`` and the list ``notes`` says why.
+    ``None`` and the list ``notes`` says why. A MUSE evaluation file is summarised by
+    :func:`perta_lightning.muse_summary.summarize_muse` instead (VerbMem, KnowMem, PrivLeak, forget score).
     """
+    from perta_lightning.muse_summary import is_muse_evaluation, summarize_muse
+
+    if is_muse_evaluation(ckpt_result):
+        return summarize_muse(ckpt_result, retain_result)
     ckpt, retain = load_evaluation(ckpt_result), load_evaluation(retain_result)
     check_same_forget_set(ckpt.forget_questions, ckpt.forget_truth_ratios.numel(), retain, str(ckpt.path))
     quality, statistic, note = forget_quality_or_note(ckpt.forget_truth_ratios, ckpt.path,

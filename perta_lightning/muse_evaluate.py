@@ -1,0 +1,204 @@
+"""``MuseEvaluator``: MUSE evaluation of a Hugging Face model directory, under any Lightning strategy.
+
+Use with :class:`perta_lightning.data.muse_evaluation.MuseEvalDataModule`. Per set:
+
+* ``verbmem``: greedy continuation of each forget-excerpt prompt (``verbmem_max_new_tokens``), scored against
+  the true continuation (:func:`perta_lightning.functional.muse_metrics.verbmem_scores`);
+* ``knowmem_forget`` / ``knowmem_retain``: greedy answer (``knowmem_max_new_tokens``, cut at its first line
+  break: the prompt's answers end with one) scored against the true answer
+  (:func:`~perta_lightning.functional.muse_metrics.knowmem_scores`);
+* ``privleak_forget`` / ``privleak_holdout``: a membership-inference score per text (``attack``); their ROC AUC
+  (forget labelled 0) and, against the retain model's evaluation, PrivLeak
+  (:func:`perta_lightning.functional.tofu_metrics.privleak`: about −100 for a model that memorised the forget set,
+  0 for one that never saw it, MUSE's convention).
+
+Per-example values are kept in :class:`~perta_lightning.metrics.IndexedValues` ("cat" states keyed by example
+index) and the AUC in a :class:`~perta_lightning.metrics.MinKMiaAUC`, so the result is the same on one process
+and on many. Rank zero writes one JSON file (atomically)::
+
+    {"format": "perta-muse-eval/1", "model": ..., "retain_result": ..., "splits": {...}, "settings": {...},
+     "aggregates": {"verbmem_forget", "knowmem_forget", "knowmem_retain", "mia_auc", "privleak"},
+     "notes": [...], "examples": {"<set>": {"index": [...], <per-example column>: [...]}}}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from perta_lightning.checkpoints import load_causal_lm
+from perta_lightning.data.muse import MuseSource
+from perta_lightning.data.muse_evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
+from perta_lightning.errors import PertaValueError
+from perta_lightning.evaluate import generation_text
+from perta_lightning.functional import muse_metrics as M
+from perta_lightning.io import atomic_write_text
+from perta_lightning.metrics import IndexedValues, MinKMiaAUC
+from perta_lightning.muse_summary import MUSE_FORMAT, load_muse_evaluation, privleak_or_none
+
+#: MUSE's generation lengths (its ``eval.py``): 128 new tokens for VerbMem, 32 for KnowMem.
+VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS = 128, 32
+
+
+def attack_scores(attack: str, logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
+    """The membership score of each text of a batch under ``attack`` (``min_k`` or ``min_k_plus_plus``)."""
+    if attack == "min_k":
+        return M.min_k_text_score(logits, labels, k)
+    return M.min_k_plus_plus_score(logits, labels, k)
+
+
+class MuseEvaluator(LightningModule):
+    """Evaluate a causal LM on MUSE (VerbMem, KnowMem on forget and retain, MIA AUC and PrivLeak).
+
+    Args:
+        model: Hugging Face model directory (with its tokenizer) or hub id.
+        output_json: where rank zero writes the evaluation (``None``: kept in ``self.result`` only).
+        retain_result: the retain model's MUSE evaluation on the same sets, for PrivLeak.
+        verbmem_max_new_tokens: greedy continuation length for VerbMem (MUSE: 128).
+        knowmem_max_new_tokens: greedy answer length for KnowMem (MUSE: 32).
+        attack: the membership-inference score behind the AUC and PrivLeak.
+        mink_k: fraction of lowest-scoring tokens the attack averages.
+        torch_dtype: dtype the weights are loaded in.
+    """
+
+    def __init__(self, model: str, output_json: str | None = None, retain_result: str | None = None,
+                 verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
+                 knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS,
+                 attack: Literal["min_k", "min_k_plus_plus"] = "min_k", mink_k: float = 0.4,
+                 torch_dtype: str = "float32") -> None:
+        super().__init__()
+        for key, value in (("verbmem_max_new_tokens", verbmem_max_new_tokens),
+                           ("knowmem_max_new_tokens", knowmem_max_new_tokens)):
+            if value <= 0:
+                raise PertaValueError(f"{key} must be positive, got {value}")
+        if not 0.0 < mink_k <= 1.0:
+            raise PertaValueError(f"mink_k must be in (0, 1], got {mink_k}")
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.model: torch.nn.Module | None = None
+        self.examples = torch.nn.ModuleDict({
+            name: IndexedValues(("score",) if kind == "text" else ("score", "generated_ids"))
+            for name, (_, kind) in MUSE_EVAL_SETS.items()})
+        self.mia = MinKMiaAUC()
+        self.result: dict[str, Any] | None = None
+        self.retain_record: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, MuseEvalDataModule):
+            raise TypeError(f"MuseEvaluator needs a MuseEvalDataModule, got {type(datamodule).__name__}")
+        if self.model is None:
+            self.model = load_causal_lm(self.hparams.model, None, self.hparams.torch_dtype)
+            self.model.eval()
+        datamodule.setup(stage)
+        self.tokenizer = datamodule.tokenizer
+        if self.hparams.retain_result is not None:
+            self.retain_record = load_muse_evaluation(self.hparams.retain_result)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int) -> torch.Tensor:
+        """Greedy continuations ``(B, width)``, cut before EOS and padded with -1."""
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=width,
+                                  do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id)[:, prompt_ids.shape[1]:]
+        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
+        ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
+        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
+        return ids
+
+    def _text(self, name: str, ids: torch.Tensor) -> str:
+        text = generation_text(self.tokenizer, ids.tolist())
+        return text.split("\n")[0].strip() if name.startswith("knowmem") else text
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name, index = batch["eval_set"], batch["index"]
+        kind = MUSE_EVAL_SETS[name][1]
+        if kind == "text":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            score = attack_scores(self.hparams.attack, logits.float(), batch["labels"], self.hparams.mink_k)
+            score = score.to(self.device)
+            self.mia.update(index, score, holdout=name == "privleak_holdout")
+            self.examples[name].update(index, score=score)
+            return
+        hp = self.hparams
+        width = hp.verbmem_max_new_tokens if kind == "verbatim" else hp.knowmem_max_new_tokens
+        ids = self.generate(batch["prompt_ids"], batch["prompt_mask"], width)
+        rows = self.trainer.datamodule.sets[name].rows
+        texts = [self._text(name, row) for row in ids]
+        if kind == "verbatim":
+            score = M.verbmem_scores(texts, [rows[i]["gt"] for i in index.tolist()])
+        else:
+            score = M.knowmem_scores(texts, [rows[i]["answer"] for i in index.tolist()])
+        self.examples[name].update(index, score=score.to(self.device), generated_ids=ids)
+
+    def on_test_epoch_end(self) -> None:
+        # every rank computes every metric in the same order: each compute() is a collective
+        examples = {name: record.compute() for name, record in self.examples.items()}
+        auc = self.mia.compute().item()
+        self.result = self.build_result(examples, auc)
+        scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}
+        self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
+        if self.hparams.output_json is not None and self.trainer.is_global_zero:
+            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
+        self.trainer.strategy.barrier("perta_muse_eval_written")
+
+    def build_result(self, examples: dict[str, dict[str, torch.Tensor]], auc: float) -> dict[str, Any]:
+        """The evaluation file's content from the ordered per-example values and the MIA AUC."""
+        datamodule = self.trainer.datamodule
+        out: dict[str, dict[str, Any]] = {}
+        for name, values in examples.items():
+            rows, kind = datamodule.sets[name].rows, MUSE_EVAL_SETS[name][1]
+            index = values["index"].tolist()
+            column: dict[str, Any] = {"index": index, "score": values["score"].tolist()}
+            if kind == "verbatim":
+                column.update(prompt=[rows[i]["prompt"] for i in index], gt=[rows[i]["gt"] for i in index])
+            elif kind == "knowledge":
+                column.update(question=[rows[i]["question"] for i in index], answer=[rows[i]["answer"] for i in index])
+            if kind != "text":
+                column["generation"] = [self._text(name, ids) for ids in values["generated_ids"]]
+            out[name] = column
+        mean = {name: sum(column["score"]) / len(column["score"]) for name, column in out.items()}
+        aggregates: dict[str, float | None] = {
+            "verbmem_forget": mean["verbmem"], "knowmem_forget": mean["knowmem_forget"],
+            "knowmem_retain": mean["knowmem_retain"], "mia_auc": auc, "privleak": None}
+        notes: list[str] = []
+        if self.retain_record is not None:
+            aggregates["privleak"], note = privleak_or_none(auc, self.retain_record)
+            notes += [note] if note else []
+        hp = self.hparams
+        return {
+            "format": MUSE_FORMAT, "model": hp.model, "retain_result": hp.retain_result,
+            "splits": dict(datamodule.splits),
+            "settings": {"verbmem_max_new_tokens": hp.verbmem_max_new_tokens,
+                         "knowmem_max_new_tokens": hp.knowmem_max_new_tokens, "attack": hp.attack,
+                         "mink_k": hp.mink_k, "torch_dtype": hp.torch_dtype, "world_size": self.trainer.world_size,
+                         "max_examples": datamodule.hparams.max_examples,
+                         "batch_size": datamodule.hparams.batch_size,
+                         "prompt_tokens": datamodule.hparams.prompt_tokens,
+                         "text_max_length": datamodule.hparams.text_max_length,
+                         "use_icl": datamodule.hparams.use_icl},
+            "aggregates": aggregates, "notes": notes, "examples": out,
+        }
+
+
+def evaluate_muse_model(model_dir: str, source: MuseSource, output_json: str | None = None,
+                        retain_result: str | None = None, max_examples: int | None = None, batch_size: int = 8,
+                        verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
+                        knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS, attack: str = "min_k",
+                        mink_k: float = 0.4, torch_dtype: str = "float32", accelerator: str = "auto",
+                        devices: int | str = 1, strategy: str = "auto", **data_options: Any) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on MUSE in-process with a Lightning ``Trainer``; return (and optionally write) the
+    result. ``data_options`` go to :class:`MuseEvalDataModule` (``prompt_tokens``, ``text_max_length``, ...)."""
+    from perta_lightning.callbacks.progress import progress_bar
+
+    datamodule = MuseEvalDataModule(source, max_examples=max_examples, batch_size=batch_size, **data_options)
+    module = MuseEvaluator(model_dir, output_json, retain_result, verbmem_max_new_tokens, knowmem_max_new_tokens,
+                           attack, mink_k, torch_dtype)
+    trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return module.result
