@@ -20,10 +20,12 @@ Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from perta_lightning.convert import base_stage
+from perta_lightning.data.muse import MuseSource
 from perta_lightning.data.synthetic import SyntheticSpec
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, next_alphas
@@ -34,6 +36,8 @@ from perta_lightning.study_stages import (
     FineTune,
     Importance,
     Merge,
+    MuseEvaluate,
+    MuseSyntheticData,
     Pretrain,
     Runtime,
     SyntheticData,
@@ -56,6 +60,14 @@ def _summary(eval_file: Path, reference: Path) -> dict[str, Any]:
     from perta_lightning.summary import summarize
 
     return summarize(eval_file, reference)
+
+
+def curve_axes(summary: dict[str, Any]) -> tuple[float, float]:
+    """The (forgetting, utility) pair methods are compared along: TOFU's (Forget Quality, Model Utility), or
+    MUSE's (forget score, KnowMem on D_r) (:mod:`perta_lightning.muse_summary`)."""
+    if summary.get("benchmark") == "muse":
+        return summary["forget_score"], summary["knowmem_retain"]
+    return summary["forget_quality"], summary["model_utility"]
 
 
 def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str, variants: list[PertaVariant],
@@ -107,7 +119,63 @@ def study_graph(preset: Preset, seed: int, forget_split: str, retain_split: str,
               *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,
               *baseline_evals]
     return dict(stages=stages, full=full, reinforced=reinforced, importance=importance, reference=reference,
-                target=target, baselines=list(zip(unlearned, baseline_evals)), evaluation=evaluation)
+                target=target, baselines=list(zip(unlearned, baseline_evals)),
+                make_eval=partial(Evaluate, **evaluation))
+
+
+#: MUSE's corpora as one seed of the study uses them: θ_full is trained on the forget corpus and both retain
+#: corpora, θ_retain on the retain corpora only; unlearning (the baselines' retain term, the retain
+#: importance) sees ``raw/retain1``, MUSE's calibration corpus, and KnowMem on D_r asks about ``raw/retain2``.
+MUSE_FORGET, MUSE_RETAIN, MUSE_RETAINED = "raw/forget", "raw/retain1", ["raw/retain1", "raw/retain2"]
+MUSE_BACKGROUND = "pretrain/background"
+
+
+def muse_graph(preset: Preset, seed: int, variants: list[PertaVariant], baselines: list[Baseline],
+               source: Any | None, base_model: str | None, runtime: Runtime) -> dict[str, Any]:
+    """:func:`study_graph` for MUSE: raw-text corpora instead of question/answer splits, MUSE evaluations."""
+    synthetic = None
+    if source is None:
+        synthetic = MuseSyntheticData(preset.muse_spec(seed), preset.vocab_size)
+    data = Data(stage=synthetic, given=source)
+    p, length = preset, preset.context_length
+    if base_model is None:
+        base: Stage = Pretrain(synthetic, p.model_config(), p.pretrain_epochs, p.pretrain_lr, 2 * p.batch_size,
+                               runtime, splits=(MUSE_BACKGROUND,), max_length=length)
+        replay = [MUSE_BACKGROUND]
+    else:
+        base, replay = base_stage(base_model), []
+    train = dict(data=data, epochs=p.finetune_epochs, lr=p.finetune_lr, batch_size=p.batch_size, runtime=runtime,
+                 max_length=length)
+    full = FineTune("models/full", base, splits=[MUSE_FORGET, *MUSE_RETAINED, *replay], what="fine-tune θ0", **train)
+    retain = FineTune("forget/models/retain", base, splits=[*MUSE_RETAINED, *replay], what="fine-tune θ0", **train)
+    reinforced = FineTune("forget/models/reinforced", full, data, [MUSE_FORGET], p.reinforce_epochs, p.reinforce_lr,
+                          p.batch_size, "reinforce θ_full", runtime, max_length=length)
+    raw: dict[tuple, Importance] = {}
+    importance: dict[tuple, Stage] = {}
+    for v in variants:
+        key = v.importance_key(p.importance_examples)
+        if key not in raw:
+            statistic, where, granularity, n = key
+            raw[key] = Importance(f"forget/importance/{statistic}_at_{where}_{granularity}_n{n}",
+                                  full if where == "full" else base, data, statistic, granularity,
+                                  MUSE_FORGET, MUSE_RETAIN, n, max_length=length)
+            importance[(*key, "none")] = raw[key]
+        files = v.files_key(p.importance_examples)
+        if files not in importance:
+            importance[files] = TransformImportance(f"{raw[key].name}_{v.transform}", raw[key], v.transform)
+    unlearned = [Unlearn(f"forget/models/{method}", full, data, method, MUSE_FORGET, MUSE_RETAIN, p.unlearn_epochs,
+                         p.unlearn_lr, p.batch_size, runtime, max_length=length) for method in baselines]
+    make_eval = partial(MuseEvaluate, data=data, verbmem_max_new_tokens=p.eval_max_new_tokens,
+                        knowmem_max_new_tokens=p.knowmem_max_new_tokens, runtime=runtime,
+                        text_max_length=length)
+    reference = make_eval("forget/eval/retain", Product(retain))
+    target = make_eval("forget/eval/target", Product(full), reference=reference)
+    baseline_evals = [make_eval(f"forget/eval/{u.method}", Product(u), reference=reference) for u in unlearned]
+    stages = [*data.stages, base, full, retain, reinforced, *raw.values(),
+              *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,
+              *baseline_evals]
+    return dict(stages=stages, full=full, reinforced=reinforced, importance=importance, reference=reference,
+                target=target, baselines=list(zip(unlearned, baseline_evals)), make_eval=make_eval)
 
 
 def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str, variant: PertaVariant | None,
@@ -131,16 +199,15 @@ def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str
             break
         merge = Merge(f"{forget_split}/models/{method}/round_{round_index}", graph["full"], graph["reinforced"],
                       alphas, importance, variant.beta if variant else 1.0, variant.power if variant else 1.0)
-        evals = [Evaluate(f"{forget_split}/eval/{method}/alpha_{alpha:g}", Product(merge, alpha_key(alpha)),
-                          reference=reference, **graph["evaluation"]) for alpha in alphas]
+        evals = [graph["make_eval"](f"{forget_split}/eval/{method}/alpha_{alpha:g}", Product(merge, alpha_key(alpha)),
+                                    reference=reference) for alpha in alphas]
         runner.progress.plan([merge, *evals])
         merge_seconds = runner.run(merge).seconds
         for alpha, evaluation in zip(alphas, evals):
             runner.run(evaluation)
             eval_file = runner.path(Product(evaluation, "eval"))
-            summary = _summary(eval_file, reference_file)
-            points.append(CurvePoint(alpha, summary["forget_quality"], summary["model_utility"],
-                                     is_collapsed(summary["model_utility"], target.model_utility)))
+            forget, utility = curve_axes(_summary(eval_file, reference_file))
+            points.append(CurvePoint(alpha, forget, utility, is_collapsed(utility, target.model_utility)))
             rows.append(ResultRow(method, family, alpha, runner.path(Product(merge, alpha_key(alpha))), eval_file,
                                   reference_file, reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
         evaluated = {p.alpha for p in points}
@@ -152,8 +219,9 @@ def _search(runner: StageRunner, graph: dict[str, Any], method: str, family: str
 def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVariant], baselines: list[Baseline],
              search: AlphaSearch, forget_splits: list[str], include_tv: bool = True, source: TofuSource | None = None,
              base_model: str | None = None, runtime: Runtime = Runtime(), prefix: str = "",
-             eval_files: dict[str, str] | None = None) -> list[SplitResult]:
-    """Run one seed's graph under ``output`` for each forget split; write each split's report."""
+             eval_files: dict[str, str] | None = None, benchmark: str = "tofu") -> list[SplitResult]:
+    """Run one seed's graph under ``output`` for each forget split (MUSE: its one forget corpus, ``forget``);
+    write each split's report."""
     from perta_lightning.callbacks.progress import quiet_dependencies
     from perta_lightning.report import write_report
 
@@ -161,9 +229,12 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
     results = []
     with quiet_dependencies():
         for forget_split in forget_splits:
-            retain_split = retain_split_for(forget_split)
-            graph = study_graph(preset, seed, forget_split, retain_split, variants, baselines, source, base_model,
-                                runtime, eval_files)
+            retain_split = MUSE_RETAIN if benchmark == "muse" else retain_split_for(forget_split)
+            if benchmark == "muse":
+                graph = muse_graph(preset, seed, variants, baselines, source, base_model, runtime)
+            else:
+                graph = study_graph(preset, seed, forget_split, retain_split, variants, baselines, source,
+                                    base_model, runtime, eval_files)
             stages = [s for s in graph["stages"] if s.name not in runner.records]
             runner.progress.plan(stages)
             runner.run_all(stages)
@@ -177,8 +248,7 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
                 rows.append(ResultRow(unlearn.method, "baseline", None, runner.path(Product(unlearn)),
                                       runner.path(Product(evaluation, "eval")), reference_file,
                                       runner.records[unlearn.name].seconds))
-            summary = _summary(target_file, reference_file)
-            target = CurvePoint(0.0, summary["forget_quality"], summary["model_utility"])
+            target = CurvePoint(0.0, *curve_axes(_summary(target_file, reference_file)))
             methods = ([("tv", "tv", None)] if include_tv else []) + [
                 (v.label, f"perta_{v.statistic}", v) for v in variants]
             per_method = len(search.initial) + search.rounds
@@ -192,7 +262,7 @@ def run_seed(output: Path, seed: int, preset: Preset, variants: list[PertaVarian
             result = SplitResult(forget_split, output / forget_split, rows, counts)
             used = {v.label: graph["importance"][v.files_key(preset.importance_examples)] for v in variants}
             write_report(result, variants, search, used, runner)
-            if variants:
+            if variants and benchmark == "tofu":  # the diagnostic reads TOFU's sub-scores
                 from perta_lightning.diagnostics import diagnose_split
 
                 diagnose_split(result.root)
@@ -220,7 +290,7 @@ DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
 
 def pipeline(
     output: str = "runs/pipeline",
-    preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
+    preset: Literal["tiny", "demo", "large", "smollm2", "muse_tiny", "muse_demo"] = "demo",
     preset_overrides: dict[str, int | float] | None = None,
     seed: int = 0,
     forget_splits: list[Literal["forget01", "forget05", "forget10"]] | None = None,
@@ -234,6 +304,8 @@ def pipeline(
     accelerator: str = "cpu",
     devices: int = 1,
     precision: str = "32-true",
+    benchmark: Literal["tofu", "muse"] = "tofu",
+    muse_source: MuseSource | None = None,
 ) -> Path:
     """Run one seed of the PerTA study end to end and write its report; return the output folder.
 
@@ -259,13 +331,39 @@ def pipeline(
         accelerator: Lightning accelerator of the training and evaluation stages.
         devices: devices per stage.
         precision: Lightning precision of training (``bf16-mixed`` on GPUs; evaluation then runs in bf16).
+        benchmark: ``tofu`` (question/answer splits, Forget Quality and Model Utility) or ``muse`` (raw-text
+            corpora; VerbMem, KnowMem and PrivLeak; methods compared by KnowMem on D_r at matched forget score,
+            see :mod:`perta_lightning.muse_summary`). A MUSE run has one forget corpus, reported under ``forget/``.
+        muse_source: with ``benchmark: muse``, the MUSE source (hub, folder); by default the preset's synthetic
+            news corpus, written to ``<output>/data``.
     """
     out = Path(output)
+    forget_splits, source, search = check_benchmark(benchmark, forget_splits, source, muse_source, search)
     run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),
              list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"]),
-             search or AlphaSearch(), list(forget_splits or ["forget10"]), include_tv, source, base_model,
-             Runtime(accelerator, devices, precision), eval_files=resolve_eval_files(eval_files))
+             search, forget_splits, include_tv, source, base_model,
+             Runtime(accelerator, devices, precision), eval_files=resolve_eval_files(eval_files), benchmark=benchmark)
     return out
+
+
+#: The forget-score levels a MUSE run compares methods at (1: down to the retain model on VerbMem and KnowMem).
+MUSE_LEVELS = [0.9, 0.95, 0.98, 1.0]
+
+
+def check_benchmark(benchmark: str, forget_splits: list[str] | None, source: TofuSource | None,
+                    muse_source: MuseSource | None, search: AlphaSearch | None
+                    ) -> tuple[list[str], Any, AlphaSearch]:
+    """The forget splits, the source and the α search of a run of ``benchmark``; mixed-up options refused."""
+    from perta_lightning.errors import PertaValueError
+
+    if benchmark == "muse":
+        if source is not None or forget_splits:
+            raise PertaValueError("benchmark: muse takes muse_source= (not source=) and no forget_splits= "
+                                  "(MUSE has one forget corpus)")
+        return ["forget"], muse_source, search or AlphaSearch(levels=list(MUSE_LEVELS))
+    if muse_source is not None:
+        raise PertaValueError("muse_source= is given but benchmark is 'tofu'; set benchmark: muse")
+    return list(forget_splits or ["forget10"]), source, search or AlphaSearch()
 
 
 def build_parser() -> Any:

@@ -36,6 +36,7 @@ from perta_lightning.functional.replication import (
     share_of,
 )
 from perta_lightning.functional.tofu_metrics import forget_quality_ladder
+from perta_lightning.study_types import AXES, Axes
 
 FORMAT = "perta-replication/1"
 POOLED = "pooled"
@@ -200,7 +201,13 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
             entry["kept"] = False
         own.append(entry)
 
-    return {"format": FORMAT, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
+    benchmark = settings.get("benchmark", "tofu")
+    if benchmark == "muse":  # the same rules over MUSE's axes; claim 4 is about TOFU's three forget proportions
+        for row in rows:
+            if row["quantity"] == AXES["tofu"].quantity:
+                row["quantity"] = AXES["muse"].quantity
+        claims[-1]["note"] = "MUSE has one forget corpus; the three forget proportions are TOFU's"
+    return {"format": FORMAT, "benchmark": benchmark, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
             "test_seeds": test["seeds"], "validation_seeds": result["validation"]["seeds"],
             "chosen": result["validation"]["chosen"], "labels": labels, "claims": claims, "rows": rows,
             "own_variants": own, "forget_quality_steps": _steps(settings["levels"], test.get("forget_examples", {})),
@@ -228,12 +235,12 @@ def _pairs(row: dict[str, Any]) -> str:
     return f"{row['pair_wins']}–{row['pair_losses']} of {row['pairs']}" if "pairs" in row else "–"
 
 
-def rules_text(rules: dict[str, Any]) -> list[str]:
+def rules_text(rules: dict[str, Any], ax: Axes = AXES["tofu"]) -> list[str]:
     """The verdict rules in words, with the study's numbers."""
     r = ReplicationRules(**rules)
     return [
         f"Every figure is over **test seeds**, the independent unit: each seed's paired differences (method A − "
-        f"method B in Model Utility at each Forget Quality level both reach, over the forget splits when pooled) "
+        f"method B in {ax.utility} at each {ax.forget} level both reach, over the forget splits when pooled) "
         f"are averaged to one number per seed. Estimate: the mean of those; interval: 95 % percentile bootstrap "
         f"over seeds (10,000 resamples, seeded); sign test: two-sided exact, over seeds, a seed within "
         f"{r.tie:g} of zero a tie; wins–losses are given over seeds and over every (seed, split, level) pair.",
@@ -287,12 +294,13 @@ def claims_table(table: dict[str, Any], informative: bool = False) -> list[str]:
 
 def replication_markdown(table: dict[str, Any]) -> str:
     """``REPLICATION.md``: the claims table, this project's variants, the rules and what the numbers rest on."""
-    lines = ["# Replication of arXiv 2601.22030 (PerTA) on the synthetic benchmark", "",
+    ax = AXES[table.get("benchmark", "tofu")]
+    lines = [f"# Replication of arXiv 2601.22030 (PerTA) on {ax.benchmark_name}", "",
              f"Preset `{table['preset']}`"
              + (f" with `{table['preset_overrides']}`" if table.get("preset_overrides") else "")
              + f"; test seeds {table['test_seeds']} (every figure), validation seeds {table['validation_seeds']} "
                f"(chose PerTA's settings: {', '.join(f'{k}: `{v}`' for k, v in table['chosen'].items())}); forget "
-               f"splits {table['splits']}; Forget Quality levels {table['levels']}.", "",
+               f"splits {table['splits']}; {ax.forget} levels {table['levels']}.", "",
              machine_line(table), "", "## The claims", ""]
     lines += claims_table(table)
     lines += ["", "Method labels: " + ", ".join(f"{_name(f)} = `{label}`" for f, label in table["labels"].items()), ""]
@@ -321,6 +329,9 @@ def replication_markdown(table: dict[str, Any]) -> str:
     lines += ["| comparison | quantity | estimate [95 % CI] | seeds W–L (n) | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {r['comparison']} | {r['quantity']} | {_estimate(r)} | {r['wins']}–{r['losses']} ({r['n_seeds']}) | "
               f"{r['verdict']} |" for r in table["rows"] if r["rule"] == "cost"]
+    if ax is AXES["muse"]:
+        lines += ["", "## The rules", ""] + rules_text(table["rules"], ax) + [""]
+        return "\n".join(lines)
     lines += ["", "## How fine Forget Quality is", "",
               "With n forget examples the KS p-value takes n + 1 values; a level is reached only at the value above "
               "it.", "", "| split | n | " + " | ".join(f"FQ ≥ {level:g}: below → at" for level in table["levels"]) + " |",

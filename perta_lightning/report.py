@@ -34,6 +34,9 @@ def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
     table = []
     for row in rows:
         summary = summarize(row.eval_file, row.reference_file)
+        if summary.get("benchmark") == "muse":
+            table.append(_muse_row(row, root, summary))
+            continue
         aggregates = json.loads(Path(row.eval_file).read_text())["aggregates"]
         table.append({
             "method": row.method, "family": row.family, "alpha": row.alpha,
@@ -48,6 +51,21 @@ def build_rows(rows: list[ResultRow], root: Path) -> list[dict[str, Any]]:
     for row in table:
         row["collapsed"] = is_collapsed(row["model_utility"], target_utility)
     return table
+
+
+def _muse_row(row: ResultRow, root: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A MUSE run's table row: the curve axes under the keys every report reader uses (``forget_quality`` holds
+    the forget score, ``model_utility`` KnowMem on D_r; :mod:`perta_lightning.muse_summary`), and MUSE's metrics."""
+    return {"method": row.method, "family": row.family, "alpha": row.alpha,
+            "forget_quality": summary["forget_score"], "model_utility": summary["knowmem_retain"],
+            **{key: summary[key] for key in MUSE_COLUMNS if key in summary},
+            "unlearn_seconds": row.unlearn_seconds,
+            "model_dir": relative_to_run(root, row.model), "eval_file": relative_to_run(root, row.eval_file),
+            "model_digest": model_digest(row.model), "eval_checksum": evaluation_digest(row.eval_file)}
+
+
+#: MUSE's metrics in a MUSE run's table.
+MUSE_COLUMNS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "mia_auc")
 
 
 def curves(table: list[dict[str, Any]]) -> dict[str, list[CurvePoint]]:
@@ -82,6 +100,8 @@ def _fmt(value: Any) -> str:
 
 def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
              settings: dict[str, Any], search_evaluations: dict[str, int]) -> str:
+    if table and "verbmem_forget" in table[0]:
+        return muse_markdown(table, levels, at_levels, settings, search_evaluations)
     lines = ["# PerTA study report", "",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
              f"{platform.processor() or platform.system()}; torch {torch.__version__}.", "",
@@ -99,6 +119,33 @@ def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[s
     lines += ["", "## Every evaluated model", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[column]) for column in COLUMNS) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def muse_markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
+                  settings: dict[str, Any], search_evaluations: dict[str, int]) -> str:
+    """The report of a MUSE run: KnowMem on D_r at matched forget score, then MUSE's metrics of every model."""
+    columns = ("method", "alpha", "forget_quality", *MUSE_COLUMNS[:-1], "unlearn_seconds", "collapsed")
+    names = {"forget_quality": "forget score", "verbmem_forget": "VerbMem_f", "knowmem_forget": "KnowMem_f",
+             "knowmem_retain": "KnowMem_r", "privleak": "PrivLeak"}
+    lines = ["# PerTA study report (MUSE)", "",
+             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+             f"{platform.processor() or platform.system()}; torch {torch.__version__}.", "",
+             f"Settings: `{json.dumps(settings)}`", "",
+             "VerbMem_f: ROUGE of greedy continuations of forget excerpts; KnowMem_f / KnowMem_r: ROUGE of answers to "
+             "questions about the forget / retain corpus; PrivLeak: relative MIA AUC gap to θ_retain in percent "
+             "(about −100: not unlearned, 0: as θ_retain). Forget score: 1 − the larger excess of VerbMem_f and "
+             "KnowMem_f over θ_retain's (1: down to θ_retain on both). *collapsed*: KnowMem_r below half the target's.",
+             "", "## KnowMem on D_r at matched forget score", "",
+             "The best non-collapsed model whose forget score reaches the level; – where none does.", "",
+             "| method | " + " | ".join(f"F ≥ {level:g}" for level in levels) + " | evaluations |",
+             "|---|" + "---|" * (len(levels) + 1)]
+    for method, values in at_levels.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in values)
+                     + f" | {search_evaluations.get(method, 1)} |")
+    lines += ["", "## Every evaluated model", "",
+              "| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(column)) for column in columns) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +224,10 @@ def write_report(result: SplitResult, variants: list[PertaVariant], search: Alph
                  importance: dict[str, Stage], runner: StageRunner) -> list[dict[str, Any]]:
     """Write ``report.json``, ``report.md``, ``tradeoff.png`` and ``weights.png`` of one forget split."""
     table = build_rows(result.rows, runner.root)
+    checked = ("forget_quality", "model_utility", "verbmem_forget", "knowmem_forget") if "verbmem_forget" in table[0] \
+        else ("forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio")
     for row in table:
-        for key in ("forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio"):
+        for key in checked:
             if row[key] is None or not math.isfinite(row[key]):
                 raise PertaValueError(f"{row['eval_file']}: {key} is {row[key]!r}")
     at_levels = matched(table, search.levels)

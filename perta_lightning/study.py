@@ -34,6 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
+from perta_lightning.data.muse import MuseSource
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.replication import ReplicationRules
@@ -172,7 +173,7 @@ def choose(candidates: list[PertaVariant], proposed: list[PertaVariant], scores:
 
 def study(
     output: str = "runs/study",
-    preset: Literal["tiny", "demo", "large", "smollm2"] = "demo",
+    preset: Literal["tiny", "demo", "large", "smollm2", "muse_tiny", "muse_demo"] = "demo",
     preset_overrides: dict[str, int | float] | None = None,
     validation_seeds: list[int] | None = None,
     test_seeds: list[int] | None = None,
@@ -189,6 +190,8 @@ def study(
     accelerator: str = "cpu",
     devices: int = 1,
     rules: ReplicationRules | None = None,
+    benchmark: Literal["tofu", "muse"] = "tofu",
+    muse_source: MuseSource | None = None,
 ) -> Path:
     """Run the multi-seed PerTA study with held-out choice of PerTA's settings; return the output folder.
 
@@ -217,6 +220,9 @@ def study(
         accelerator: Lightning accelerator of training and evaluation.
         devices: devices per stage.
         rules: the numbers of the replication table's verdict rules, fixed before the run.
+        benchmark: ``tofu`` or ``muse`` (see ``perta pipeline``): on MUSE the settings are chosen and the methods
+            compared by KnowMem on D_r at matched forget-score levels, beside VerbMem, KnowMem on D_f and PrivLeak.
+        muse_source: the MUSE source with ``benchmark: muse`` (default: each seed's synthetic news corpus).
     """
     import torch
 
@@ -236,14 +242,15 @@ def study(
     clash = {v.label for v in proposed} & {c.label for c in candidates}
     if clash:
         raise PertaValueError(f"proposed variants {sorted(clash)} are also candidates")
-    forget_splits = list(forget_splits or ["forget10"])
-    search = search or AlphaSearch()
+    from perta_lightning.pipeline import check_benchmark
+
+    forget_splits, source, search = check_benchmark(benchmark, forget_splits, source, muse_source, search)
     rules = rules or ReplicationRules()
     baselines = list(baselines if baselines is not None else ["grad_ascent", "grad_diff", "npo"])
     out = Path(output)
     common = dict(preset=resolve_preset(preset, preset_overrides), search=search, forget_splits=forget_splits, source=source,
                   base_model=base_model, runtime=Runtime(accelerator, devices),
-                  eval_files=resolve_eval_files(eval_files))
+                  eval_files=resolve_eval_files(eval_files), benchmark=benchmark)
 
     scores: dict[str, dict[str, float]] = {}
     decisions: dict[str, dict[str, Any]] = {}
@@ -286,7 +293,8 @@ def study(
         reports = _reports(out / "test", test_seeds, split)
         test_splits[split] = aggregate(reports, families, list(search.levels))
     result = {
-        "settings": {"preset": preset, "preset_overrides": preset_overrides or {}, "levels": list(search.levels),
+        "settings": {"benchmark": benchmark, "preset": preset, "preset_overrides": preset_overrides or {},
+                     "levels": list(search.levels),
                      "search": asdict(search), "jobs": jobs, "forget_splits": forget_splits,
                      "baselines": baselines, "importance_at_base": importance_at_base, "rules": asdict(rules)},
         "validation": {"seeds": validation_seeds, "candidates": [asdict(c) | {"label": c.label} for c in candidates],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_lightning.io import atomic_save_figure
+from perta_lightning.study_types import AXES
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -37,13 +38,14 @@ def study_markdown(result: dict[str, Any]) -> str:
     against TV, and the validation seeds' choice."""
     levels = result["settings"]["levels"]
     validation, test = result["validation"], result["test"]
-    lines = ["# PerTA multi-seed study", "",
+    ax = AXES[result["settings"].get("benchmark", "tofu")]
+    lines = ["# PerTA multi-seed study" + (" (MUSE)" if ax is AXES["muse"] else ""), "",
              f"Preset `{result['settings']['preset']}`. Test seeds {test['seeds']} (reported below); validation seeds "
              f"{validation['seeds']} chose PerTA's settings and appear in no table but the last.", "",
-             "Model Utility at matched Forget Quality: for each seed, the best non-collapsed model whose Forget "
-             "Quality reaches the level (every curve starts at the target model); mean ± std over the seeds that "
+             f"{ax.utility} at matched {ax.forget}: for each seed, the best non-collapsed model whose {ax.forget} "
+             "reaches the level (every curve starts at the target model); mean ± std over the seeds that "
              "reach it, (seeds reaching / seeds).", ""]
-    header = "| method | " + " | ".join(f"FQ ≥ {level:g}" for level in levels) + " | evaluations per seed |"
+    header = "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations per seed |"
     rule = "|---|" + "---|" * (len(levels) + 1)
     for split, families in test["splits"].items():
         lines += [f"## {split}: test seeds", "", header, rule]
@@ -52,9 +54,9 @@ def study_markdown(result: dict[str, Any]) -> str:
             name = family if data["label"] == family else f"{family} ({data['label']})"
             lines.append(f"| {name} | " + " | ".join(_cell(s) for s in data["at_levels"])
                          + f" | {'–'.join(str(e) for e in sorted({evaluations[0], evaluations[-1]}))} |")
-        lines += ["", f"### {split}: paired difference in Model Utility against TV", "",
+        lines += ["", f"### {split}: paired difference in {ax.utility} against TV", "",
                   "Mean over the seeds where both reach the level, 95 % bootstrap interval, wins–losses, two-sided "
-                  "sign-test p-value.", "", "| method | " + " | ".join(f"FQ ≥ {level:g}" for level in levels) + " |",
+                  "sign-test p-value.", "", "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " |",
                   "|---|" + "---|" * len(levels)]
         for family, data in families.items():
             if family != "tv":
@@ -62,7 +64,7 @@ def study_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if validation["seeds"]:
         lines += ["## Validation seeds: the choice of PerTA's settings", "",
-                  "Score: mean Model Utility at the levels over the validation seeds and splits, a level not "
+                  f"Score: mean {ax.utility} at the levels over the validation seeds and splits, a level not "
                   "reached counting 0. Chosen: " + ", ".join(f"{s}: `{label}`" for s, label in
                                                               validation["chosen"].items()) + ".", "",
                   "| candidate | score |", "|---|---|"]
@@ -82,6 +84,7 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
     split = next(iter(result["test"]["splits"]))
     families = result["test"]["splits"][split]
     levels = result["settings"]["levels"]
+    ax = AXES[result["settings"].get("benchmark", "tofu")]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for seed in result["test"]["seeds"]:
@@ -94,8 +97,8 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
                           marker="o" if len(points) == 1 else ".", color=colors[family], alpha=0.6,
                           label=family if seed == result["test"]["seeds"][0] else None)
     left.set_xscale("log")
-    left.set_xlabel("Forget Quality (log)")
-    left.set_ylabel("Model Utility")
+    left.set_xlabel(f"{ax.forget} (log)")
+    left.set_ylabel(ax.utility)
     left.set_title(f"{split}: every test seed's models")
     left.legend(fontsize=8)
     width = 0.8 / max(1, len(families))
@@ -104,9 +107,9 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
         means = [s["mean"] if s["mean"] is not None else 0.0 for s in data["at_levels"]]
         stds = [s["std"] or 0.0 for s in data["at_levels"]]
         right.bar(xs, means, width, yerr=stds, color=colors[family], label=family, capsize=2)
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(levels))], [f"FQ ≥ {level:g}" for level in levels])
-    right.set_ylabel("Model Utility at the level (mean ± std; 0: not reached)")
-    right.set_title("Matched Forget Quality, test seeds")
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(levels))], [f"{ax.forget_short} ≥ {level:g}" for level in levels])
+    right.set_ylabel(f"{ax.utility} at the level (mean ± std; 0: not reached)")
+    right.set_title(f"Matched {ax.forget}, test seeds")
     right.legend(fontsize=8)
     figure.tight_layout()
     atomic_save_figure(figure, path, dpi=110)

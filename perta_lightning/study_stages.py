@@ -36,6 +36,16 @@ def _passes(examples: float, forward_only: float = 0.0) -> dict[str, float]:
     return {"forward": float(examples + forward_only), "backward": float(examples)}
 
 
+def _text_settings(splits: Any, default_splits: Any, max_length: int | None) -> dict[str, Any]:
+    """Settings only a MUSE run has (left out at TOFU's defaults, so TOFU runs keep their records)."""
+    out: dict[str, Any] = {}
+    if tuple(splits) != tuple(default_splits):
+        out["splits"] = list(splits)
+    if max_length is not None:
+        out["max_length"] = max_length
+    return out
+
+
 def _weight_bytes(runner: StageRunner, stage: Stage) -> int:
     """Bytes of a finished stage's weight files (``*.safetensors``), as its record lists them."""
     return sum(f.size for f in runner.records[stage.name].files if f.path.endswith(".safetensors"))
@@ -61,15 +71,18 @@ class Runtime:
 
 
 def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
-        runtime: Runtime, paired_split: str | None = None) -> None:
-    """Fit ``module`` for ``epochs`` on ``splits`` (plus ``paired_split`` batches); the module saves itself."""
+        runtime: Runtime, paired_split: str | None = None, max_length: int | None = None) -> None:
+    """Fit ``module`` for ``epochs`` on ``splits`` (plus ``paired_split`` batches); the module saves itself.
+
+    ``max_length``: longest example in tokens (raw-text corpora are chunked to it); ``None``: PromptFormat's."""
     import lightning as L
 
     from perta_lightning.callbacks.progress import progress_bar
     from perta_lightning.data.datamodule import TofuDataModule
     from perta_lightning.data.tofu import PromptFormat
 
-    data = TofuDataModule(source, PromptFormat(tokenizer=str(tokenizer)), train_split=splits,
+    prompt = PromptFormat(tokenizer=str(tokenizer)) if max_length is None else PromptFormat(str(tokenizer), max_length)
+    data = TofuDataModule(source, prompt, train_split=splits,
                           paired_split=paired_split, batch_size=batch_size)
     trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, precision=runtime.precision,
                         max_epochs=epochs, logger=False,
@@ -102,6 +115,30 @@ class SyntheticData(Stage):
         return {"data": out, "tokenizer": out / "tokenizer"}
 
 
+@dataclass(eq=False)
+class MuseSyntheticData(Stage):
+    """The synthetic news corpus in MUSE's layout and its BPE tokenizer, under ``data/``."""
+
+    spec: Any  # MuseSyntheticSpec (imported lazily: constructing a stage loads nothing)
+    vocab_size: int
+    name: str = "data"
+    cost: float = 0.05
+    description = "write the synthetic MUSE corpus and train its tokenizer"
+
+    def settings(self) -> dict[str, Any]:
+        return {"spec": self.spec, "vocab_size": self.vocab_size, "benchmark": "muse"}
+
+    def outputs(self) -> list[Path]:
+        return [Path("data")]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.data.muse_synthetic import write_muse_benchmark
+
+        out = runner.root / "data"
+        write_muse_benchmark(self.spec, str(out), True, self.vocab_size)
+        return {"data": out, "tokenizer": out / "tokenizer"}
+
+
 #: The evaluation splits a synthetic run may read from given files: the sets that are not about its authors.
 WORLD_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
 
@@ -114,8 +151,8 @@ class Data:
     :data:`WORLD_SPLITS`, e.g. TOFU's real real-authors and world-facts sets for a pretrained θ0, whose world
     is not the synthetic one). Their contents' digests enter the settings of the stages that read them."""
 
-    stage: SyntheticData | None = None
-    given: TofuSource | None = None
+    stage: SyntheticData | MuseSyntheticData | None = None
+    given: Any = None  # TofuSource or MuseSource
     files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -129,7 +166,11 @@ class Data:
             if not Path(path).is_file():
                 raise PertaFileNotFoundError(f"eval_files[{split}]: no such file: {path}")
 
-    def source(self, runner: StageRunner) -> TofuSource:
+    def source(self, runner: StageRunner) -> Any:
+        if isinstance(self.stage, MuseSyntheticData):
+            from perta_lightning.data.muse import MuseSource
+
+            return MuseSource(path=str(runner.path(Product(self.stage, "data"))))
         if self.stage is not None:
             return TofuSource(path=str(runner.path(Product(self.stage, "data"))),
                               files=dict(self.files) if self.files else None)
@@ -176,14 +217,20 @@ class Pretrained(Stage):
 class Pretrain(Stage):
     """θ0 trained from scratch on the world-knowledge corpus of the synthetic benchmark."""
 
-    data: SyntheticData
+    data: SyntheticData | MuseSyntheticData
     model_config: dict[str, Any]
     epochs: int
     lr: float
     batch_size: int
     runtime: Runtime = field(default_factory=Runtime)
     name: str = "models/base"
-    description = "pre-train θ0 on the world-knowledge corpus"
+    splits: tuple[str, ...] = ("world_corpus",)  # MUSE: ("pretrain/background",)
+    max_length: int | None = None
+
+    @property
+    def description(self) -> str:
+        corpus = "the world-knowledge corpus" if self.splits == ("world_corpus",) else " + ".join(self.splits)
+        return f"pre-train θ0 on {corpus}"
 
     def __post_init__(self) -> None:
         self.cost = 0.5 * self.epochs
@@ -194,7 +241,7 @@ class Pretrain(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"model": self.model_config, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                **self.runtime.settings()}
+                **self.runtime.settings(), **_text_settings(self.splits, ("world_corpus",), self.max_length)}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -205,12 +252,13 @@ class Pretrain(Stage):
         out, tokenizer = runner.root / self.name, runner.path(Product(self.data, "tokenizer"))
         module = CausalLMModule(model_config=self.model_config, tokenizer=str(tokenizer), output_dir=str(out),
                                 seed=stage_seed(runner.seed, self.name), optimizer=_adamw(self.lr))
-        fit(module, Data(self.data).source(runner), str(tokenizer), ["world_corpus"], self.epochs,
-            self.batch_size, self.runtime)
+        fit(module, Data(self.data).source(runner), str(tokenizer), list(self.splits), self.epochs,
+            self.batch_size, self.runtime, max_length=self.max_length)
         return {"model": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
-        return _passes(self.epochs * _rows(Data(self.data).source(runner), "world_corpus"))
+        source = Data(self.data).source(runner)
+        return _passes(self.epochs * sum(_rows(source, split) for split in self.splits))
 
 
 @dataclass(eq=False)
@@ -226,9 +274,10 @@ class FineTune(Stage):
     batch_size: int
     what: str = "fine-tune"
     runtime: Runtime = field(default_factory=Runtime)
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
-        self.cost = float(self.epochs) * (0.2 if self.splits[0].startswith("forget") else 1.0)
+        self.cost = float(self.epochs) * (0.2 if "forget" in self.splits[0] else 1.0)
 
     @property
     def description(self) -> str:
@@ -240,7 +289,7 @@ class FineTune(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "splits": self.splits, "epochs": self.epochs, "lr": self.lr,
-                "batch_size": self.batch_size, **self.runtime.settings()}
+                "batch_size": self.batch_size, **self.runtime.settings(), **_text_settings((), (), self.max_length)}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -250,7 +299,8 @@ class FineTune(Stage):
 
         init, out = runner.path(Product(self.init)), runner.root / self.name
         module = CausalLMModule(model=str(init), output_dir=str(out), optimizer=_adamw(self.lr))
-        fit(module, self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime)
+        fit(module, self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime,
+            max_length=self.max_length)
         return {"model": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
@@ -272,6 +322,7 @@ class Unlearn(Stage):
     lr: float
     batch_size: int
     runtime: Runtime = field(default_factory=Runtime)
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         self.cost = 0.3 * self.epochs
@@ -287,7 +338,7 @@ class Unlearn(Stage):
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "method": self.method, "forget": self.forget_split,
                 "retain": self.retain_split, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                **self.runtime.settings()}
+                **self.runtime.settings(), **_text_settings((), (), self.max_length)}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
@@ -298,7 +349,7 @@ class Unlearn(Stage):
         target, out = runner.path(Product(self.target)), runner.root / self.name
         module = UnlearningModule(str(target), method=self.method, output_dir=str(out), optimizer=_adamw(self.lr))
         fit(module, self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size,
-            self.runtime, paired_split=self.retain_split)
+            self.runtime, paired_split=self.retain_split, max_length=self.max_length)
         return {"model": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
@@ -323,6 +374,7 @@ class Importance(Stage):
     retain_split: str
     num_examples: int | None
     cost: float = 1.0
+    max_length: int | None = None
 
     @property
     def description(self) -> str:
@@ -334,19 +386,22 @@ class Importance(Stage):
 
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "statistic": self.statistic, "granularity": self.granularity,
-                "forget": self.forget_split, "retain": self.retain_split, "num_examples": self.num_examples}
+                "forget": self.forget_split, "retain": self.retain_split, "num_examples": self.num_examples,
+                **_text_settings((), (), self.max_length)}
 
     def outputs(self) -> list[Path]:
         return [Path(self.name)]
 
     def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.data.tofu import PromptFormat
         from perta_lightning.modules.importance import estimate_importance
 
+        prompt = PromptFormat() if self.max_length is None else PromptFormat(max_length=self.max_length)
         written = estimate_importance(
             str(runner.path(Product(self.model))), self.data.source(runner), str(runner.root / self.name),
             statistic=self.statistic, granularity=self.granularity, forget_split=self.forget_split,
             retain_split=self.retain_split, num_examples=self.num_examples,
-            subsample_seed=stage_seed(runner.seed, self.name), overwrite=True)
+            subsample_seed=stage_seed(runner.seed, self.name), overwrite=True, prompt=prompt)
         return {"forget": written["forget"], "retain": written["retain"]}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
@@ -512,4 +567,57 @@ class Evaluate(Stage):
 
     def work(self, runner: StageRunner) -> dict[str, float]:
         """One evaluation: every evaluation set scored and generated once (the same work for every model)."""
+        return {"evaluations": 1.0}
+
+
+@dataclass(eq=False)
+class MuseEvaluate(Stage):
+    """MUSE evaluation of one model (VerbMem, KnowMem, MIA); PrivLeak against ``reference`` (θ_retain's)."""
+
+    name: str
+    model: Product
+    data: Data
+    verbmem_max_new_tokens: int
+    knowmem_max_new_tokens: int
+    reference: MuseEvaluate | None = None
+    batch_size: int = 32
+    runtime: Runtime = field(default_factory=Runtime)
+    prompt_tokens: int = 64
+    text_max_length: int = 128
+    cost: float = 0.3
+
+    @property
+    def description(self) -> str:
+        return f"MUSE-evaluate {self.model.stage.name}" + ("" if self.model.key == "model" else f" {self.model.key}")
+
+    @property
+    def inputs(self) -> list[Stage]:
+        return [self.model.stage, *self.data.stages] + ([self.reference] if self.reference is not None else [])
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": self.data.settings(), "model": self.model.key, "benchmark": "muse",
+                "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
+                "knowmem_max_new_tokens": self.knowmem_max_new_tokens, "batch_size": self.batch_size,
+                "prompt_tokens": self.prompt_tokens, "text_max_length": self.text_max_length,
+                **self.runtime.settings()}
+
+    def outputs(self) -> list[Path]:
+        return [Path(f"{self.name}.json")]
+
+    def run(self, runner: StageRunner) -> dict[str, Path]:
+        from perta_lightning.muse_evaluate import evaluate_muse_model
+
+        out = runner.root / f"{self.name}.json"
+        reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
+        evaluate_muse_model(str(runner.path(self.model)), self.data.source(runner), output_json=str(out),
+                            retain_result=reference, batch_size=self.batch_size,
+                            verbmem_max_new_tokens=self.verbmem_max_new_tokens,
+                            knowmem_max_new_tokens=self.knowmem_max_new_tokens,
+                            torch_dtype=self.runtime.eval_dtype, accelerator=self.runtime.accelerator,
+                            devices=self.runtime.devices, prompt_tokens=self.prompt_tokens,
+                            text_max_length=self.text_max_length)
+        return {"eval": out}
+
+    def work(self, runner: StageRunner) -> dict[str, float]:
+        """One evaluation: every MUSE set generated or scored once (the same work for every model)."""
         return {"evaluations": 1.0}

@@ -34,13 +34,28 @@ class Preset:
     num_background_authors: int = 6
     attribute_values: int | None = None
     num_world_items: int = 30
+    # MUSE only (benchmark: muse): the synthetic news corpus, the context raw text is chunked to, KnowMem's
+    # answer length (eval_max_new_tokens is VerbMem's continuation length there)
+    num_articles: int = 24
+    num_background_articles: int = 96
+    context_length: int = 128
+    knowmem_max_new_tokens: int = 16
 
     def model_config(self) -> dict[str, Any]:
         """The small Llama trained from scratch as θ0."""
         return dict(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     intermediate_size=2 * self.hidden_size, num_hidden_layers=self.num_layers,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=self.context_length,
                     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+    def muse_spec(self, seed: int) -> Any:
+        """The synthetic MUSE corpus of this preset: ``num_articles`` forget articles, as many in each retain
+        corpus and in the holdout corpus."""
+        from perta_lightning.data.muse_synthetic import MuseSyntheticSpec
+
+        return MuseSyntheticSpec(num_articles=self.num_articles, num_retain_articles=self.num_articles,
+                                 num_holdout_articles=self.num_articles,
+                                 num_background_articles=self.num_background_articles, seed=seed)
 
 
 def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
@@ -74,6 +89,14 @@ PRESETS = {
     # Learning rates as open-unlearning's TOFU fine-tuning (1e-5, 10 epochs, batch 32) scaled for a 135M model
     # and a few epochs; 10 authors and 10 real-authors / world-facts questions so that one seed fits about an
     # hour on a 2-core CPU (see configs/smollm2/pipeline.yaml for what was cut).
+    # MUSE (benchmark: muse) on the synthetic news corpus: from-scratch θ0 pre-trained on background articles
+    "muse_tiny": Preset(num_authors=0, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=6,
+                        finetune_epochs=10, reinforce_epochs=3, unlearn_epochs=2, importance_examples=12,
+                        eval_max_new_tokens=24, num_articles=8, num_background_articles=24,
+                        knowmem_max_new_tokens=8),
+    "muse_demo": Preset(num_authors=0, hidden_size=128, num_layers=3, vocab_size=768, pretrain_epochs=15,
+                        finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, importance_examples=24,
+                        eval_max_new_tokens=48, num_articles=24, num_background_articles=96),
     "smollm2": Preset(num_authors=10, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=0,
                       finetune_epochs=3, reinforce_epochs=2, unlearn_epochs=2, importance_examples=10,
                       eval_max_new_tokens=32, finetune_lr=5e-5, reinforce_lr=5e-5, unlearn_lr=1e-5, batch_size=8,
@@ -187,3 +210,23 @@ class SplitResult:
     search_evaluations: dict[str, int]
 
 
+
+
+@dataclass(frozen=True)
+class Axes:
+    """What a benchmark's two comparison axes are called in reports (the keys stay ``forget_quality`` and
+    ``model_utility`` in every file: on MUSE they hold the forget score and KnowMem on D_r)."""
+
+    forget: str
+    forget_short: str
+    utility: str
+    utility_short: str
+    benchmark_name: str
+
+    @property
+    def quantity(self) -> str:
+        return f"Δ{self.utility_short} at matched {self.forget_short}"
+
+
+AXES = {"tofu": Axes("Forget Quality", "FQ", "Model Utility", "MU", "the synthetic benchmark"),
+        "muse": Axes("forget score", "F", "KnowMem on D_r", "KnowMem_r", "the synthetic MUSE news corpus")}

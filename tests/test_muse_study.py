@@ -1,0 +1,105 @@
+"""``perta study`` and ``perta pipeline`` with ``benchmark: muse`` on the tiny preset: one validation and one test
+seed, every reported figure read back from the evaluation files, the stages trained on MUSE's corpora."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perta_lightning.errors import PertaValueError
+from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utility_at_level
+from perta_lightning.muse_summary import summarize_muse
+from perta_lightning.pipeline import pipeline
+from perta_lightning.study import study
+from perta_lightning.study_types import AlphaSearch, PertaVariant
+
+SEARCH = AlphaSearch(levels=[0.9, 0.98, 1.0], initial=[1.0, 4.0], rounds=1)
+OPTIONS = dict(benchmark="muse", preset="muse_tiny", validation_seeds=[11], test_seeds=[12],
+               candidates=[PertaVariant("grad"), PertaVariant("fisher", beta=16.0)], baselines=["grad_diff"],
+               search=SEARCH, jobs=1)
+
+
+@pytest.fixture(scope="module")
+def muse_study(tmp_path_factory) -> Path:
+    return study(output=str(tmp_path_factory.mktemp("muse_study") / "run"), **OPTIONS)
+
+
+def _report(folder: Path, seed: int) -> dict:
+    return json.loads((folder / "test" / f"seed_{seed}" / "forget" / "report.json").read_text())
+
+
+def test_rows_are_the_muse_summaries_of_their_evaluations(muse_study):
+    seed_dir = muse_study / "test" / "seed_12"
+    report = _report(muse_study, 12)
+    reference = seed_dir / "forget" / "eval" / "retain.json"
+    methods = {row["method"] for row in report["rows"]}
+    assert {"retain", "target", "grad_diff", "tv"} <= methods and len(methods) == 6  # and the two chosen variants
+    for row in report["rows"]:
+        summary = summarize_muse(seed_dir / row["eval_file"], reference)
+        assert row["forget_quality"] == summary["forget_score"]
+        assert row["model_utility"] == row["knowmem_retain"] == summary["knowmem_retain"]
+        assert (row["verbmem_forget"], row["privleak"]) == (summary["verbmem_forget"], summary["privleak"])
+    target = next(row for row in report["rows"] if row["method"] == "target")
+    for method, values in report["matched"].items():
+        points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])] + [
+            CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"],
+                       is_collapsed(r["model_utility"], target["model_utility"]))
+            for r in report["rows"] if r["method"] == method]
+        expected = [utility_at_level(points, level) for level in SEARCH.levels]
+        assert values == [None if p is None else p.model_utility for p in expected], method
+
+
+def test_models_are_trained_on_muses_corpora(muse_study):
+    records = [json.loads(f.read_text()) for f in (muse_study / "test" / "seed_12" / "stages").rglob("*.json")]
+    by_name = {record["name"]: record["settings"] for record in records}
+    assert by_name["models/base"]["splits"] == ["pretrain/background"]
+    assert by_name["models/full"]["splits"] == ["raw/forget", "raw/retain1", "raw/retain2", "pretrain/background"]
+    assert by_name["forget/models/retain"]["splits"] == ["raw/retain1", "raw/retain2", "pretrain/background"]
+    assert by_name["forget/models/reinforced"]["splits"] == ["raw/forget"]
+    unlearn = by_name["forget/models/grad_diff"]
+    assert (unlearn["forget"], unlearn["retain"]) == ("raw/forget", "raw/retain1")
+    importance = [v for k, v in by_name.items() if k.startswith("forget/importance/")]
+    assert importance and all((v["forget"], v["retain"]) == ("raw/forget", "raw/retain1") for v in importance)
+    trained = ["models/base", "models/full", "forget/models/retain", "forget/models/reinforced", "forget/models/grad_diff"]
+    assert all(by_name[name]["max_length"] == 128 for name in trained)  # the preset's context: raw text is chunked to it
+    assert all(v["max_length"] == 128 for v in importance)
+
+
+def test_study_and_replication_speak_of_muses_axes(muse_study):
+    result = json.loads((muse_study / "study.json").read_text())
+    assert result["settings"]["benchmark"] == "muse" and result["settings"]["forget_splits"] == ["forget"]
+    markdown = (muse_study / "study.md").read_text()
+    assert "KnowMem on D_r at matched forget score" in markdown and "FQ ≥" not in markdown
+    table = json.loads((muse_study / "replication.json").read_text())
+    assert table["benchmark"] == "muse"
+    assert {row["quantity"] for row in table["rows"] if row["rule"] != "cost"} == {"ΔKnowMem_r at matched F"}
+    assert "MUSE has one forget corpus" in next(c for c in table["claims"] if c["claim"] == "4")["note"]
+    assert "on the synthetic MUSE news corpus" in (muse_study / "REPLICATION.md").read_text()
+
+
+def test_a_second_run_of_the_seed_builds_nothing(muse_study, capsys):
+    """The test seed is an ordinary pipeline run: calling ``perta pipeline`` on its folder with the study's chosen
+    settings finds every stage's record still holding."""
+    result = json.loads((muse_study / "study.json").read_text())
+    chosen = [c for c in result["validation"]["candidates"] if c["label"] in result["validation"]["chosen"].values()]
+    variants = [PertaVariant(**{k: v for k, v in c.items() if k != "label"}) for c in chosen]
+    before = _report(muse_study, 12)
+    capsys.readouterr()
+    pipeline(output=str(muse_study / "test" / "seed_12"), benchmark="muse", preset="muse_tiny", seed=12,
+             variants=variants, baselines=["grad_diff"], search=SEARCH)
+    out = capsys.readouterr().out
+    assert "up to date, skipped" in out and "done in" not in out
+    assert _report(muse_study, 12)["rows"] == before["rows"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(benchmark="muse", forget_splits=["forget10"]), "no forget_splits="),
+    (dict(benchmark="tofu", muse_source={"path": "x"}), "set benchmark: muse"),
+])
+def test_mixed_up_benchmark_options_are_refused(tmp_path, options, message):
+    from perta_lightning.data.muse import MuseSource
+
+    if "muse_source" in options:
+        options["muse_source"] = MuseSource(**options["muse_source"])
+    with pytest.raises(PertaValueError, match=message):
+        pipeline(output=str(tmp_path / "run"), preset="muse_tiny", **options)
