@@ -12,9 +12,9 @@ Use with :class:`perta_lightning.data.muse_evaluation.MuseEvalDataModule`. Per s
   (:func:`perta_lightning.functional.tofu_metrics.privleak`: about −100 for a model that memorised the forget set,
   0 for one that never saw it, MUSE's convention).
 
-Per-example values are kept in :class:`~perta_lightning.metrics.IndexedValues` ("cat" states keyed by example
-index) and the AUC in a :class:`~perta_lightning.metrics.MinKMiaAUC`, so the result is the same on one process
-and on many. Rank zero writes one JSON file (atomically)::
+The aggregates are computed by the torchmetrics classes of :mod:`perta_lightning.muse_metrics` (``VerbMem``,
+``KnowMem``, ``MiaAUC``) and the per-example values kept in :class:`~perta_lightning.metrics.IndexedValues` ("cat"
+states keyed by example index), so the result is the same on one process and on many. Rank zero writes one JSON file (atomically)::
 
     {"format": "perta-muse-eval/1", "model": ..., "retain_result": ..., "splits": {...}, "settings": {...},
      "aggregates": {"verbmem_forget", "knowmem_forget", "knowmem_retain", "mia_auc", "privleak"},
@@ -36,7 +36,8 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.evaluate import generation_text
 from perta_lightning.functional import muse_metrics as M
 from perta_lightning.io import atomic_write_text
-from perta_lightning.metrics import IndexedValues, MinKMiaAUC
+from perta_lightning.metrics import IndexedValues
+from perta_lightning.muse_metrics import KnowMem, MiaAUC, VerbMem
 from perta_lightning.muse_summary import MUSE_FORMAT, load_muse_evaluation, privleak_or_none
 
 #: MUSE's generation lengths (its ``eval.py``): 128 new tokens for VerbMem, 32 for KnowMem.
@@ -82,7 +83,10 @@ class MuseEvaluator(LightningModule):
         self.examples = torch.nn.ModuleDict({
             name: IndexedValues(("score",) if kind == "text" else ("score", "generated_ids"))
             for name, (_, kind) in MUSE_EVAL_SETS.items()})
-        self.mia = MinKMiaAUC()
+        # the aggregates, by the torchmetrics classes users log from their own modules
+        self.means = torch.nn.ModuleDict({"verbmem": VerbMem(), "knowmem_forget": KnowMem(),
+                                          "knowmem_retain": KnowMem()})
+        self.mia = MiaAUC()
         self.result: dict[str, Any] | None = None
         self.retain_record: dict[str, Any] | None = None
 
@@ -129,25 +133,25 @@ class MuseEvaluator(LightningModule):
         ids = self.generate(batch["prompt_ids"], batch["prompt_mask"], width)
         rows = self.trainer.datamodule.sets[name].rows
         texts = [self._text(name, row) for row in ids]
-        if kind == "verbatim":
-            score = M.verbmem_scores(texts, [rows[i]["gt"] for i in index.tolist()])
-        else:
-            score = M.knowmem_scores(texts, [rows[i]["answer"] for i in index.tolist()])
+        truth = [rows[i]["gt" if kind == "verbatim" else "answer"] for i in index.tolist()]
+        score = M.verbmem_scores(texts, truth) if kind == "verbatim" else M.knowmem_scores(texts, truth)
+        self.means[name].update(index, texts, truth)
         self.examples[name].update(index, score=score.to(self.device), generated_ids=ids)
 
     def on_test_epoch_end(self) -> None:
         # every rank computes every metric in the same order: each compute() is a collective
         examples = {name: record.compute() for name, record in self.examples.items()}
-        auc = self.mia.compute().item()
-        self.result = self.build_result(examples, auc)
+        means = {name: metric.compute().item() for name, metric in self.means.items()}
+        self.result = self.build_result(examples, means, self.mia.compute().item())
         scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}
         self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
         if self.hparams.output_json is not None and self.trainer.is_global_zero:
             atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
         self.trainer.strategy.barrier("perta_muse_eval_written")
 
-    def build_result(self, examples: dict[str, dict[str, torch.Tensor]], auc: float) -> dict[str, Any]:
-        """The evaluation file's content from the ordered per-example values and the MIA AUC."""
+    def build_result(self, examples: dict[str, dict[str, torch.Tensor]], means: dict[str, float],
+                     auc: float) -> dict[str, Any]:
+        """The evaluation file's content from the ordered per-example values, the means and the MIA AUC."""
         datamodule = self.trainer.datamodule
         out: dict[str, dict[str, Any]] = {}
         for name, values in examples.items():
@@ -161,10 +165,9 @@ class MuseEvaluator(LightningModule):
             if kind != "text":
                 column["generation"] = [self._text(name, ids) for ids in values["generated_ids"]]
             out[name] = column
-        mean = {name: sum(column["score"]) / len(column["score"]) for name, column in out.items()}
         aggregates: dict[str, float | None] = {
-            "verbmem_forget": mean["verbmem"], "knowmem_forget": mean["knowmem_forget"],
-            "knowmem_retain": mean["knowmem_retain"], "mia_auc": auc, "privleak": None}
+            "verbmem_forget": means["verbmem"], "knowmem_forget": means["knowmem_forget"],
+            "knowmem_retain": means["knowmem_retain"], "mia_auc": auc, "privleak": None}
         notes: list[str] = []
         if self.retain_record is not None:
             aggregates["privleak"], note = privleak_or_none(auc, self.retain_record)

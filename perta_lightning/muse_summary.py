@@ -89,3 +89,61 @@ def summarize_muse(ckpt_result: str | Path, retain_result: str | Path) -> dict[s
     leak, note = privleak_or_none(a["mia_auc"], retain)
     return {"benchmark": "muse", **{key: a[key] for key in MUSE_AGGREGATES}, "privleak": leak,
             "forget_score": forget_score(a, retain["aggregates"]), "notes": [note] if note else []}
+
+
+#: MUSE's metrics as the study reports them.
+MUSE_METRICS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+
+
+def muse_table(reports: dict[int, dict[str, Any]], families: dict[str, str], levels: list[float]) -> dict[str, Any]:
+    """MUSE's four metrics of the models a study compares, per test seed and as means over the seeds.
+
+    ``reports``: each seed's ``report.json``; ``families``: family name → method label in the reports. The
+    reference models (``retain``, ``target``) and the baselines give their one model; TV and PerTA give, at each
+    forget-score level, the model the matched comparison chose there (:func:`perta_lightning.report.matched`),
+    ``None`` where the level is not reached.
+    """
+    from perta_lightning.functional.tradeoff import utility_at_level
+    from perta_lightning.report import curves
+
+    out: dict[str, Any] = {}
+    for family, label in {"retain": "retain", "target": "target", **families}.items():
+        per_seed: dict[str, list[dict[str, float] | None]] = {}
+        for seed, report in sorted(reports.items()):
+            rows = [row for row in report["rows"] if row["method"] == label]
+            target = next(row for row in report["rows"] if row["method"] == "target")
+            if label in ("retain", "target"):
+                chosen = [rows[0]] * len(levels)
+            else:
+                points = curves(report["rows"])[label]
+                picks = [utility_at_level(points, level) for level in levels]
+                by_alpha = {row["alpha"]: row for row in rows}
+                chosen = [None if p is None else by_alpha.get(p.alpha, target) if p.alpha != 0.0 else target
+                          for p in picks]
+            per_seed[str(seed)] = [None if row is None else {k: row[k] for k in MUSE_METRICS} for row in chosen]
+        means = []
+        for index in range(len(levels)):
+            values = [seed_values[index] for seed_values in per_seed.values() if seed_values[index] is not None]
+            means.append({"seeds": len(values), **{k: (sum(v[k] for v in values) / len(values)
+                                                       if values and all(v[k] is not None for v in values) else None)
+                                                    for k in MUSE_METRICS}})
+        out[family] = {"label": label, "per_seed": per_seed, "mean": means}
+    return out
+
+
+def muse_table_markdown(table: dict[str, Any], levels: list[float], seeds: int) -> list[str]:
+    """The study's MUSE table: reference models and baselines once, TV and PerTA at each forget-score level."""
+    lines = ["| model | VerbMem_f | KnowMem_f | KnowMem_r | PrivLeak | seeds |", "|---|---|---|---|---|---|"]
+
+    def cells(entry: dict[str, Any]) -> str:
+        numbers = ["–" if entry[k] is None else f"{entry[k]:.1f}" if k == "privleak" else f"{entry[k]:.3f}"
+                   for k in MUSE_METRICS]
+        return " | ".join(numbers) + f" | {entry['seeds']}/{seeds} |"
+
+    for family, data in table.items():
+        fixed = family in ("retain", "target") or len({str(m) for m in data["mean"]}) == 1
+        if fixed:
+            lines.append(f"| {family} | " + cells(data["mean"][0]))
+        else:
+            lines += [f"| {family} at F ≥ {level:g} | " + cells(entry) for level, entry in zip(levels, data["mean"])]
+    return lines

@@ -138,12 +138,12 @@ def muse_graph(preset: Preset, seed: int, variants: list[PertaVariant], baseline
         synthetic = MuseSyntheticData(preset.muse_spec(seed), preset.vocab_size)
     data = Data(stage=synthetic, given=source)
     p, length = preset, preset.context_length
-    if base_model is None:
-        base: Stage = Pretrain(synthetic, p.model_config(), p.pretrain_epochs, p.pretrain_lr, 2 * p.batch_size,
-                               runtime, splits=(MUSE_BACKGROUND,), max_length=length)
-        replay = [MUSE_BACKGROUND]
-    else:
-        base, replay = base_stage(base_model), []
+    # θ0 learns the articles' language from the background corpus; as MUSE's target and retain models, θ_full and
+    # θ_retain are then fine-tuned on the MUSE corpora alone (no replay: the background holds no fact evaluated)
+    base: Stage = (Pretrain(synthetic, p.model_config(), p.pretrain_epochs, p.pretrain_lr, 2 * p.batch_size, runtime,
+                            splits=(MUSE_BACKGROUND,), max_length=length)
+                   if base_model is None else base_stage(base_model))
+    replay: list[str] = []
     train = dict(data=data, epochs=p.finetune_epochs, lr=p.finetune_lr, batch_size=p.batch_size, runtime=runtime,
                  max_length=length)
     full = FineTune("models/full", base, splits=[MUSE_FORGET, *MUSE_RETAINED, *replay], what="fine-tune θ0", **train)
@@ -165,9 +165,12 @@ def muse_graph(preset: Preset, seed: int, variants: list[PertaVariant], baseline
             importance[files] = TransformImportance(f"{raw[key].name}_{v.transform}", raw[key], v.transform)
     unlearned = [Unlearn(f"forget/models/{method}", full, data, method, MUSE_FORGET, MUSE_RETAIN, p.unlearn_epochs,
                          p.unlearn_lr, p.batch_size, runtime, max_length=length) for method in baselines]
+    # MUSE asks its questions after few-shot examples, for pretrained models; a model trained from scratch on the
+    # synthetic corpus learnt the question format from its fact boxes, and shots about other articles only
+    # derail it (KnowMem of the synthetic demo's θ_full: about 0.14 with them, 0.56 without)
     make_eval = partial(MuseEvaluate, data=data, verbmem_max_new_tokens=p.eval_max_new_tokens,
                         knowmem_max_new_tokens=p.knowmem_max_new_tokens, runtime=runtime,
-                        text_max_length=length)
+                        text_max_length=length, use_icl=source is not None)
     reference = make_eval("forget/eval/retain", Product(retain))
     target = make_eval("forget/eval/target", Product(full), reference=reference)
     baseline_evals = [make_eval(f"forget/eval/{u.method}", Product(u), reference=reference) for u in unlearned]

@@ -288,10 +288,14 @@ def study(
 
     from perta_lightning.provenance import machine_info, peak_rss_gib
 
-    test_splits = {}
+    test_splits, muse = {}, {}
     for split in forget_splits:
         reports = _reports(out / "test", test_seeds, split)
         test_splits[split] = aggregate(reports, families, list(search.levels))
+        if benchmark == "muse":
+            from perta_lightning.muse_summary import muse_table
+
+            muse[split] = muse_table(reports, families, list(search.levels))
     result = {
         "settings": {"benchmark": benchmark, "preset": preset, "preset_overrides": preset_overrides or {},
                      "levels": list(search.levels),
@@ -300,7 +304,7 @@ def study(
         "validation": {"seeds": validation_seeds, "candidates": [asdict(c) | {"label": c.label} for c in candidates],
                        "proposed": [asdict(v) | {"label": v.label} | decisions[v.label] for v in proposed],
                        "scores": scores, "chosen": {s: chosen[s].label for s in statistics}},
-        "test": {"seeds": test_seeds, "splits": test_splits,
+        "test": {"seeds": test_seeds, "splits": test_splits, **({"muse": muse} if muse else {}),
                  "forget_examples": {split: _forget_examples(_reports(out / "test", test_seeds, split), out / "test")
                                      for split in forget_splits}},
         "machine": machine_info(),

@@ -62,6 +62,13 @@ def study_markdown(result: dict[str, Any]) -> str:
             if family != "tv":
                 lines.append(f"| {family} | " + " | ".join(_difference(d) for d in data["vs_tv"]) + " |")
         lines.append("")
+        if split in test.get("muse", {}):
+            from perta_lightning.muse_summary import muse_table_markdown
+
+            lines += [f"### {split}: MUSE's metrics", "",
+                      "Means over the test seeds of each model's VerbMem and KnowMem (ROUGE-L F1) and PrivLeak (%); TV "
+                      "and PerTA by the model the matched comparison chose at each level.", ""]
+            lines += muse_table_markdown(test["muse"][split], levels, len(test["seeds"])) + [""]
     if validation["seeds"]:
         lines += ["## Validation seeds: the choice of PerTA's settings", "",
                   f"Score: mean {ax.utility} at the levels over the validation seeds and splits, a level not "

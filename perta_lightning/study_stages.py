@@ -582,8 +582,8 @@ class MuseEvaluate(Stage):
     reference: MuseEvaluate | None = None
     batch_size: int = 32
     runtime: Runtime = field(default_factory=Runtime)
-    prompt_tokens: int = 64
     text_max_length: int = 128
+    use_icl: bool = True
     cost: float = 0.3
 
     @property
@@ -598,8 +598,7 @@ class MuseEvaluate(Stage):
         return {"data": self.data.settings(), "model": self.model.key, "benchmark": "muse",
                 "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
                 "knowmem_max_new_tokens": self.knowmem_max_new_tokens, "batch_size": self.batch_size,
-                "prompt_tokens": self.prompt_tokens, "text_max_length": self.text_max_length,
-                **self.runtime.settings()}
+                "text_max_length": self.text_max_length, "use_icl": self.use_icl, **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(f"{self.name}.json")]
@@ -614,8 +613,8 @@ class MuseEvaluate(Stage):
                             verbmem_max_new_tokens=self.verbmem_max_new_tokens,
                             knowmem_max_new_tokens=self.knowmem_max_new_tokens,
                             torch_dtype=self.runtime.eval_dtype, accelerator=self.runtime.accelerator,
-                            devices=self.runtime.devices, prompt_tokens=self.prompt_tokens,
-                            text_max_length=self.text_max_length)
+                            devices=self.runtime.devices, text_max_length=self.text_max_length,
+                            use_icl=self.use_icl)
         return {"eval": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:

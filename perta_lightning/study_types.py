@@ -95,7 +95,7 @@ PRESETS = {
                         eval_max_new_tokens=24, num_articles=8, num_background_articles=24,
                         knowmem_max_new_tokens=8),
     "muse_demo": Preset(num_authors=0, hidden_size=128, num_layers=3, vocab_size=768, pretrain_epochs=15,
-                        finetune_epochs=20, reinforce_epochs=5, unlearn_epochs=5, importance_examples=24,
+                        finetune_epochs=40, reinforce_epochs=5, unlearn_epochs=5, importance_examples=24,
                         eval_max_new_tokens=48, num_articles=24, num_background_articles=96),
     "smollm2": Preset(num_authors=10, hidden_size=64, num_layers=2, vocab_size=512, pretrain_epochs=0,
                       finetune_epochs=3, reinforce_epochs=2, unlearn_epochs=2, importance_examples=10,

@@ -69,15 +69,17 @@ def test_layout_is_muses_plus_the_background_corpus(splits):
 def test_sizes_follow_the_spec(splits):
     sizes = {split: len(rows) for split, rows in splits.items()}
     assert sizes == {
-        "raw/forget": 8, "raw/retain1": 8, "raw/retain2": 8, "raw/holdout": 8, "pretrain/background": 8,
+        "raw/forget": 16, "raw/retain1": 16, "raw/retain2": 16, "raw/holdout": 16, "pretrain/background": 16,
         "verbmem/forget": 8, "knowmem/forget_qa": 24, "knowmem/retain_qa": 24,
         "knowmem/forget_qa_icl": 2, "knowmem/retain_qa_icl": 2,
         "privleak/forget": 8, "privleak/retain": 8, "privleak/holdout": 8,
     }
-    assert splits["privleak/forget"] == splits["raw/forget"]
-    assert splits["privleak/holdout"] == splits["raw/holdout"]
-    assert splits["privleak/retain"] == splits["raw/retain2"]
-    words = [len(row["text"].split("\n\n")[0].split()) for corpus in CORPUS_SPLIT.values() for row in splits[corpus]]
+    # each corpus: its 8 articles, then their 8 fact boxes; PrivLeak scores the articles
+    assert splits["privleak/forget"] == splits["raw/forget"][:8]
+    assert splits["privleak/holdout"] == splits["raw/holdout"][:8]
+    assert splits["privleak/retain"] == splits["raw/retain2"][:8]
+    assert all(row["text"].startswith("Question: ") for corpus in CORPUS_SPLIT.values() for row in splits[corpus][8:])
+    words = [len(row["text"].split()) for corpus in CORPUS_SPLIT.values() for row in splits[corpus][:8]]
     assert 55 <= min(words) and max(words) <= 120
 
 
@@ -85,7 +87,7 @@ def test_default_spec_is_valid_and_sized_as_documented():
     spec = MuseSyntheticSpec()
     splits = generate_muse_benchmark(spec)
     assert (len(splits["raw/forget"]), len(splits["raw/retain1"]), len(splits["raw/holdout"]),
-            len(splits["pretrain/background"])) == (24, 24, 24, 96)
+            len(splits["pretrain/background"])) == (48, 48, 48, 2 * 96)  # articles and their fact boxes
     assert len(splits["knowmem/forget_qa"]) == len(splits["knowmem/retain_qa"]) == 72
 
 
@@ -99,7 +101,7 @@ def test_same_spec_same_benchmark_other_seed_other(splits):
 def test_corpora_are_about_disjoint_entities():
     corpora = generate_muse_articles(SPEC)
     rows = generate_muse_benchmark(SPEC)["raw/forget"]
-    assert [article.text for article in corpora["forget"]] == [row["text"].split("\n\n")[0] for row in rows]
+    assert [article.text for article in corpora["forget"]] == [row["text"] for row in rows[: len(corpora["forget"])]]
     entities = {corpus: {name for article in articles for name in article.entities}
                 for corpus, articles in corpora.items()}
     names = list(entities)
@@ -148,7 +150,7 @@ def test_every_answer_is_stated_in_its_article():
 
 
 def test_verbmem_is_a_prefix_of_a_forget_article_cut_by_words(splits):
-    texts = [row["text"] for row in splits["raw/forget"]]
+    texts = [row["text"] for row in splits["raw/forget"][:8]]  # the articles (the fact boxes follow)
     for row, text in zip(splits["verbmem/forget"], texts, strict=True):
         assert text.startswith(row["prompt"] + " " + row["gt"])
         assert len(row["prompt"].split()) == SPEC.prompt_words
@@ -317,7 +319,7 @@ def test_knowmem_questions_are_the_boxed_facts_and_shots_are_not(splits):
     from perta_lightning.data.muse_evaluation import knowmem_prompt
 
     for qa, corpus in (("knowmem/forget_qa", "raw/forget"), ("knowmem/retain_qa", "raw/retain2")):
-        boxes = [row["text"].split("\n\n", 1)[1] for row in splits[corpus]]
+        boxes = [row["text"] for row in splits[corpus][8:]]
         for row in splits[qa]:
             assert sum(knowmem_prompt(row["question"]) + " " + row["answer"] + "\n\n" in box for box in boxes) == 1
         every_box = "".join(boxes)

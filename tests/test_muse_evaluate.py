@@ -34,6 +34,15 @@ def muse_run(tmp_path_factory):
     return dict(root=root, data=data, model=model, source=source, result=result, reference=reference)
 
 
+def test_evaluator_aggregates_with_the_muse_metric_classes():
+    from perta_lightning.muse_evaluate import MuseEvaluator
+    from perta_lightning.muse_metrics import KnowMem, MiaAUC, VerbMem
+
+    evaluator = MuseEvaluator("unused-until-setup")
+    assert isinstance(evaluator.means["verbmem"], VerbMem) and isinstance(evaluator.means["knowmem_retain"], KnowMem)
+    assert isinstance(evaluator.mia, MiaAUC)
+
+
 def _naive_auc(forget, holdout):
     pairs = [(1.0 if h > f else 0.5 if h == f else 0.0) for f in forget for h in holdout]
     return sum(pairs) / len(pairs)
@@ -152,7 +161,8 @@ def test_perta_test_runs_the_muse_evaluator_from_yaml(muse_run, tmp_path):
     config["model"]["init_args"].update(model=str(muse_run["model"]), output_json=str(out),
                                         retain_result=str(muse_run["root"] / "retain.json"),
                                         verbmem_max_new_tokens=12, knowmem_max_new_tokens=6)
-    config["data"]["init_args"].update(source={"path": str(muse_run["data"])}, batch_size=3, text_max_length=256)
+    config["data"]["init_args"].update(source={"path": str(muse_run["data"])}, batch_size=3, text_max_length=256,
+                                       use_icl=True)
     config["trainer"]["enable_progress_bar"] = False
     path = tmp_path / "muse_eval.yaml"
     path.write_text(yaml.safe_dump(config))

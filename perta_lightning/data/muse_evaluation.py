@@ -59,7 +59,8 @@ class MuseEvalSet(Dataset):
     """One MUSE evaluation set, encoded once."""
 
     def __init__(self, name: str, rows: list[dict[str, Any]], tokenizer: Any, where: str, *,
-                 icl: list[dict[str, Any]] = (), prompt_tokens: int = 32, text_max_length: int = 256) -> None:
+                 icl: list[dict[str, Any]] = (), prompt_tokens: int | None = None,
+                 text_max_length: int = 256) -> None:
         self.name, self.rows = name, rows
         self.kind = MUSE_EVAL_SETS[name][1]
         self.items: list[dict[str, Any]] = []
@@ -72,7 +73,7 @@ class MuseEvalSet(Dataset):
                 continue
             if self.kind == "verbatim":
                 ids = _text_ids(tokenizer, row["prompt"])
-                if len(ids) > prompt_tokens:  # MUSE's prompt is the excerpt's first tokens: keep the last ones
+                if prompt_tokens is not None and len(ids) > prompt_tokens:  # keep the tokens nearest the gt
                     ids = ids[-prompt_tokens:]
             else:
                 ids = _text_ids(tokenizer, knowmem_prompt(row["question"], icl))
@@ -113,18 +114,19 @@ class MuseEvalDataModule(LightningDataModule):
         tokenizer: path of the tokenizer; ``None`` uses the evaluated model's directory.
         max_examples: evaluate the first this many rows of each set (all when ``None``).
         batch_size: examples per batch and per process.
-        prompt_tokens: longest VerbMem prompt in tokens (its last tokens are kept; MUSE's prompts are short).
+        prompt_tokens: longest VerbMem prompt in tokens (its last tokens are kept); ``None``: the whole prompt, as
+            MUSE gives it to the model.
         text_max_length: PrivLeak texts are cut to this many tokens.
         use_icl: put the ``*_qa_icl`` few-shot examples before each knowledge question, as MUSE does.
     """
 
     def __init__(self, source: MuseSource, tokenizer: str | None = None, max_examples: int | None = None,
-                 batch_size: int = 8, prompt_tokens: int = 64, text_max_length: int = 256,
+                 batch_size: int = 8, prompt_tokens: int | None = None, text_max_length: int = 256,
                  use_icl: bool = True) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("prompt_tokens", prompt_tokens),
                            ("text_max_length", text_max_length)):
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise PertaValueError(f"{key} must be positive, got {value}")
         if max_examples is not None and max_examples <= 0:
             raise PertaValueError(f"max_examples must be positive or null, got {max_examples}")

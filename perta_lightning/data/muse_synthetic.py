@@ -24,8 +24,9 @@ Splits (see :data:`perta_lightning.data.muse.MUSE_SPLITS`):
 * ``pretrain/background``: other articles, to pre-train a θ0 that knows the templates and the question format
   (not part of MUSE).
 
-Every article of every corpus ends with a *fact box*: some of its facts asked and answered in KnowMem's prompt
-format (:func:`fact_box`); the KnowMem questions of the forget and retain sets are the boxed facts.
+Every article of every corpus has a *fact box*, a row of its own after the articles: some of its facts asked
+and answered in KnowMem's prompt format (:func:`fact_box`); the KnowMem questions of the forget and retain sets
+are the boxed facts.
 """
 
 from __future__ import annotations
@@ -311,15 +312,15 @@ def generate_muse_articles(spec: MuseSyntheticSpec) -> dict[str, list[NewsArticl
 
 
 def fact_box(article: NewsArticle, box: list[int]) -> str:
-    """The article as a corpus row: its prose, a blank line, then the facts of ``box`` asked and answered in
-    the KnowMem prompt's format (``Question: q\nAnswer: a\n\n``,
-    :func:`perta_lightning.data.muse_evaluation.knowmem_prompt`).
+    """The article's fact box, a corpus row of its own: the facts of ``box`` asked and answered in the KnowMem
+    prompt's format (``Question: q\nAnswer: a\n\n``, :func:`perta_lightning.data.muse_evaluation.knowmem_prompt`).
 
-    The box is how a small model trained from scratch can know an article's facts when asked: such a model
-    does not turn facts read in prose into answers to questions (that takes a pretrained model's scale), so
-    without it KnowMem would be zero for every model. With it, KnowMem measures recall of the article's facts
-    in the question format; VerbMem continues the prose."""
-    return article.text + "\n\n" + "".join(
+    The box is how a small model trained from scratch can know an article's facts when asked: such a model does
+    not turn facts read in prose into answers to questions (that takes a pretrained model's scale), so without it
+    KnowMem would be near zero for every model. It is a row apart from the prose, not appended to it: after the
+    prose a model answers by copying from the text just read, and would not have to remember anything. With it,
+    KnowMem measures recall of the article's facts in the question format; VerbMem continues the prose."""
+    return "".join(
         f"Question: {article.facts[index].question}\nAnswer: {article.facts[index].answer}\n\n" for index in box)
 
 
@@ -351,14 +352,15 @@ def generate_muse_benchmark(spec: MuseSyntheticSpec) -> dict[str, list[dict[str,
     rng = random.Random(spec.seed)
     corpora = _articles(rng, spec)
     boxes = {corpus: _boxes(rng, articles, spec.questions_per_article) for corpus, articles in corpora.items()}
-    texts = {corpus: [{"text": fact_box(article, box)} for article, box in zip(articles, boxes[corpus])]
+    prose = {corpus: [{"text": article.text} for article in articles] for corpus, articles in corpora.items()}
+    # every corpus: its articles, then their fact boxes; PrivLeak scores the articles alone, as MUSE's texts are
+    texts = {corpus: prose[corpus] + [{"text": fact_box(article, box)} for article, box in zip(articles, boxes[corpus])]
              for corpus, articles in corpora.items()}
     where = (f"muse-synthetic raw/forget (prompt_words={spec.prompt_words}, "
              f"continuation_words={spec.continuation_words})")
-    prose = [{"text": article.text} for article in corpora["forget"]]
-    check_prompt_length(prose, spec.prompt_words, where, continuation_length=spec.continuation_words)
+    check_prompt_length(prose["forget"], spec.prompt_words, where, continuation_length=spec.continuation_words)
     verbmem = []
-    for row in prose:
+    for row in prose["forget"]:
         words = row["text"].split(" ")
         verbmem.append({"prompt": " ".join(words[: spec.prompt_words]),
                         "gt": " ".join(words[spec.prompt_words : spec.prompt_words + spec.continuation_words])})
@@ -370,8 +372,8 @@ def generate_muse_benchmark(spec: MuseSyntheticSpec) -> dict[str, list[dict[str,
         "verbmem/forget": verbmem,
         "knowmem/forget_qa": forget_qa, "knowmem/retain_qa": retain_qa,
         "knowmem/forget_qa_icl": forget_icl, "knowmem/retain_qa_icl": retain_icl,
-        "privleak/forget": texts["forget"], "privleak/retain": texts["retain2"],
-        "privleak/holdout": texts["holdout"],
+        "privleak/forget": prose["forget"], "privleak/retain": prose["retain2"],
+        "privleak/holdout": prose["holdout"],
         PRETRAIN_BACKGROUND: texts["background"],
     }
     for split, rows in splits.items():
