@@ -4,8 +4,8 @@ Use with :class:`perta_lightning.data.muse_evaluation.MuseEvalDataModule`. Per s
 
 * ``verbmem``: greedy continuation of each forget-excerpt prompt (``verbmem_max_new_tokens``), scored against
   the true continuation (:func:`perta_lightning.functional.muse_metrics.verbmem_scores`);
-* ``knowmem_forget`` / ``knowmem_retain``: greedy answer (``knowmem_max_new_tokens``, cut at its first line
-  break: the prompt's answers end with one) scored against the true answer
+* ``knowmem_forget`` / ``knowmem_retain``: greedy answer (``knowmem_max_new_tokens``, cut at the first of
+  open-unlearning's stop strings, :data:`KNOWMEM_STOP`) scored against the true answer
   (:func:`~perta_lightning.functional.muse_metrics.knowmem_scores`);
 * ``privleak_forget`` / ``privleak_holdout``: a membership-inference score per text (``attack``); their ROC AUC
   (forget labelled 0) and, against the retain model's evaluation, PrivLeak
@@ -42,6 +42,15 @@ from perta_lightning.muse_summary import MUSE_FORMAT, load_muse_evaluation, priv
 
 #: MUSE's generation lengths (its ``eval.py``): 128 new tokens for VerbMem, 32 for KnowMem.
 VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS = 128, 32
+#: Where a KnowMem answer ends: open-unlearning's stop strings (``configs/eval/muse_metrics/*_knowmem_ROUGE.yaml``
+#: at d3d7cf9), the prompt's answers being followed by a blank line and the next question.
+KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] = KNOWMEM_STOP) -> str:
+    """``text`` up to the first of ``stops``, stripped."""
+    end = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
+    return text[:end].strip()
 
 
 def attack_scores(attack: str, logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
@@ -115,7 +124,7 @@ class MuseEvaluator(LightningModule):
 
     def _text(self, name: str, ids: torch.Tensor) -> str:
         text = generation_text(self.tokenizer, ids.tolist())
-        return text.split("\n")[0].strip() if name.startswith("knowmem") else text
+        return cut_at_stop(text) if name.startswith("knowmem") else text
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -177,7 +186,8 @@ class MuseEvaluator(LightningModule):
             "format": MUSE_FORMAT, "model": hp.model, "retain_result": hp.retain_result,
             "splits": dict(datamodule.splits),
             "settings": {"verbmem_max_new_tokens": hp.verbmem_max_new_tokens,
-                         "knowmem_max_new_tokens": hp.knowmem_max_new_tokens, "attack": hp.attack,
+                         "knowmem_max_new_tokens": hp.knowmem_max_new_tokens, "knowmem_stop": list(KNOWMEM_STOP),
+                         "attack": hp.attack,
                          "mink_k": hp.mink_k, "torch_dtype": hp.torch_dtype, "world_size": self.trainer.world_size,
                          "max_examples": datamodule.hparams.max_examples,
                          "batch_size": datamodule.hparams.batch_size,

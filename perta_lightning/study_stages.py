@@ -595,10 +595,13 @@ class MuseEvaluate(Stage):
         return [self.model.stage, *self.data.stages] + ([self.reference] if self.reference is not None else [])
 
     def settings(self) -> dict[str, Any]:
+        from perta_lightning.muse_evaluate import KNOWMEM_STOP
+
         return {"data": self.data.settings(), "model": self.model.key, "benchmark": "muse",
                 "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
                 "knowmem_max_new_tokens": self.knowmem_max_new_tokens, "batch_size": self.batch_size,
-                "text_max_length": self.text_max_length, "use_icl": self.use_icl, **self.runtime.settings()}
+                "text_max_length": self.text_max_length, "use_icl": self.use_icl,
+                "knowmem_stop": list(KNOWMEM_STOP), **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(f"{self.name}.json")]

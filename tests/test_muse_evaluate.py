@@ -77,7 +77,7 @@ def test_scores_are_those_of_the_generations_against_the_truth(muse_run):
     for name in ("knowmem_forget", "knowmem_retain"):
         rows = examples[name]
         assert rows["score"] == pytest.approx(M.knowmem_scores(rows["generation"], rows["answer"]).tolist(), abs=1e-12)
-        assert all("\n" not in text for text in rows["generation"])  # answers are cut at their first line
+        assert not any(stop in text for text in rows["generation"] for stop in ("\n\n", "\nQuestion", "Question:"))
 
 
 def test_batched_work_equals_one_example_at_a_time(muse_run):
@@ -95,7 +95,9 @@ def test_batched_work_equals_one_example_at_a_time(muse_run):
         out = out.tolist()
         if tokenizer.eos_token_id in out:
             out = out[: out.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(out, skip_special_tokens=True).strip().split("\n")[0].strip()
+        text = tokenizer.decode(out, skip_special_tokens=True).strip()
+        ends = [text.find(stop) for stop in ("\n\n", "\nQuestion", "Question:") if stop in text]
+        text = text[: min(ends)].strip() if ends else text
         assert examples["knowmem_forget"]["generation"][index] == text, index
     for index, row in enumerate(source.rows("privleak/holdout")):
         ids = torch.tensor([tokenizer(row["text"])["input_ids"][:256]])
@@ -114,6 +116,15 @@ def test_summary_forget_score_and_privleak_of_the_retain_model(muse_run):
     assert summary["privleak"] == pytest.approx(a["privleak"])
     itself = summarize_muse(root / "retain.json", root / "retain.json")
     assert itself["privleak"] == pytest.approx(0.0, abs=1e-6) and itself["forget_score"] == 1.0
+
+
+def test_knowmem_answers_end_at_open_unlearnings_stop_strings():
+    from perta_lightning.muse_evaluate import cut_at_stop
+
+    assert cut_at_stop(" 62\n\nQuestion: How old") == "62"
+    assert cut_at_stop("Ana Paper\nQuestion: x") == "Ana Paper"
+    assert cut_at_stop("a new\nlibrary Question: y") == "a new\nlibrary"  # a single line break is kept, as there
+    assert cut_at_stop("nothing to cut ") == "nothing to cut"
 
 
 def test_forget_score_by_hand():
