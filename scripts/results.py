@@ -1,6 +1,6 @@
 """The README's and bench/RESULTS.md's figures, generated from finished runs, never typed.
 
-    python scripts/results.py collect [--demo runs/study] [--replication runs/replication]
+    python scripts/results.py collect [--demo runs/study] [--replication runs/replication] [--muse runs/muse_study]
     python scripts/results.py render      # rewrite the generated blocks of README.md and bench/RESULTS.md
     python scripts/results.py check       # exit 1 when a generated block is not what the results give
 
@@ -136,9 +136,50 @@ def diagnostic() -> str:
     return "\n".join(lines) + "\n"
 
 
+def muse_command() -> str:
+    """The MUSE study's time, memory and size, from its own record."""
+    result = _load("muse", "study.json")
+    run, machine = result["invocation"], result["machine"]
+    return (f"Measured on a {machine['cpu_count']}-core {machine['cpu_model']} (torch {machine['torch']}, "
+            f"{machine['aten_cpu_capability']} kernels): `perta study --config configs/demo/muse_study.yaml` took "
+            f"**{_duration(run['wall_seconds'])}** (peak memory {run['peak_rss_gib']:.1f} GiB, the largest process) "
+            f"for {len(result['validation']['seeds'])} validation and {len(result['test']['seeds'])} test seeds, "
+            f"{_evaluations(result)} evaluations, {result['settings']['jobs']} seed(s) at once.\n")
+
+
+def muse_results() -> str:
+    """The MUSE study's test-seed tables (``study.md``), from its ``study.json``."""
+    from perta_lightning.study_report import study_markdown
+
+    body = study_markdown(_load("muse", "study.json")).split("\n", 2)[2]
+    return _demote(body, 1).strip() + "\n"
+
+
+def muse_replication() -> str:
+    """The paper's claims measured on MUSE (``REPLICATION.md`` of the MUSE study), from its ``replication.json``."""
+    from perta_lightning.replication import claims_table, machine_line
+
+    table = _load("muse", "replication.json")
+    return "\n".join([machine_line(table), "", *claims_table(table)]).strip() + "\n"
+
+
+def muse_parity() -> str:
+    """The largest differences from open-unlearning's MUSE metric code (``bench/bench_muse_parity.py``'s JSON)."""
+    data = json.loads((RESULTS / "muse_parity.json").read_text())
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for key, difference in data["max_abs_diff"].items():
+        groups.setdefault(key.split("[")[0], []).append((difference, data["max_abs_theirs"][key]))
+    lines = [f"open-unlearning at `{data['commit']}`; largest |ours − theirs| over both architectures and the "
+             "three models.", "", "| metric | max abs difference | max abs value (theirs) |", "|---|---|---|"]
+    for name, pairs in groups.items():
+        lines.append(f"| `{name}` | {max(d for d, _ in pairs):.2g} | {max(v for _, v in pairs):.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS = {"main-command": main_command, "demo-results": demo_results, "replication": replication_summary,
           "replication-reading": replication_reading,
-          "replication-full": replication_full, "diagnostic": diagnostic}
+          "replication-full": replication_full, "diagnostic": diagnostic, "muse-command": muse_command,
+          "muse-results": muse_results, "muse-replication": muse_replication, "muse-parity": muse_parity}
 
 
 def render_text(text: str) -> str:
@@ -152,8 +193,8 @@ def render_text(text: str) -> str:
     return BLOCK.sub(replace, text)
 
 
-def collect(demo: str | None, replication: str | None) -> None:
-    for name, folder in (("demo", demo), ("replication", replication)):
+def collect(demo: str | None, replication: str | None, muse: str | None = None) -> None:
+    for name, folder in (("demo", demo), ("replication", replication), ("muse", muse)):
         if folder is None:
             continue
         target = RESULTS / name
@@ -172,9 +213,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("verb", choices=["collect", "render", "check"])
     parser.add_argument("--demo", default=None)
     parser.add_argument("--replication", default=None)
+    parser.add_argument("--muse", default=None)
     args = parser.parse_args(argv)
     if args.verb == "collect":
-        collect(args.demo, args.replication)
+        collect(args.demo, args.replication, args.muse)
         return 0
     stale = []
     for document in DOCUMENTS:

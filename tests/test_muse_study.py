@@ -98,6 +98,7 @@ def test_a_second_run_of_the_seed_builds_nothing(muse_study, capsys):
 @pytest.mark.parametrize("options, message", [
     (dict(benchmark="muse", forget_splits=["forget10"]), "no forget_splits="),
     (dict(benchmark="tofu", muse_source={"path": "x"}), "set benchmark: muse"),
+    (dict(benchmark="muse", muse_source={"hub": "muse-bench/MUSE-News"}), "needs base_model="),
 ])
 def test_mixed_up_benchmark_options_are_refused(tmp_path, options, message):
     from perta_lightning.data.muse import MuseSource

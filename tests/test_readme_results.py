@@ -44,7 +44,7 @@ def test_a_figure_edited_by_hand_is_found_and_rendered_back(results):
 def test_the_readme_results_sections_hold_no_typed_figure(results):
     """Outside the generated blocks the results sections carry no measured number (a decimal or a duration)."""
     text = (REPO / "README.md").read_text()
-    for heading in ("What the study shows", "Replication"):
+    for heading in ("What the study shows", "Replication", "MUSE beside TOFU"):
         prose = results.BLOCK.sub("", _section(text, heading))
         typed = re.findall(r"[-+−]?\d+\.\d+|\d+ (?:h|min|s)\b|\d+\s*[–-]\s*\d+ \(", prose)
         assert not typed, f"README section {heading!r} types figures by hand: {typed}"
@@ -52,7 +52,7 @@ def test_the_readme_results_sections_hold_no_typed_figure(results):
 
 def test_the_readme_says_where_its_figures_were_produced(results):
     text = (REPO / "README.md").read_text()
-    for name in ("demo", "replication"):
+    for name in ("demo", "replication", "muse"):
         machine = json.loads((results.RESULTS / name / "study.json").read_text())["machine"]
         assert machine["cpu_model"] in text and machine["torch"] in text
     table = json.loads((results.RESULTS / "replication" / "replication.json").read_text())
