@@ -179,3 +179,30 @@ def test_perta_test_runs_the_muse_evaluator_from_yaml(muse_run, tmp_path):
     path.write_text(yaml.safe_dump(config))
     main(["test", "--config", str(path)])
     assert json.loads(out.read_text())["aggregates"] == pytest.approx(muse_run["result"]["aggregates"])
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one(muse_run, tmp_path):
+    """Batches of one on one and on two processes give the same file: 5 examples per set split 3 + 2, so rank 1
+    repeats one as DistributedSampler padding, which the index-keyed states drop."""
+    import os
+    import subprocess
+    import sys
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each of the 2 processes gets one thread: the same kernels
+    try:
+        single = evaluate_muse_model(str(muse_run["model"]), muse_run["source"], max_examples=5, batch_size=1,
+                                     verbmem_max_new_tokens=8, knowmem_max_new_tokens=4, accelerator="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = Path(__file__).parent / "helpers" / "ddp_muse_eval.py"
+    run = subprocess.run([sys.executable, str(script), str(muse_run["data"]), str(muse_run["model"]), str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["settings"]["world_size"] == 2
+    assert ddp["examples"] == single["examples"]
+    assert ddp["aggregates"] == single["aggregates"]
