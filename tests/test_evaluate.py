@@ -1,9 +1,7 @@
 """The evaluator on a tiny random Llama: batched equals a naive loop, 2 processes equal 1, clear errors."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from perta_lightning.summary import summarize
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_eval import naive_evaluate  # noqa: E402
 
+from tests.processes import run_helper  # noqa: E402
 from tests.tiny import make_tiny_setup  # noqa: E402
 
 SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
@@ -109,12 +108,7 @@ def test_two_processes_equal_one(tiny, tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    script = Path(__file__).parent / "helpers" / "ddp_eval.py"
-    run = subprocess.run([sys.executable, str(script), str(data), str(model), str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = run_helper("ddp_eval.py", data, model, out, out=out)
     assert ddp["settings"]["world_size"] == 2
     assert ddp["examples"] == batched["examples"]
     assert ddp["aggregates"] == batched["aggregates"]

@@ -15,6 +15,7 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import muse_metrics as M
 from perta_lightning.muse_evaluate import evaluate_muse_model
 from perta_lightning.muse_summary import forget_score, summarize_muse
+from tests.processes import run_helper
 from tests.tiny import write_tiny_model
 
 SPEC = MuseSyntheticSpec(num_articles=5, num_retain_articles=5, num_holdout_articles=6, num_background_articles=2,
@@ -185,10 +186,6 @@ def test_perta_test_runs_the_muse_evaluator_from_yaml(muse_run, tmp_path):
 def test_two_processes_equal_one(muse_run, tmp_path):
     """Batches of one on one and on two processes give the same file: 5 examples per set split 3 + 2, so rank 1
     repeats one as DistributedSampler padding, which the index-keyed states drop."""
-    import os
-    import subprocess
-    import sys
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # each of the 2 processes gets one thread: the same kernels
     try:
@@ -197,12 +194,7 @@ def test_two_processes_equal_one(muse_run, tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    script = Path(__file__).parent / "helpers" / "ddp_muse_eval.py"
-    run = subprocess.run([sys.executable, str(script), str(muse_run["data"]), str(muse_run["model"]), str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = run_helper("ddp_muse_eval.py", muse_run["data"], muse_run["model"], out, out=out)
     assert ddp["settings"]["world_size"] == 2
     assert ddp["examples"] == single["examples"]
     assert ddp["aggregates"] == single["aggregates"]

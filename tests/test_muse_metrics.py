@@ -1,10 +1,7 @@
 """MUSE functionals against naive loops and hand-computed cases; the torchmetrics classes on 1 and 2 processes."""
 
-import json
 import math
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from muse_lightning_metrics import expected, validate  # noqa: E402
 from perta_lightning.functional import muse_metrics as M  # noqa: E402
 from perta_lightning.functional import tofu_metrics  # noqa: E402
 from perta_lightning.muse_metrics import KnowMem, MiaAUC, MuseMetrics, PrivLeak, VerbMem  # noqa: E402
+from tests.processes import run_helper  # noqa: E402
 
 WORDS = ["the", "cat", "cats", "sat", "sitting", "on", "a", "mat", "Mats,", "runs", "running", "3", "été"]
 
@@ -275,12 +273,7 @@ def test_user_module_two_processes(tmp_path):
     """13 rows in batches of 2 on 2 ranks: the sampler pads rank 1 with row 0 again; the metrics drop the repeat
     by index and give the one-process values."""
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    script = Path(__file__).parent / "helpers" / "muse_lightning_metrics.py"
-    run = subprocess.run([sys.executable, str(script), str(out), "2"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_helper("muse_lightning_metrics.py", out, 2, out=out)
     assert result["world_size"] == 2
     one, _ = validate(1)
     for key, value in expected().items():

@@ -1,8 +1,5 @@
 """The evaluator's torchmetrics classes, driven from a plain LightningModule's validation step on 1 and 2 processes."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +10,7 @@ from lightning_metrics import expected, validate  # noqa: E402
 
 from perta_lightning.evaluate import TofuEvaluator  # noqa: E402
 from perta_lightning.metrics import MinKMiaAUC, TofuSetMetrics, TruthRatio  # noqa: E402
+from tests.processes import run_helper  # noqa: E402
 
 
 def test_evaluator_aggregates_with_these_classes():
@@ -35,12 +33,7 @@ def test_user_module_two_processes(tmp_path):
     """13 rows (7 forget, 6 holdout) in batches of 2 on 2 ranks: DistributedSampler pads rank 1 by repeating
     row 0; the metrics drop the repeat by index and give the one-process values."""
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    script = Path(__file__).parent / "helpers" / "lightning_metrics.py"
-    run = subprocess.run([sys.executable, str(script), str(out), "2"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_helper("lightning_metrics.py", out, 2, out=out)
     assert result["world_size"] == 2
     one, _ = validate(1)
     for key, value in expected().items():
