@@ -1,5 +1,4 @@
-"""Commands' arguments: a jsonargparse parser made from a typed function's signature, the call, and
-LightningCLI run on an argument list of our own.
+"""Commands' arguments: a jsonargparse parser made from a typed function's signature, and the call.
 
 ``perta pipeline`` and ``perta study`` are plain functions whose typed signatures are their configuration
 (nested dataclasses such as ``PertaVariant`` and ``AlphaSearch`` are read from YAML).
@@ -7,9 +6,7 @@ LightningCLI run on an argument list of our own.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 
@@ -28,18 +25,3 @@ def call_with_arguments(parser: Any, function: Callable[..., Any], argv: list[st
     args = parser.instantiate_classes(parser.parse_args(argv))
     return function(**{key: value for key, value in vars(args).items()
                        if key != "config" and not key.startswith("__")})
-
-
-@contextlib.contextmanager
-def as_command_line(args: list[str]) -> Iterator[None]:
-    """Hand ``args`` to LightningCLI as its own command line (it warns when given both ``args`` and a
-    ``sys.argv``), with the dependency noise that teaches a user nothing muted."""
-    from perta_lightning.callbacks.progress import quiet_dependencies
-
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "perta"]
-    try:
-        with quiet_dependencies():
-            yield
-    finally:
-        sys.argv = saved

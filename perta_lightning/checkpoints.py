@@ -417,6 +417,20 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _with_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A model of ``model``'s architecture built on the meta device, its weights ``state_dict``'s tensors
+    (assigned, not copied), with ``model``'s generation config."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    skeleton.load_state_dict(state_dict, assign=True)
+    skeleton.tie_weights()
+    skeleton.generation_config = model.generation_config
+    return skeleton
+
+
 def save_hf_directory(
     model: torch.nn.Module,
     tokenizer_path: str | None,
@@ -425,9 +439,15 @@ def save_hf_directory(
     is_global_zero: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a Hugging Face model directory atomically (temporary directory, then rename)."""
+    """Write a Hugging Face model directory atomically (temporary directory, then rename).
+
+    ``state_dict``: the full weights gathered from a sharded strategy. When the strategy holds every parameter
+    itself (FSDP without an auto-wrap policy flattens the whole model into its root), ``model`` has none left,
+    and the directory is written from a weightless copy of its architecture carrying ``state_dict``."""
     if not is_global_zero:
         return
+    if state_dict is not None and not any(p.is_floating_point() for p in model.parameters()):
+        model = _with_weights(model, state_dict)
     with atomic_directory(output_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer_path is not None:

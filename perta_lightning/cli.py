@@ -21,7 +21,7 @@ import errno
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,11 @@ _FUNCTION_SUBCOMMANDS = {
 def lightning_main(args: list[str] | None = None) -> None:
     """Run LightningCLI with model and data chosen by ``class_path`` in the config."""
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
 
-    args = list(args) if args is not None else sys.argv[1:]
-    from perta_lightning.arguments import as_command_line
+    from perta_lightning.launch import PertaCLI, lightning_session
 
-    with as_command_line(args):
-        LightningCLI(
+    with lightning_session():
+        PertaCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
@@ -58,7 +56,7 @@ def lightning_main(args: list[str] | None = None) -> None:
             # Each stage writes the settings that made it beside its artifact (perta_hparams.json, the
             # evaluation's "settings"), so LightningCLI's own config.yaml in the working directory is not wanted.
             save_config_callback=None,
-            args=args,
+            args=list(args) if args is not None else sys.argv[1:],
             auto_configure_optimizers=True,
         )
 
@@ -99,18 +97,44 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
+def rank_of_process(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Which process of a multi-process run this is, from the variables its launcher set (Lightning's own
+    launcher, ``torchrun``, SLURM's ``srun``); ``None`` in a run of one process."""
+    world = environ.get("WORLD_SIZE") or environ.get("SLURM_NTASKS")
+    if world is None or not world.isdigit() or int(world) <= 1:
+        return None
+    for variable in ("RANK", "SLURM_PROCID"):
+        if environ.get(variable, "").isdigit():
+            return f"rank {environ[variable]} of {world}"
+    return f"local rank {environ.get('LOCAL_RANK', '0')} of node {environ.get('NODE_RANK', '0')} ({world} in all)"
+
+
 def run_command(command: str, work: Callable[[], Any]) -> Any:
     """Run ``work``; a user error becomes ``perta <command>: error: <message>`` and exit status 2.
 
-    Bugs keep their traceback; ``PERTA_DEBUG=1`` keeps the traceback of user errors as well.
+    Bugs keep their traceback; ``PERTA_DEBUG=1`` keeps the traceback of user errors as well. In a process of a
+    multi-process run every failure also names the rank it happened on, in one line: the other ranks are
+    stopped by their launcher (Lightning's kills the whole group when a child exits non-zero), and that line is
+    what tells the user which process it was.
     """
     try:
         return work()
+    except SystemExit as exit_:
+        rank = rank_of_process()
+        where = f"{rank}: " if rank else ""
+        if rank and exit_.code not in (0, None):
+            print(f"perta {command}: error: {where}exited with status {exit_.code}", file=sys.stderr)
+        raise
     except Exception as error:
+        rank = getattr(error, "perta_rank", None) or rank_of_process()
+        where = f"{rank}: " if rank else ""
         message = user_error_message(error)
         if message is None or os.environ.get("PERTA_DEBUG", "") not in ("", "0"):
+            if rank:
+                print(f"perta {command}: error: {where}{type(error).__name__}: {' '.join(str(error).split())}",
+                      file=sys.stderr)
             raise
-        print(f"perta {command}: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"perta {command}: error: {where}{' '.join(message.split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

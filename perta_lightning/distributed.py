@@ -104,6 +104,18 @@ def sharded_parameters(strategy: Strategy) -> str | None:
     return None
 
 
+def check_modules_visible(strategy: Strategy, who: str) -> None:
+    """Refuse, naming the way out, a strategy under which the model's own modules hold no parameters while it
+    runs: FSDP with flat parameters (``use_orig_params=False``) moves every parameter of the modules it wraps
+    into its flat parameter, so code that calls the Hugging Face model directly (generation reads
+    ``model.device`` from its parameters) finds none. No communication."""
+    if _kind(strategy) == "fsdp" and not strategy.kwargs.get("use_orig_params", False):
+        raise PertaValueError(
+            f"{who} calls the model's own modules, which {type(strategy).__name__} with flat parameters leaves "
+            "without parameters; set --trainer.strategy.use_orig_params true (or use ddp or DeepSpeed)"
+        )
+
+
 def resolve_fisher_mode(requested: str, strategy: Strategy) -> str:
     """``hooks`` or ``loop`` for per-example Fisher under ``strategy``.
 
@@ -402,9 +414,10 @@ class CPUFSDPStrategy(FSDPStrategy):
     ``device_id`` and changes nothing else, so CPU tests exercise the real FSDP code paths.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("process_group_backend", "gloo")
-        super().__init__(**kwargs)
+    def __init__(self, use_orig_params: bool = False, process_group_backend: str = "gloo", **kwargs: Any) -> None:
+        # use_orig_params is FSDP's own keyword (FSDPStrategy passes it through **kwargs); named here so that
+        # LightningCLI accepts it: --trainer.strategy.use_orig_params true
+        super().__init__(process_group_backend=process_group_backend, use_orig_params=use_orig_params, **kwargs)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -430,9 +443,8 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     checks and otherwise sets processes up as ``DeepSpeedStrategy`` does.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("process_group_backend", "gloo")
-        super().__init__(**kwargs)
+    def __init__(self, process_group_backend: str = "gloo", **kwargs: Any) -> None:
+        super().__init__(process_group_backend=process_group_backend, **kwargs)
 
     @property
     def root_device(self) -> torch.device:

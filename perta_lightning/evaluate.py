@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.evaluation import TofuEvalDataModule, load_eval_tokenizer
 from perta_lightning.data.tofu import TofuSource
+from perta_lightning.distributed import check_modules_visible
 from perta_lightning.errors import PertaValueError
 from perta_lightning.eval_sets import EVAL_SET_BY_NAME, UTILITY_KEYS
 from perta_lightning.functional import tofu_metrics as F
@@ -57,6 +58,15 @@ def generation_text(tokenizer: Any, ids: list[int]) -> str:
     """The text of generated token ids (``-1`` marks padding), special tokens skipped and surrounding white
     space stripped, as open-unlearning stores and scores generations."""
     return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
+
+
+def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
+    """Refuse to write an evaluation that missed examples: a ``StopIteration`` escaping a step ends Lightning's
+    loop as if the data had run out, and the file would silently hold part of each set."""
+    for name, values in examples.items():
+        seen, expected = values["index"].numel(), len(sets[name].rows)
+        if seen != expected:
+            raise RuntimeError(f"evaluation set {name!r}: {seen} of its {expected} examples were evaluated")
 
 
 def _json_numbers(values: torch.Tensor) -> list[Any]:
@@ -120,6 +130,7 @@ class TofuEvaluator(LightningModule):
         self.retain_record = None
 
     def setup(self, stage: str) -> None:
+        check_modules_visible(self.trainer.strategy, "TofuEvaluator")
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, TofuEvalDataModule):
             raise TypeError(f"TofuEvaluator needs a TofuEvalDataModule, got {type(datamodule).__name__}")
@@ -198,11 +209,12 @@ class TofuEvaluator(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # every rank computes every metric in the same order: each compute() is a collective
+        examples = {name: record.compute() for name, record in self.examples.items()}
+        check_every_example_seen(examples, self.trainer.datamodule.sets)
         aggregates: dict[str, float | None] = {}
         for metrics in self.set_metrics.values():
             aggregates.update({key: value.item() for key, value in metrics.compute().items()})
         aggregates["mia_min_k_auc"] = self.mia.compute().item() if "holdout" in self.examples else None
-        examples = {name: record.compute() for name, record in self.examples.items()}
         self.result = self.build_result(aggregates, examples)
         # the scores of more than one set (the per-set ones were logged as metrics in test_step)
         across = ("model_utility", "forget_quality", "ks_statistic", "privleak")

@@ -70,7 +70,8 @@ class IndexedValues(Metric):
         """``{"index": (N,), name: (N, ...)}`` sorted by index, each index once."""
         if isinstance(self.index, list) and not self.index:  # after a sync the state is one tensor
             raise RuntimeError(f"{type(self).__name__}: compute() before any update()")
-        unique, first = _first_of_each_index(dim_zero_cat(self.index))
+        # .long(): a rank without updates syncs an empty float tensor, which a gather of nothing keeps
+        unique, first = _first_of_each_index(dim_zero_cat(self.index).long())
         out = {"index": unique}
         for name in self.names:
             out[name] = dim_zero_cat(getattr(self, name))[first]

@@ -32,8 +32,9 @@ from lightning.pytorch import LightningModule, Trainer
 from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.muse import MuseSource
 from perta_lightning.data.muse_evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
+from perta_lightning.distributed import check_modules_visible
 from perta_lightning.errors import PertaValueError
-from perta_lightning.evaluate import generation_text
+from perta_lightning.evaluate import check_every_example_seen, generation_text
 from perta_lightning.functional import muse_metrics as M
 from perta_lightning.io import atomic_write_text
 from perta_lightning.metrics import IndexedValues
@@ -100,6 +101,7 @@ class MuseEvaluator(LightningModule):
         self.retain_record: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
+        check_modules_visible(self.trainer.strategy, "MuseEvaluator")
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, MuseEvalDataModule):
             raise TypeError(f"MuseEvaluator needs a MuseEvalDataModule, got {type(datamodule).__name__}")
@@ -150,6 +152,7 @@ class MuseEvaluator(LightningModule):
     def on_test_epoch_end(self) -> None:
         # every rank computes every metric in the same order: each compute() is a collective
         examples = {name: record.compute() for name, record in self.examples.items()}
+        check_every_example_seen(examples, self.trainer.datamodule.sets)
         means = {name: metric.compute().item() for name, metric in self.means.items()}
         self.result = self.build_result(examples, means, self.mia.compute().item())
         scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from perta_lightning.data.tofu import TofuSource
 from perta_lightning.evaluate import evaluate_model
@@ -15,7 +14,6 @@ from perta_lightning.summary import summarize
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_eval import naive_evaluate  # noqa: E402
 
-from tests.processes import run_helper  # noqa: E402
 from tests.tiny import make_tiny_setup  # noqa: E402
 
 SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
@@ -91,24 +89,3 @@ def test_model_directory_without_tokenizer_is_refused(tiny, tmp_path):
             shutil.copy(file, bare / file.name)
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         evaluate_model(str(bare), TofuSource(path=str(data)), accelerator="cpu")
-
-
-@pytest.mark.distributed
-def test_two_processes_equal_one(tiny, tmp_path):
-    """Same per-process batches (size 1) on one and on two processes give bit-identical files; the 5
-    examples split 3 + 2 so rank 1 repeats one example as DistributedSampler padding."""
-    root, data, model, _ = tiny
-    # Lightning gives each of the 2 CPU processes one intra-op thread; the one-process run uses one too, so both
-    # run the same kernels (a 2-thread matmul sums in another order and differs in the last float bit).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        batched = evaluate_model(str(model), TofuSource(path=str(data)), max_examples=5, batch_size=1,
-                                 max_new_tokens=8, accelerator="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    out = tmp_path / "ddp.json"
-    ddp = run_helper("ddp_eval.py", data, model, out, out=out)
-    assert ddp["settings"]["world_size"] == 2
-    assert ddp["examples"] == batched["examples"]
-    assert ddp["aggregates"] == batched["aggregates"]

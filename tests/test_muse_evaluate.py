@@ -15,7 +15,6 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import muse_metrics as M
 from perta_lightning.muse_evaluate import evaluate_muse_model
 from perta_lightning.muse_summary import forget_score, summarize_muse
-from tests.processes import run_helper
 from tests.tiny import write_tiny_model
 
 SPEC = MuseSyntheticSpec(num_articles=5, num_retain_articles=5, num_holdout_articles=6, num_background_articles=2,
@@ -180,21 +179,3 @@ def test_perta_test_runs_the_muse_evaluator_from_yaml(muse_run, tmp_path):
     path.write_text(yaml.safe_dump(config))
     main(["test", "--config", str(path)])
     assert json.loads(out.read_text())["aggregates"] == pytest.approx(muse_run["result"]["aggregates"])
-
-
-@pytest.mark.distributed
-def test_two_processes_equal_one(muse_run, tmp_path):
-    """Batches of one on one and on two processes give the same file: 5 examples per set split 3 + 2, so rank 1
-    repeats one as DistributedSampler padding, which the index-keyed states drop."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each of the 2 processes gets one thread: the same kernels
-    try:
-        single = evaluate_muse_model(str(muse_run["model"]), muse_run["source"], max_examples=5, batch_size=1,
-                                     verbmem_max_new_tokens=8, knowmem_max_new_tokens=4, accelerator="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    out = tmp_path / "ddp.json"
-    ddp = run_helper("ddp_muse_eval.py", muse_run["data"], muse_run["model"], out, out=out)
-    assert ddp["settings"]["world_size"] == 2
-    assert ddp["examples"] == single["examples"]
-    assert ddp["aggregates"] == single["aggregates"]

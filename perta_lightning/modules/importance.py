@@ -223,18 +223,15 @@ def importance_trainer_defaults() -> dict[str, Any]:
 
 def cli_main(argv: Sequence[str] | None = None) -> None:
     """``perta importance --config X.yaml``: LightningCLI over :class:`ImportanceModule` and its data."""
-    from lightning.pytorch.cli import LightningCLI
+    from perta_lightning.launch import PertaCLI, lightning_session
 
-    from perta_lightning.arguments import as_command_line
-
-    args = list(argv) if argv is not None else sys.argv[1:]
-    with as_command_line(args), expected_fit_warnings():
-        cli = LightningCLI(
+    with lightning_session(), expected_fit_warnings():
+        cli = PertaCLI(
             ImportanceModule,
             ImportanceDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=args,
+            args=list(argv) if argv is not None else sys.argv[1:],
             run=False,
             trainer_defaults=importance_trainer_defaults(),
             save_config_callback=None,
