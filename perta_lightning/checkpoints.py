@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from perta_lightning.errors import PertaValueError
+from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 from perta_lightning.io import apply_umask, atomic_directory, atomic_write_text, private_temporary_directory
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
@@ -398,6 +398,20 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"{self._path}: closed before every tensor was written")
 
 
+def from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name_or_path)``; a name that is no local folder and that the hub cannot provide
+    (a missing path, a mistyped repository, no network) is a user error naming it, not the hub's traceback."""
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PertaFileNotFoundError(
+            f"{name_or_path}: no such model directory, and the Hugging Face hub cannot provide it ({reason})"
+        ) from error
+
+
 def load_causal_lm(
     model: str | None, model_config: dict[str, Any] | None, torch_dtype: str = "float32", seed: int = 0
 ) -> torch.nn.Module:
@@ -406,7 +420,7 @@ def load_causal_lm(
 
     dtype = getattr(torch, torch_dtype)
     if model is not None:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        return from_pretrained(AutoModelForCausalLM, model, dtype=dtype)
     config_fields = dict(model_config or {})
     model_type = config_fields.pop("model_type", None)
     if model_type is None:

@@ -34,7 +34,7 @@ _FUNCTION_SUBCOMMANDS = {
     "data": "perta_lightning.data.synthetic:cli_main",
     "importance": "perta_lightning.modules.importance:cli_main",
     "merge": "perta_lightning.merge:cli_main",
-    "summarize": "perta_lightning.evaluate:summarize_main",
+    "summarize": "perta_lightning.summary:summarize_main",
     "pipeline": "perta_lightning.pipeline:cli_main",
     "study": "perta_lightning.study:cli_main",
     "compare": "perta_lightning.provenance:compare_main",
@@ -89,8 +89,13 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message for a user error, or ``None`` when ``error`` is a bug (keep its traceback)."""
-    if isinstance(error, PertaError):
-        return str(error)
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # a user error wrapped by a library (jsonargparse)
+        if isinstance(cause, PertaError):
+            return str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
         where = error.filename if error.filename is not None else "(no path given)"
         return f"{where}: {error.strerror or error}"

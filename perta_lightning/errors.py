@@ -21,3 +21,7 @@ class PertaValueError(PertaError, ValueError):
 
 class PertaFileNotFoundError(PertaError, FileNotFoundError):
     """An input file or folder that does not exist."""
+
+
+class PertaFileExistsError(PertaError, FileExistsError):
+    """An output that exists already and is not to be replaced without ``overwrite``."""

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from perta_lightning.errors import PertaValueError
+from perta_lightning.errors import PertaFileExistsError, PertaValueError
 
 #: Names of this package's temporaries: ``.<name>.tmp-XXXXXXXX`` or ``.<name>.old-XXXXXXXX`` (``tempfile``'s suffix).
 TEMPORARY_NAME = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
@@ -193,7 +193,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     """
     output = check_output_path(output)
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite to replace it")
+        raise PertaFileExistsError(f"{output} already exists; pass overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output.parent)
     with terminate_as_exception():

@@ -52,6 +52,8 @@ from perta_lightning.study_types import (
     Preset,
     ResultRow,
     SplitResult,
+    check_not_empty,
+    check_seeds,
     resolve_preset,
 )
 
@@ -345,6 +347,8 @@ def pipeline(
         muse_source: with ``benchmark: muse``, the MUSE source (hub, folder); by default the preset's synthetic
             news corpus, written to ``<output>/data``.
     """
+    check_seeds("seed", [seed])
+    check_not_empty("variants", variants)
     out = Path(output)
     forget_splits, source, search = check_benchmark(benchmark, forget_splits, source, muse_source, search)
     run_seed(out, seed, resolve_preset(preset, preset_overrides), list(variants or DEFAULT_VARIANTS),

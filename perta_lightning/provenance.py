@@ -133,10 +133,32 @@ def compare_studies(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: What every study result (``study.json``) holds: the keys ``perta compare`` and the replication table read.
+STUDY_KEYS = ("settings", "test", "machine", "models")
+
+
+def load_study_result(path: str | os.PathLike) -> dict[str, Any]:
+    """A study's ``study.json`` (or the folder holding it), refused in one line when it is missing, not JSON,
+    or not a study's result (an evaluation file, a seed's report)."""
+    from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "study.json"
+    if not file.is_file():
+        raise PertaFileNotFoundError(f"{file}: no study result here (perta study writes <output>/study.json)")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise PertaValueError(f"{file}: cannot read a study result ({error})") from error
+    missing = [key for key in STUDY_KEYS if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise PertaValueError(f"{file}: not a study result (perta study's study.json): no key(s) {missing}")
+    return data
+
+
 def compare_main(argv: list[str]) -> None:
     """``perta compare A/study.json B/study.json``: print where two study runs part (nothing if nowhere)."""
-    import json
-
     from perta_lightning.errors import PertaValueError
 
     if argv and argv[0] in ("-h", "--help"):
@@ -144,11 +166,6 @@ def compare_main(argv: list[str]) -> None:
         return
     if len(argv) != 2:
         raise PertaValueError(f"compare takes two study.json files, got {len(argv)} argument(s)")
-    data = []
-    for path in argv:
-        try:
-            data.append(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as error:
-            raise PertaValueError(f"{path}: cannot read a study result ({error})") from error
+    data = [load_study_result(path) for path in argv]
     lines = compare_studies(*data)
     print("\n".join(lines) if lines else "the same kernels and the same bytes in every shared model")

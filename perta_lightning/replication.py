@@ -357,15 +357,27 @@ def rewrite(study_dir: str) -> None:
     from pathlib import Path
 
     from perta_lightning.io import atomic_write_text
+    from perta_lightning.provenance import load_study_result
 
     folder = Path(study_dir)
-    table = replication(json.loads((folder / "study.json").read_text()))
+    table = replication(load_study_result(folder / "study.json"))
     atomic_write_text(folder / "replication.json", json.dumps(table, indent=2))
     atomic_write_text(folder / "REPLICATION.md", replication_markdown(table))
     print(f"[replication] {folder / 'REPLICATION.md'}")
 
 
-if __name__ == "__main__":  # python -m perta_lightning.replication STUDY_DIR
+def main(argv: list[str]) -> None:
+    """``python -m perta_lightning.replication STUDY_DIR``: rewrite a finished study's replication table."""
+    from perta_lightning.errors import PertaValueError
+
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        raise PertaValueError("usage: python -m perta_lightning.replication STUDY_DIR (a folder perta study wrote)")
+    rewrite(argv[0])
+
+
+if __name__ == "__main__":
     import sys
 
-    rewrite(sys.argv[1])
+    from perta_lightning.cli import run_command
+
+    run_command("replication", lambda: main(sys.argv[1:]))

@@ -42,7 +42,14 @@ from perta_lightning.functional.tradeoff import paired_differences, spread, summ
 from perta_lightning.io import atomic_write_text
 from perta_lightning.pipeline import resolve_eval_files
 from perta_lightning.study_stages import Runtime
-from perta_lightning.study_types import AlphaSearch, Baseline, PertaVariant, resolve_preset
+from perta_lightning.study_types import (
+    AlphaSearch,
+    Baseline,
+    PertaVariant,
+    check_not_empty,
+    check_seeds,
+    resolve_preset,
+)
 
 #: The label every merge method has in a seed's report, by the family it is aggregated as.
 TV = "tv"
@@ -230,6 +237,9 @@ def study(
     torch.set_float32_matmul_precision("high")  # as every seed's process sets it (recorded in "machine")
     validation_seeds = list(validation_seeds if validation_seeds is not None else [100, 101])
     test_seeds = list(test_seeds if test_seeds is not None else [0, 1, 2])
+    check_seeds("validation_seeds", validation_seeds)
+    check_seeds("test_seeds", test_seeds)
+    check_not_empty("candidates", candidates)
     if set(validation_seeds) & set(test_seeds):
         raise PertaValueError(f"validation_seeds {validation_seeds} and test_seeds {test_seeds} overlap: a "
                               "setting must be reported on seeds other than those that chose it")

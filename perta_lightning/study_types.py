@@ -5,6 +5,7 @@ Plain dataclasses, read from YAML by jsonargparse and shared by the pipeline, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -129,9 +130,16 @@ class PertaVariant:
     transform: Literal["none", "rank", "excess"] = "none"
 
     def __post_init__(self) -> None:
-        if self.transform == "rank" and (self.beta != 1.0 or self.power != 1.0):
-            from perta_lightning.errors import PertaValueError
+        from perta_lightning.errors import PertaValueError
 
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise PertaValueError(f"PertaVariant: beta (β, the weight of the retain importance) must be >= 0, "
+                                  f"got {self.beta}")
+        if not (math.isfinite(self.power) and self.power > 0):
+            raise PertaValueError(f"PertaVariant: power (p) must be > 0, got {self.power}")
+        if self.num_examples is not None and self.num_examples <= 0:
+            raise PertaValueError(f"PertaVariant: num_examples must be positive, got {self.num_examples}")
+        if self.transform == "rank" and (self.beta != 1.0 or self.power != 1.0):
             raise PertaValueError(f"PertaVariant: transform 'rank' sets w itself; beta and power must be 1, got "
                                   f"beta={self.beta}, power={self.power}")
 
@@ -185,6 +193,46 @@ class AlphaSearch:
     rounds: int = 4
     ratio: float = 1.5
     alpha_max: float = 256.0
+
+    def __post_init__(self) -> None:
+        from perta_lightning.errors import PertaValueError
+
+        if not self.levels:
+            raise PertaValueError("search.levels is empty: give the levels methods are compared at")
+        bad = [level for level in self.levels if not (0.0 < level <= 1.0)]
+        if bad:
+            raise PertaValueError(f"search.levels must lie in (0, 1] (a p-value or a forget score), got {bad}")
+        if len(set(self.levels)) != len(self.levels):
+            raise PertaValueError(f"search.levels has repeated values: {self.levels}")
+        if not self.initial or any(not (math.isfinite(a) and a > 0) for a in self.initial):
+            raise PertaValueError(f"search.initial must be one or more α > 0, got {self.initial}")
+        if self.rounds < 0:
+            raise PertaValueError(f"search.rounds must be >= 0, got {self.rounds}")
+        if not self.ratio > 1.0:
+            raise PertaValueError(f"search.ratio must be > 1, got {self.ratio}")
+        if not self.alpha_max >= max(self.initial):
+            raise PertaValueError(f"search.alpha_max {self.alpha_max} is below search.initial {self.initial}")
+
+
+def check_seeds(key: str, seeds: list[int]) -> None:
+    """Refuse negative or repeated seeds (a repeat would silently count one seed twice, or collapse to one)."""
+    from perta_lightning.errors import PertaValueError
+
+    negative = [seed for seed in seeds if seed < 0]
+    if negative:
+        raise PertaValueError(f"{key}: seeds must be >= 0, got {negative}")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise PertaValueError(f"{key}: seed(s) {repeated} given more than once")
+
+
+def check_not_empty(key: str, value: list | None) -> None:
+    """Refuse an explicitly empty list where the default is a list of settings to run (``candidates: []`` would
+    otherwise fall back to the defaults without a word)."""
+    if value is not None and len(value) == 0:
+        from perta_lightning.errors import PertaValueError
+
+        raise PertaValueError(f"{key}: [] leaves nothing to run; leave the key out for the defaults")
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,22 @@ Parts, each timed and recorded even when it fails (``ok``, ``seconds``, figures 
 1. ``gpu_tests``: ``pytest -m gpu`` (passed / failed / skipped counts);
 2. ``model``: θ0 = SmolLM2-135M-Instruct, converted from its GGUF by the ``ConvertGGUF`` stage;
 3. ``importance/<strategy>``: forget and retain importance (grad and Fisher by example) on one device, then
-   under the real DeepSpeed ZeRO-3 and FSDP strategies on one GPU, each compared with the single-device
-   result: ``max_rel_diff`` = max over tensors of max|s − s_single| / max|s_single|;
-4. ``finetune/<strategy>``: a few SGD steps under each strategy from θ0, the saved (gathered) weights and
-   the update θ − θ0 compared in the same way with the single-device steps;
+   under the real DeepSpeed ZeRO-3 and FSDP strategies on every GPU of the machine, each compared with the
+   single-device result: ``max_rel_diff`` = max over tensors of max|s − s_single| / max|s_single|;
+4. ``finetune/<strategy>``: a few SGD steps under each strategy from θ0 on a one-example split (every rank
+   holds that example, so the steps are the single device's), the saved (gathered) weights and the update
+   θ − θ0 compared in the same way with the single-device steps;
 5. ``study``: ``perta pipeline --config configs/smollm2/pipeline_gpu.yaml`` (bf16) under the time left;
    a run cut short reports the stages it finished and their seconds.
 
-``--dry-run`` runs the same parts on CPU in about a minute: the tests' tiny Llama instead of SmolLM2, the CPU
-shims of FSDP and DeepSpeed (``perta_lightning.distributed``), and the ``tiny`` preset with a one-α search.
-Distributed parts run in a subprocess each (``worker`` sub-command), so a crash or hang of one strategy
-cannot take the others with it.
+Parts 3 and 4 run the ``perta importance`` and ``perta fit`` commands as a user types them (the demo configs,
+the model and data on the command line, the strategy block in a second ``--config`` file), each in its own
+process tree started by Lightning's launcher, so a crash or hang of one strategy cannot take the others with it.
+
+``--dry-run`` runs the same parts on CPU: the tests' tiny Llama instead of SmolLM2, two processes with the CPU
+stand-ins of FSDP and DeepSpeed (``perta_lightning.distributed``), and the ``tiny`` preset with a one-α search.
 
 usage: gpu_check.py [--dry-run] [--output FILE] [--work DIR] [--budget SECONDS]
-       gpu_check.py worker {importance,finetune} STRATEGY MODEL DATA OUT [--cpu]
 """
 
 from __future__ import annotations
@@ -40,62 +42,65 @@ NUM_EXAMPLES = 8
 FINETUNE_STEPS = 3
 
 
-# ---------------------------------------------------------------------------------------------- workers
+# ---------------------------------------------------------------------------------------------- commands
 
 
-def make_strategy(name: str, cpu: bool) -> Any:
-    """The strategy of one distributed part: the real one on GPU, its CPU test shim with ``--cpu``."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+def devices(dry_run: bool) -> int:
+    """Every GPU of the machine (so a lent machine with several checks the multi-device launch for real); two
+    CPU processes in a dry run."""
+    import torch
 
-    from perta_lightning import distributed
+    return 2 if dry_run else max(1, torch.cuda.device_count())
 
+
+def strategy_config(name: str, cpu: bool) -> dict[str, Any] | None:
+    """The ``trainer.strategy`` block of one part, as a user writes it in YAML (``None``: Lightning's ``auto``):
+    the real strategy on GPUs, its CPU stand-in (``perta_lightning.distributed``) in a dry run."""
     if name == "single":
-        return "auto"
+        return None
     if name == "deepspeed_zero3":
-        if cpu:
-            return distributed.CPUDeepSpeedStrategy(stage=3)
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=3)
+        path = "perta_lightning.distributed.CPUDeepSpeedStrategy" if cpu else "lightning.pytorch.strategies.DeepSpeedStrategy"
+        return {"class_path": path, "init_args": {"stage": 3}}
     if name == "fsdp":
-        if cpu:
-            return distributed.CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
+        path = "perta_lightning.distributed.CPUFSDPStrategy" if cpu else "lightning.pytorch.strategies.FSDPStrategy"
+        return {"class_path": path,
+                "init_args": {"auto_wrap_policy": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
 
 
-def worker(part: str, strategy: str, model: str, data: str, out: str, cpu: bool) -> None:
-    """One part under one strategy on one device, in this process; writes under ``out``."""
-    from functools import partial
+def perta_command(part: str, strategy: str, model: Path, data: Path, out: Path, dry_run: bool) -> list[list[str]]:
+    """The ``perta`` command lines of one part under one strategy, as a user types them: the demo configs with
+    the model, the data and the strategy given on the command line (the strategy as a second ``--config``).
 
-    import lightning as L
-    import torch
-
-    from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import PromptFormat, TofuSource
-    from perta_lightning.modules.finetune import CausalLMModule
-    from perta_lightning.modules.importance import estimate_importance
-
-    accelerator = "cpu" if cpu else "gpu"
-    source = TofuSource(path=data)
+    ``importance``: grad and Fisher by example on :data:`NUM_EXAMPLES` examples of each split. ``finetune``:
+    :data:`FINETUNE_STEPS` SGD steps on a one-example split, so that every rank of a multi-device run holds
+    that example and its steps are the single device's."""
+    count = 1 if strategy == "single" else devices(dry_run)
+    trainer = ["--trainer.accelerator", "cpu" if dry_run else "gpu", "--trainer.devices", str(count),
+               "--trainer.enable_progress_bar", "false"]
+    block = strategy_config(strategy, dry_run)
+    if block is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "strategy.json").write_text(json.dumps({"trainer": {"strategy": block}}))
+        trainer += ["--config", str(out / "strategy.json")]
+    perta = [sys.executable, "-m", "perta_lightning"]
     if part == "importance":
-        for statistic in ("grad", "fisher"):
-            estimate_importance(model, source, f"{out}/{statistic}", statistic, "example", num_examples=NUM_EXAMPLES,
-                                batch_size=4, overwrite=True,
-                                trainer_kwargs={"accelerator": accelerator, "devices": 1,
-                                                "strategy": make_strategy(strategy, cpu)})
-    elif part == "finetune":
-        module = CausalLMModule(model=model, output_dir=f"{out}/model", optimizer=partial(torch.optim.SGD, lr=1e-3))
-        data_module = TofuDataModule(source, PromptFormat(tokenizer=model), train_split="forget10", batch_size=4,
-                                     shuffle=False, num_examples=4 * FINETUNE_STEPS)
-        # one device: no distributed sampler, whose shuffling would give the sharded runs other batches
-        L.Trainer(accelerator=accelerator, devices=1, strategy=make_strategy(strategy, cpu),
-                  use_distributed_sampler=False, max_steps=FINETUNE_STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, limit_val_batches=0).fit(module, data_module)
-    else:
-        raise ValueError(f"unknown part {part!r}")
+        return [[*perta, "importance", "--config", str(ROOT / "configs/demo/importance.yaml"),
+                 "--model.model", str(model), "--model.output_dir", str(out / statistic),
+                 "--model.statistic", statistic, "--model.overwrite", "true", "--data.source.path", str(data),
+                 "--data.num_examples", str(NUM_EXAMPLES), "--data.batch_size", "4", *trainer]
+                for statistic in ("grad", "fisher")]
+    if part == "finetune":
+        first = out.parent / "first.json"
+        first.parent.mkdir(parents=True, exist_ok=True)
+        first.write_text((data / "forget10.json").read_text().splitlines()[0] + "\n")
+        return [[*perta, "fit", "--config", str(ROOT / "configs/demo/full.yaml"), "--model.model", str(model),
+                 "--model.output_dir", str(out / "model"), "--model.optimizer", "torch.optim.SGD",
+                 "--model.optimizer.lr", "1e-3", "--model.optimizer.weight_decay", "0",
+                 "--data.source.path", str(data), "--data.source.files", json.dumps({"first": str(first)}),
+                 "--data.train_split", "[first]", "--data.prompt.tokenizer", str(model),
+                 "--trainer.max_steps", str(FINETUNE_STEPS), "--trainer.max_epochs", "-1", *trainer]]
+    raise ValueError(f"unknown part {part!r}")
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -240,9 +245,8 @@ def prepare_model(check: Check) -> dict[str, Any]:
 
 def distributed_part(check: Check, part: str, strategy: str) -> dict[str, Any]:
     out = check.work / part / strategy
-    command = [sys.executable, str(Path(__file__).resolve()), "worker", part, strategy, str(check.model),
-               str(check.data), str(out)] + (["--cpu"] if check.dry_run else [])
-    check.subprocess(command, min(240, check.left() - 30), check.work / "logs" / f"{part}_{strategy}.log")
+    for index, command in enumerate(perta_command(part, strategy, check.model, check.data, out, check.dry_run)):
+        check.subprocess(command, min(240, check.left() - 30), check.work / "logs" / f"{part}_{strategy}_{index}.log")
     if strategy == "single":
         return {"reference": True}
     single = check.work / part / "single"
@@ -260,6 +264,7 @@ def distributed_part(check: Check, part: str, strategy: str) -> dict[str, Any]:
         figures["update"] = max_relative_difference({k: v - start[k] for k, v in tuned.items()},
                                                     {k: v - start[k] for k, v in reference.items()})
     figures["max_rel_diff"] = max(value["max_rel_diff"] for value in figures.values())
+    figures["devices"] = devices(check.dry_run)
     return figures
 
 
@@ -333,8 +338,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        sys.path.insert(0, str(ROOT))
-        worker(*sys.argv[2:7], cpu="--cpu" in sys.argv[7:])
-    else:
-        sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

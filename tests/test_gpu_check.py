@@ -1,6 +1,6 @@
 """``scripts/gpu_check.sh``: its figures, its comparison rule, and the CPU dry run end to end.
 
-The dry run starts seven processes (each strategy in its own) and a tiny study: about 2-5 minutes on 2 busy
+The dry run starts a ``perta`` command for each part and strategy (two processes each) and a tiny study: about 2-5 minutes on 2 busy
 cores, so it is marked ``slow``; the rest runs in seconds.
 """
 
@@ -39,18 +39,33 @@ def test_max_relative_difference_refuses_mismatches(broken, message):
         gpu_check.max_relative_difference(broken, {"a": torch.ones(2), "b": torch.zeros(3)})
 
 
-def test_strategies_are_the_real_ones_on_gpu_and_the_shims_on_cpu():
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    from perta_lightning.distributed import CPUDeepSpeedStrategy, CPUFSDPStrategy
-
-    pytest.importorskip("deepspeed")
-    assert type(gpu_check.make_strategy("deepspeed_zero3", cpu=False)) is DeepSpeedStrategy
-    assert isinstance(gpu_check.make_strategy("deepspeed_zero3", cpu=True), CPUDeepSpeedStrategy)
-    assert type(gpu_check.make_strategy("fsdp", cpu=False)) is FSDPStrategy
-    assert isinstance(gpu_check.make_strategy("fsdp", cpu=True), CPUFSDPStrategy)
+def test_strategies_are_the_real_ones_on_gpu_and_the_stand_ins_on_cpu():
+    assert gpu_check.strategy_config("single", cpu=False) is None
+    assert gpu_check.strategy_config("deepspeed_zero3", cpu=False) == {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}}
+    assert gpu_check.strategy_config("deepspeed_zero3", cpu=True)["class_path"] == \
+        "perta_lightning.distributed.CPUDeepSpeedStrategy"
+    assert gpu_check.strategy_config("fsdp", cpu=False)["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert gpu_check.strategy_config("fsdp", cpu=True)["class_path"] == "perta_lightning.distributed.CPUFSDPStrategy"
     with pytest.raises(ValueError, match="zero2"):
-        gpu_check.make_strategy("zero2", cpu=True)
+        gpu_check.strategy_config("zero2", cpu=True)
+
+
+def test_parts_are_perta_commands_on_every_device(tmp_path):
+    """Each part is a ``perta`` command line with the strategy in a second config file, on every device."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget10.json").write_text('{"question": "q", "answer": "a"}\n')
+    for part, count in (("importance", 2), ("finetune", 1)):
+        commands = gpu_check.perta_command(part, "fsdp", tmp_path / "model", data, tmp_path / part, dry_run=True)
+        assert len(commands) == count
+        for command in commands:
+            assert command[1:4] == ["-m", "perta_lightning", "fit" if part == "finetune" else "importance"]
+            assert command[command.index("--trainer.devices") + 1] == "2"
+            strategy = json.loads(Path(command[command.index("--config", 5) + 1]).read_text())
+            assert strategy["trainer"]["strategy"]["class_path"] == "perta_lightning.distributed.CPUFSDPStrategy"
+    single = gpu_check.perta_command("importance", "single", tmp_path / "model", data, tmp_path / "s", dry_run=True)
+    assert all(c[c.index("--trainer.devices") + 1] == "1" and c.count("--config") == 1 for c in single)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

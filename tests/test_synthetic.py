@@ -95,15 +95,17 @@ def test_synthetic_source_equals_written_files(tiny_benchmark):
         assert load_split(TofuSource(synthetic=spec), split) == load_split(TofuSource(path=str(tiny_benchmark)), split)
 
 
-def test_cli_writes_the_layout(tmp_path):
+def test_cli_writes_the_layout(tmp_path, capsys):
     from perta_lightning.cli import main
 
     main(["data", "synthetic", "--output", str(tmp_path / "d"), "--num_authors", "12", "--seed", "1",
           "--tokenizer_vocab_size", "300"])
     assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").is_file()
     assert len(load_split(TofuSource(path=str(tmp_path / "d")), "full")) == 12 * PER_AUTHOR
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(SystemExit) as exit_info:  # a rerun: refused in one line, the folder kept
         main(["data", "synthetic", "--output", str(tmp_path / "d"), "--tokenizer_vocab_size", "null"])
+    assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").is_file()
 
 
 # ---- sizes the generator cannot make are refused at once; large ones are made

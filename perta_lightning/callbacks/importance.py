@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from perta_lightning import distributed
 from perta_lightning.checkpoints import safetensors_files_for, write_safetensors_sharded
-from perta_lightning.errors import PertaValueError
+from perta_lightning.errors import PertaFileExistsError, PertaValueError
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import answer_token_mask
 from perta_lightning.io import atomic_write_text
@@ -134,14 +134,14 @@ class ImportanceCollector(Callback):
     def _check_outputs_free(self) -> None:
         stale = sorted(self.output_dir.glob(".*.tmp-*")) if self.output_dir.is_dir() else []
         if stale:
-            raise FileExistsError(
+            raise PertaFileExistsError(
                 f"{stale[0]}: temporary output of an interrupted importance run; estimation does not resume, "
                 "delete it and run again"
             )
         if not self.overwrite and self.output_dir.is_dir():
             existing = [p for p in self.output_dir.iterdir() if p.name.endswith((".safetensors", ".index.json"))]
             if existing:
-                raise FileExistsError(f"{existing[0]} already exists; pass overwrite=True to replace it")
+                raise PertaFileExistsError(f"{existing[0]} already exists; pass overwrite=True to replace it")
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         raise RuntimeError(

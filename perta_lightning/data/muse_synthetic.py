@@ -397,6 +397,9 @@ def write_muse_benchmark(spec: MuseSyntheticSpec, output: str, overwrite: bool =
 
     With ``tokenizer_vocab_size``, a byte-level BPE trained on all the texts goes to ``<output>/tokenizer``.
     """
+    from perta_lightning.data.tokenizer import check_vocab_size
+
+    check_vocab_size(tokenizer_vocab_size)
     splits = generate_muse_benchmark(spec)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         for split, rows in splits.items():

@@ -323,6 +323,9 @@ def write_benchmark(
 
     With ``tokenizer_vocab_size``, a byte-level BPE trained on all the texts goes to ``<output>/tokenizer``.
     """
+    from perta_lightning.data.tokenizer import check_vocab_size
+
+    check_vocab_size(tokenizer_vocab_size)
     splits = generate_benchmark(spec)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         for split, rows in splits.items():

@@ -376,7 +376,9 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
         (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
         raise PertaFileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    from perta_lightning.checkpoints import from_pretrained
+
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -13,6 +13,9 @@ from perta_lightning.io import atomic_directory
 
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
+#: The smallest byte-level BPE: every byte and every special token.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}\n"
@@ -33,8 +36,21 @@ def corpus_texts(splits: dict[str, list[dict]]) -> Iterator[str]:
             yield from row.get("perturbed_answer", [])
 
 
+def check_vocab_size(vocab_size: int | None) -> None:
+    """Refuse a vocabulary too small for the 256 bytes and the special tokens (the trainer would ignore it)."""
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        from perta_lightning.errors import PertaValueError
+
+        raise PertaValueError(f"tokenizer_vocab_size must be at least {MIN_VOCAB_SIZE} (the 256 bytes and "
+                              f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+
+
 def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int = 1024, overwrite: bool = True) -> Path:
-    """Train a byte-level BPE on ``texts`` and save it to ``output`` as a Hugging Face tokenizer."""
+    """Train a byte-level BPE on ``texts`` and save it to ``output`` as a Hugging Face tokenizer.
+
+    ``vocab_size`` must hold the 256 bytes and the special tokens (:data:`MIN_VOCAB_SIZE`): a smaller one
+    would be ignored by the trainer, and the tokenizer written would not have the size asked for."""
+    check_vocab_size(vocab_size)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
