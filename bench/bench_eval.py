@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive_eval import naive_evaluate  # noqa: E402
 
-from perta_lightning.data.tofu import TofuSource  # noqa: E402
-from perta_lightning.evaluate import evaluate_model  # noqa: E402
+from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+from perta_lightning.benchmarks.tofu.source import TofuSource
 from tests.tiny import make_tiny_setup  # noqa: E402
 
 SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_authors": "real_authors_perturbed",

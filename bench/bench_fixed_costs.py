@@ -68,10 +68,10 @@ def main() -> None:
 
     import perta_lightning
     from perta_lightning import stages
+    from perta_lightning.benchmarks.tofu.evaluation import TofuEvalDataModule
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.evaluation import TofuEvalDataModule
     from perta_lightning.data.importance import ImportanceDataModule
-    from perta_lightning.pipeline import cli_main
+    from perta_lightning.study.pipeline import cli_main
 
     imports = time.perf_counter() - start
     torch.set_num_threads(args.threads)

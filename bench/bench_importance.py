@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 
+from perta_lightning.benchmarks.tofu.source import TofuSource
 from perta_lightning.data.datamodule import TofuDataModule
+from perta_lightning.data.formatting import PromptFormat
 from perta_lightning.data.importance import ImportanceDataModule
-from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.modules.finetune import CausalLMModule
 from perta_lightning.modules.importance import ImportanceModule, importance_trainer_defaults
 from tests.tiny import make_tiny_assets, write_tofu_folder

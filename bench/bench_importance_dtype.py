@@ -48,9 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.callbacks.progress import quiet_dependencies
-    from perta_lightning.data.tofu import TofuSource
-    from perta_lightning.evaluate import evaluate_model
     from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utilities_at_levels
     from perta_lightning.merge import merge_checkpoints
 

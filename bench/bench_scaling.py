@@ -71,14 +71,14 @@ def write_model(folder: Path, tokenizer: Path, hidden: int, layers: int) -> int:
 
 def time_stages(model: Path, source, forget: str, scratch: Path) -> dict[str, float]:
     """One repetition of every stage on ``model`` and forget split ``forget``; seconds per stage."""
-    from perta_lightning.data.tofu import load_split
-    from perta_lightning.evaluate import evaluate_model
+    from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+    from perta_lightning.benchmarks.tofu.source import load_split
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
-    from perta_lightning.study_stages import Runtime, _adamw, fit
-    from perta_lightning.study_types import PRESETS
+    from perta_lightning.study.options import PRESETS
+    from perta_lightning.study.stages import Runtime, _adamw, fit
 
     preset, runtime = PRESETS["demo"], Runtime()
     n = len(load_split(source, forget))
@@ -186,9 +186,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
+    from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, write_benchmark
     from perta_lightning.callbacks.progress import quiet_dependencies
-    from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
-    from perta_lightning.data.tofu import TofuSource, load_split
 
     root = Path(tempfile.mkdtemp(prefix="bench_scaling-"))
     quiet = quiet_dependencies()

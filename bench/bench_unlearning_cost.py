@@ -28,13 +28,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.baselines import UnlearningModule
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance
-    from perta_lightning.study_stages import Runtime, _adamw, fit
-    from perta_lightning.study_types import PRESETS
+    from perta_lightning.study.options import PRESETS
+    from perta_lightning.study.stages import Runtime, _adamw, fit
 
     p, run, runtime = PRESETS[args.preset], Path(args.run), Runtime()
     source, full = TofuSource(path=str(run / "data")), run / "models" / "full"

@@ -465,7 +465,7 @@ def save_hf_directory(
     with atomic_directory(output_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer_path is not None:
-            from perta_lightning.data.tofu import load_tokenizer
+            from perta_lightning.data.formatting import load_tokenizer
 
             load_tokenizer(tokenizer_path).save_pretrained(tmp)
         if hparams is not None:

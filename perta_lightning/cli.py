@@ -13,6 +13,7 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 * ``perta pipeline``        one seed of the study, end to end, with its report
 * ``perta study``           the multi-seed study, PerTA's settings chosen on held-out seeds
 * ``perta compare``         where two study runs part: kernels, then the first model whose bytes differ
+* ``perta replication``     rewrite a finished study's replication table from its ``study.json``
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Function subcommands: name -> "module:function". Each function takes the remaining argv.
 _FUNCTION_SUBCOMMANDS = {
-    "data": "perta_lightning.data.synthetic:cli_main",
+    "data": "perta_lightning.benchmarks.registry:data_main",
     "importance": "perta_lightning.modules.importance:cli_main",
     "merge": "perta_lightning.merge:cli_main",
-    "summarize": "perta_lightning.summary:summarize_main",
-    "pipeline": "perta_lightning.pipeline:cli_main",
-    "study": "perta_lightning.study:cli_main",
+    "summarize": "perta_lightning.benchmarks.registry:summarize_main",
+    "pipeline": "perta_lightning.study.pipeline:cli_main",
+    "study": "perta_lightning.study.study:cli_main",
     "compare": "perta_lightning.provenance:compare_main",
+    "replication": "perta_lightning.study.replication:main",
 }
 
 

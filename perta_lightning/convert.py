@@ -130,6 +130,6 @@ class ConvertGGUF(Stage):
 
 def base_stage(base_model: str) -> Stage:
     """The stage giving θ0 from a ``base_model`` value: a GGUF file is converted, a directory is used as is."""
-    from perta_lightning.study_stages import Pretrained
+    from perta_lightning.study.stages import Pretrained
 
     return ConvertGGUF(base_model) if is_gguf(base_model) else Pretrained(base_model)

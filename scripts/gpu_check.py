@@ -218,7 +218,7 @@ def gpu_tests(check: Check) -> dict[str, Any]:
 
 def prepare_model(check: Check) -> dict[str, Any]:
     """θ0 and the data: SmolLM2 from its GGUF (or the tiny Llama in a dry run) and a small synthetic benchmark."""
-    from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
+    from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, write_benchmark
 
     data = check.work / "data"
     if not data.is_dir():

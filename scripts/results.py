@@ -34,7 +34,7 @@ def _load(name: str, file: str) -> dict[str, Any]:
 
 
 def _duration(seconds: float) -> str:
-    from perta_lightning.replication import _duration as duration
+    from perta_lightning.study.replication import _duration as duration
 
     return duration(seconds)
 
@@ -63,7 +63,7 @@ def _demote(markdown: str, levels: int = 2) -> str:
 
 def demo_results() -> str:
     """The demo study's test-seed tables (``study.md``), from its ``study.json``."""
-    from perta_lightning.study_report import study_markdown
+    from perta_lightning.study.study_report import study_markdown
 
     body = study_markdown(_load("demo", "study.json")).split("\n", 2)[2]  # without the title
     return _demote(body, 1).strip() + "\n"
@@ -71,7 +71,7 @@ def demo_results() -> str:
 
 def replication_summary() -> str:
     """The replication's claims table, this project's variants and where it ran, from ``replication.json``."""
-    from perta_lightning.replication import claims_table, machine_line
+    from perta_lightning.study.replication import claims_table, machine_line
 
     table = _load("replication", "replication.json")
     lines = [f"Preset `{table['preset']}`, test seeds {table['test_seeds']}, validation seeds "
@@ -114,7 +114,7 @@ def replication_reading() -> str:
 
 def replication_full() -> str:
     """All of ``REPLICATION.md`` (for bench/RESULTS.md), from ``replication.json``."""
-    from perta_lightning.replication import replication_markdown
+    from perta_lightning.study.replication import replication_markdown
 
     body = replication_markdown(_load("replication", "replication.json")).split("\n", 2)[2]
     return _demote(body).strip() + "\n"
@@ -149,7 +149,7 @@ def muse_command() -> str:
 
 def muse_results() -> str:
     """The MUSE study's test-seed tables (``study.md``), from its ``study.json``."""
-    from perta_lightning.study_report import study_markdown
+    from perta_lightning.study.study_report import study_markdown
 
     body = study_markdown(_load("muse", "study.json")).split("\n", 2)[2]
     return _demote(body, 1).strip() + "\n"
@@ -157,7 +157,7 @@ def muse_results() -> str:
 
 def muse_replication() -> str:
     """The paper's claims measured on MUSE (``REPLICATION.md`` of the MUSE study), from its ``replication.json``."""
-    from perta_lightning.replication import claims_table, machine_line
+    from perta_lightning.study.replication import claims_table, machine_line
 
     table = _load("muse", "replication.json")
     return "\n".join([machine_line(table), "", *claims_table(table)]).strip() + "\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
+from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, write_benchmark
 from tests.tiny import make_tiny_assets, write_tiny_model
 
 
@@ -61,7 +61,7 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def single_process(tiny_assets, tmp_path_factory) -> dict[str, dict[str, Path]]:
     """``grad`` and ``fisher`` (by example) at the tiny model, one process, batch size 3."""
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.modules.importance import estimate_importance
 
     root = tmp_path_factory.mktemp("importance")

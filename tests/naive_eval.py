@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from perta_lightning.data.tofu import QAFormatter, TofuSource, load_split, load_tokenizer
+from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
+from perta_lightning.data.formatting import QAFormatter, load_tokenizer
 
 
 def _answer_token_logprobs(model, formatter: QAFormatter, question: str, answer: str) -> tuple[list[float], list[int], list[int]]:

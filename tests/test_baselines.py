@@ -30,8 +30,9 @@ def test_npo_falls_as_forget_nll_rises():
 def test_one_unlearning_step_raises_forget_loss(method, tiny_model_dir, tiny_benchmark, tmp_path):
     import lightning as L
 
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import PromptFormat, TofuSource
+    from perta_lightning.data.formatting import PromptFormat
     from perta_lightning.modules.baselines import UnlearningModule
 
     L.seed_everything(0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from perta_lightning.benchmarks.tofu.evaluator import DEFAULT_MAX_NEW_TOKENS, TofuEvaluator, evaluate_model
 from perta_lightning.cli import main
-from perta_lightning.evaluate import DEFAULT_MAX_NEW_TOKENS, TofuEvaluator, evaluate_model
 from tests.tiny import make_tiny_setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.yaml"
@@ -100,8 +100,9 @@ def test_results_table_names_each_set(tiny, tmp_path):
     """Each dataloader's column of Lightning's results holds only the scores named by its own set."""
     from lightning.pytorch import Trainer
 
-    from perta_lightning.data.evaluation import TofuEvalDataModule
-    from perta_lightning.data.tofu import PromptFormat, TofuSource
+    from perta_lightning.benchmarks.tofu.evaluation import TofuEvalDataModule
+    from perta_lightning.benchmarks.tofu.source import TofuSource
+    from perta_lightning.data.formatting import PromptFormat
 
     data, model = tiny
     datamodule = TofuEvalDataModule(TofuSource(path=str(data)), PromptFormat(tokenizer=str(model)), max_examples=3,
@@ -122,8 +123,8 @@ def test_results_table_names_each_set(tiny, tmp_path):
 
 def test_generations_are_stripped(tiny):
     """Generated text is stored and scored without surrounding white space, as open-unlearning's."""
-    from perta_lightning.data.tofu import load_tokenizer
-    from perta_lightning.evaluate import generation_text
+    from perta_lightning.benchmarks.evaluator import generation_text
+    from perta_lightning.data.formatting import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny[1]))
     ids = tokenizer.encode(" the answer\n", add_special_tokens=False)

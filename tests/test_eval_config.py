@@ -13,8 +13,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.yaml"
 
 def test_demo_eval_config_runs(tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
-    assert config["model"]["class_path"] == "perta_lightning.evaluate.TofuEvaluator"
-    assert config["data"]["class_path"] == "perta_lightning.data.evaluation.TofuEvalDataModule"
+    assert config["model"]["class_path"] == "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator"
+    assert config["data"]["class_path"] == "perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule"
     data, model = make_tiny_setup(tmp_path)
     out = tmp_path / "eval.json"
     main(["test", "--config", str(CONFIG),

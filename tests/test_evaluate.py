@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from perta_lightning.data.tofu import TofuSource
-from perta_lightning.evaluate import evaluate_model
-from perta_lightning.summary import summarize
+from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+from perta_lightning.benchmarks.tofu.source import TofuSource
+from perta_lightning.benchmarks.tofu.summary import summarize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_eval import naive_evaluate  # noqa: E402

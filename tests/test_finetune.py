@@ -31,7 +31,7 @@ def write_config(path, **sections):
 def test_two_step_fit_from_scratch_then_from_pretrained(tiny_benchmark, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from perta_lightning.data.tofu import load_tokenizer
+    from perta_lightning.data.formatting import load_tokenizer
     from tests.tiny import tiny_model_config
 
     tokenizer_dir = str(tiny_benchmark / "tokenizer")

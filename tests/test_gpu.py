@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 def test_importance_on_gpu_equals_cpu(tiny_model_dir, tiny_benchmark, tmp_path):
     from safetensors.torch import load_file
 
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.modules.importance import estimate_importance
 
     written = {}
@@ -29,9 +29,9 @@ def test_importance_on_gpu_equals_cpu(tiny_model_dir, tiny_benchmark, tmp_path):
 def test_finetune_step_and_evaluation_on_gpu(tiny_model_dir, tiny_benchmark, tmp_path):
     import lightning as L
 
+    from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import TofuSource
-    from perta_lightning.evaluate import evaluate_model
     from perta_lightning.modules.finetune import CausalLMModule
 
     source = TofuSource(path=str(tiny_benchmark))
@@ -48,16 +48,17 @@ def test_finetune_step_and_evaluation_on_gpu(tiny_model_dir, tiny_benchmark, tmp
 
 def test_study_stages_in_bf16_on_gpu(tiny_model_dir, tiny_benchmark, tmp_path):
     """A fine-tune and an evaluation stage under ``Runtime(precision="bf16-mixed")``, as the GPU study runs them."""
-    from perta_lightning.data.tofu import TofuSource
+    from perta_lightning.benchmarks.tofu.benchmark import TofuEvaluation
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.stages import Product, StageRunner
-    from perta_lightning.study_stages import Data, Evaluate, FineTune, Pretrained, Runtime
+    from perta_lightning.study.stages import Data, Evaluate, FineTune, Pretrained, Runtime
 
     runtime = Runtime("gpu", 1, "bf16-mixed")
     data = Data(given=TofuSource(path=str(tiny_benchmark)))
     runner = StageRunner(tmp_path, seed=0)
     base = Pretrained(str(tiny_model_dir))
     tuned = FineTune("models/tuned", base, data, ["forget10"], 1, 1e-3, 4, runtime=runtime)
-    evaluation = Evaluate("eval/tuned", Product(tuned), data, "forget10", max_new_tokens=8, runtime=runtime)
+    evaluation = Evaluate("eval/tuned", Product(tuned), data, TofuEvaluation("forget10", 8), runtime=runtime)
     runner.run_all([base, tuned, evaluation])
     result = json.loads(runner.path(Product(evaluation, "eval")).read_text())
     for key in ("forget_probability", "retain_probability", "forget_truth_ratio"):

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
 from perta_lightning.data.datamodule import EncodedQA
-from perta_lightning.data.tofu import PromptFormat, QAFormatter, TofuSource, load_split, load_tokenizer
+from perta_lightning.data.formatting import PromptFormat, QAFormatter, load_tokenizer
 from perta_lightning.functional import importance as F
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.modules.importance import estimate_importance

@@ -318,7 +318,7 @@ def test_muse_evaluation_on_two_devices(muse_launch, tmp_path):
 @pytest.fixture(scope="module")
 def muse_launch(tmp_path_factory) -> tuple[dict, list[str]]:
     """A tiny MUSE corpus and model, the ``perta test`` arguments for it, and its one-process evaluation."""
-    from perta_lightning.data.muse_synthetic import write_muse_benchmark
+    from perta_lightning.benchmarks.muse.synthetic import write_muse_benchmark
     from tests.test_muse_evaluate import SPEC
     from tests.tiny import write_tiny_model
 

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from perta_lightning.cli import main as perta_main
-from perta_lightning.data.muse import (
+from perta_lightning.benchmarks.muse.source import MuseSource
+from perta_lightning.benchmarks.muse.splits import (
     KNOWMEM_FORGET,
     KNOWMEM_RETAIN,
     MUSE_SPLITS,
@@ -13,17 +13,17 @@ from perta_lightning.data.muse import (
     PRIVLEAK_HOLDOUT,
     SPLIT_COLUMNS,
     VERBMEM,
-    EncodedText,
-    MuseSource,
     check_prompt_length,
 )
-from perta_lightning.data.muse_synthetic import (
+from perta_lightning.benchmarks.muse.synthetic import (
     MuseSyntheticSpec,
     generate_muse_articles,
     generate_muse_benchmark,
     write_muse_benchmark,
 )
-from perta_lightning.data.tofu import IGNORE_INDEX, collate_examples, load_tokenizer
+from perta_lightning.cli import main as perta_main
+from perta_lightning.data.formatting import IGNORE_INDEX, collate_examples, load_tokenizer
+from perta_lightning.data.text import EncodedText
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
 #: MUSE's hub layout (muse-bench/MUSE-News, MUSE-Books), written out from its published configs and splits.
@@ -316,7 +316,7 @@ def test_cli_writes_the_layout_and_a_tokenizer(tmp_path, capsys):
 def test_knowmem_questions_are_the_boxed_facts_and_shots_are_not(splits):
     """Each forget (retain) question is answered verbatim in the fact box of a forget (retain2) article, in the
     KnowMem prompt's format; no few-shot question is in any box."""
-    from perta_lightning.data.muse_evaluation import knowmem_prompt
+    from perta_lightning.benchmarks.muse.evaluation import knowmem_prompt
 
     for qa, corpus in (("knowmem/forget_qa", "raw/forget"), ("knowmem/retain_qa", "raw/retain2")):
         boxes = [row["text"] for row in splits[corpus][8:]]

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from perta_lightning.data.muse import MuseSource
-from perta_lightning.data.muse_evaluation import MUSE_EVAL_SETS, knowmem_prompt
-from perta_lightning.data.muse_synthetic import MuseSyntheticSpec, write_muse_benchmark
+from perta_lightning.benchmarks.muse.evaluation import MUSE_EVAL_SETS, knowmem_prompt
+from perta_lightning.benchmarks.muse.evaluator import evaluate_muse_model
+from perta_lightning.benchmarks.muse.source import MuseSource
+from perta_lightning.benchmarks.muse.summary import forget_score, summarize_muse
+from perta_lightning.benchmarks.muse.synthetic import MuseSyntheticSpec, write_muse_benchmark
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import muse_metrics as M
-from perta_lightning.muse_evaluate import evaluate_muse_model
-from perta_lightning.muse_summary import forget_score, summarize_muse
 from tests.tiny import write_tiny_model
 
 SPEC = MuseSyntheticSpec(num_articles=5, num_retain_articles=5, num_holdout_articles=6, num_background_articles=2,
@@ -35,8 +35,8 @@ def muse_run(tmp_path_factory):
 
 
 def test_evaluator_aggregates_with_the_muse_metric_classes():
-    from perta_lightning.muse_evaluate import MuseEvaluator
-    from perta_lightning.muse_metrics import KnowMem, MiaAUC, VerbMem
+    from perta_lightning.benchmarks.muse.evaluator import MuseEvaluator
+    from perta_lightning.benchmarks.muse.metrics import KnowMem, MiaAUC, VerbMem
 
     evaluator = MuseEvaluator("unused-until-setup")
     assert isinstance(evaluator.means["verbmem"], VerbMem) and isinstance(evaluator.means["knowmem_retain"], KnowMem)
@@ -119,7 +119,7 @@ def test_summary_forget_score_and_privleak_of_the_retain_model(muse_run):
 
 
 def test_knowmem_answers_end_at_open_unlearnings_stop_strings():
-    from perta_lightning.muse_evaluate import cut_at_stop
+    from perta_lightning.benchmarks.muse.evaluator import cut_at_stop
 
     assert cut_at_stop(" 62\n\nQuestion: How old") == "62"
     assert cut_at_stop("Ana Paper\nQuestion: x") == "Ana Paper"
@@ -153,7 +153,7 @@ def test_a_reference_on_other_sets_is_refused(muse_run, tmp_path):
 
 
 def test_a_tofu_file_is_not_a_muse_reference(tmp_path):
-    from perta_lightning.muse_summary import load_muse_evaluation
+    from perta_lightning.benchmarks.muse.summary import load_muse_evaluation
 
     path = tmp_path / "tofu.json"
     path.write_text(json.dumps({"format": "perta-tofu-eval/1", "aggregates": {}}))

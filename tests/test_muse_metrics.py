@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from muse_lightning_metrics import expected, validate  # noqa: E402
 
+from perta_lightning.benchmarks.muse.metrics import KnowMem, MiaAUC, MuseMetrics, PrivLeak, VerbMem
 from perta_lightning.functional import muse_metrics as M  # noqa: E402
 from perta_lightning.functional import tofu_metrics  # noqa: E402
-from perta_lightning.muse_metrics import KnowMem, MiaAUC, MuseMetrics, PrivLeak, VerbMem  # noqa: E402
 from tests.processes import run_helper  # noqa: E402
 
 WORDS = ["the", "cat", "cats", "sat", "sitting", "on", "a", "mat", "Mats,", "runs", "running", "3", "été"]

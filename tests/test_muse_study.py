@@ -6,22 +6,22 @@ from pathlib import Path
 
 import pytest
 
+from perta_lightning.benchmarks.muse.summary import summarize_muse
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utility_at_level
-from perta_lightning.muse_summary import summarize_muse
-from perta_lightning.pipeline import pipeline
-from perta_lightning.study import study
-from perta_lightning.study_types import AlphaSearch, PertaVariant
+from perta_lightning.study.options import AlphaSearch, PertaVariant, RunOptions
+from perta_lightning.study.pipeline import pipeline
+from perta_lightning.study.study import study
 
 SEARCH = AlphaSearch(levels=[0.9, 0.98, 1.0], initial=[1.0, 4.0], rounds=1)
-OPTIONS = dict(benchmark="muse", preset="muse_tiny", validation_seeds=[11], test_seeds=[12],
-               candidates=[PertaVariant("grad"), PertaVariant("fisher", beta=16.0)], baselines=["grad_diff"],
-               search=SEARCH, jobs=1)
+RUN = RunOptions(benchmark="muse", preset="muse_tiny", baselines=["grad_diff"], search=SEARCH)
+OPTIONS = dict(validation_seeds=[11], test_seeds=[12],
+               candidates=[PertaVariant("grad"), PertaVariant("fisher", beta=16.0)], jobs=1)
 
 
 @pytest.fixture(scope="module")
 def muse_study(tmp_path_factory) -> Path:
-    return study(output=str(tmp_path_factory.mktemp("muse_study") / "run"), **OPTIONS)
+    return study(RUN, output=str(tmp_path_factory.mktemp("muse_study") / "run"), **OPTIONS)
 
 
 def _report(folder: Path, seed: int) -> dict:
@@ -36,14 +36,15 @@ def test_rows_are_the_muse_summaries_of_their_evaluations(muse_study):
     assert {"retain", "target", "grad_diff", "tv"} <= methods and len(methods) == 6  # and the two chosen variants
     for row in report["rows"]:
         summary = summarize_muse(seed_dir / row["eval_file"], reference)
-        assert row["forget_quality"] == summary["forget_score"]
-        assert row["model_utility"] == row["knowmem_retain"] == summary["knowmem_retain"]
+        assert row["forget_score"] == summary["forget_score"]  # the benchmark's own axis names
+        assert row["knowmem_retain"] == summary["knowmem_retain"]
+        assert "forget_quality" not in row and "model_utility" not in row
         assert (row["verbmem_forget"], row["privleak"]) == (summary["verbmem_forget"], summary["privleak"])
     target = next(row for row in report["rows"] if row["method"] == "target")
     for method, values in report["matched"].items():
-        points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])] + [
-            CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"],
-                       is_collapsed(r["model_utility"], target["model_utility"]))
+        points = [CurvePoint(0.0, target["forget_score"], target["knowmem_retain"])] + [
+            CurvePoint(r["alpha"], r["forget_score"], r["knowmem_retain"],
+                       is_collapsed(r["knowmem_retain"], target["knowmem_retain"]))
             for r in report["rows"] if r["method"] == method]
         expected = [utility_at_level(points, level) for level in SEARCH.levels]
         assert values == [None if p is None else p.model_utility for p in expected], method
@@ -85,8 +86,7 @@ def test_a_second_run_of_the_seed_builds_nothing(muse_study, capsys):
     variants = [PertaVariant(**{k: v for k, v in c.items() if k != "label"}) for c in chosen]
     before = _report(muse_study, 12)
     capsys.readouterr()
-    pipeline(output=str(muse_study / "test" / "seed_12"), benchmark="muse", preset="muse_tiny", seed=12,
-             variants=variants, baselines=["grad_diff"], search=SEARCH)
+    pipeline(RUN, output=str(muse_study / "test" / "seed_12"), seed=12, variants=variants)
     out = capsys.readouterr().out
     assert "up to date, skipped" in out and "done in" not in out
     def key(row):
@@ -101,9 +101,9 @@ def test_a_second_run_of_the_seed_builds_nothing(muse_study, capsys):
     (dict(benchmark="muse", muse_source={"hub": "muse-bench/MUSE-News"}), "needs base_model="),
 ])
 def test_mixed_up_benchmark_options_are_refused(tmp_path, options, message):
-    from perta_lightning.data.muse import MuseSource
+    from perta_lightning.benchmarks.muse.source import MuseSource
 
     if "muse_source" in options:
         options["muse_source"] = MuseSource(**options["muse_source"])
     with pytest.raises(PertaValueError, match=message):
-        pipeline(output=str(tmp_path / "run"), preset="muse_tiny", **options)
+        pipeline(RunOptions(preset="muse_tiny", **options), output=str(tmp_path / "run"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from perta_lightning.data.tofu import pad_batch
+from perta_lightning.data.formatting import pad_batch
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
 

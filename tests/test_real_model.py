@@ -23,7 +23,7 @@ SPLITS = {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real_au
 
 
 def test_convert_stage_keys_on_the_file_not_its_place(tmp_path):
-    from perta_lightning.study_stages import Pretrained
+    from perta_lightning.study.stages import Pretrained
 
     first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
     for path in (first, second):
@@ -68,9 +68,10 @@ def smollm2(converted) -> Path:
 
 @pytest.mark.slow
 def test_conversion_stage_runs_once_and_pins_the_prompt(converted, tiny_benchmark, capsys):
-    from perta_lightning.data.tofu import QAFormatter, TofuSource, load_tokenizer
+    from perta_lightning.benchmarks.tofu.source import TofuSource
+    from perta_lightning.data.formatting import QAFormatter, load_tokenizer
     from perta_lightning.stages import Progress
-    from perta_lightning.study_stages import Data, FineTune
+    from perta_lightning.study.stages import Data, FineTune
 
     runner, stage, seconds = converted
     record = runner.records[stage.name]
@@ -101,9 +102,10 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
     import lightning as L
     from transformers import AutoModelForCausalLM
 
+    from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+    from perta_lightning.benchmarks.tofu.source import TofuSource
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import QAFormatter, TofuSource, load_tokenizer
-    from perta_lightning.evaluate import evaluate_model
+    from perta_lightning.data.formatting import QAFormatter, load_tokenizer
     from perta_lightning.merge import merge_checkpoints
     from perta_lightning.modules.finetune import CausalLMModule
     from perta_lightning.modules.importance import estimate_importance

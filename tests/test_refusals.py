@@ -108,7 +108,7 @@ def test_compare_refuses_files_that_are_not_study_results(capsys, tmp_path):
 
 
 def replication(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "perta_lightning.replication", str(folder)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "perta_lightning.study.replication", str(folder)], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from perta_lightning.provenance import compare_studies
-from perta_lightning.replication import replication, replication_markdown
+from perta_lightning.study.replication import replication, replication_markdown
 
 LEVELS = [0.01, 0.1]
 SEEDS = list(range(10))

@@ -16,20 +16,21 @@ import pytest
 
 from perta_lightning.functional.tradeoff import CurvePoint, utilities_at_levels
 from perta_lightning.stages import RECORD_DIR
-from perta_lightning.study import study
-from perta_lightning.study_types import AlphaSearch, PertaVariant
+from perta_lightning.study.options import AlphaSearch, PertaVariant, RunOptions
+from perta_lightning.study.study import study
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [PertaVariant("fisher"), PertaVariant("fisher", beta=16.0)]
 PROPOSED = [PertaVariant("fisher", transform="excess")]
 SEARCH = AlphaSearch(rounds=2)
-OPTIONS = dict(preset="tiny", validation_seeds=[7], test_seeds=[0, 1], candidates=CANDIDATES, proposed=PROPOSED,
-               importance_at_base=True, baselines=["grad_diff"], search=SEARCH)
+RUN = RunOptions(preset="tiny", baselines=["grad_diff"], search=SEARCH)
+OPTIONS = dict(validation_seeds=[7], test_seeds=[0, 1], candidates=CANDIDATES, proposed=PROPOSED,
+               importance_at_base=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory) -> Path:
-    return study(output=str(tmp_path_factory.mktemp("study") / "run"), **OPTIONS)
+    return study(RUN, output=str(tmp_path_factory.mktemp("study") / "run"), **OPTIONS)
 
 
 def _without_seconds(report: dict) -> dict:
@@ -102,7 +103,7 @@ def test_every_row_is_read_back_from_its_evaluation(tiny_study):
 def test_a_rerun_skips_every_stage_even_from_another_spelling_of_the_path(tiny_study, capsys, monkeypatch):
     records = {p: p.stat().st_mtime_ns for p in tiny_study.rglob(f"{RECORD_DIR}/**/*.json")}
     monkeypatch.chdir(tiny_study.parent)
-    study(output=os.path.relpath(tiny_study), **OPTIONS)
+    study(RUN, output=os.path.relpath(tiny_study), **OPTIONS)
     assert {p: p.stat().st_mtime_ns for p in tiny_study.rglob(f"{RECORD_DIR}/**/*.json")} == records
     assert "done in" not in capsys.readouterr().out
 
@@ -114,7 +115,7 @@ def test_a_damaged_artifact_reruns_its_stage_and_what_depends_on_it(tiny_study, 
     (seed / "forget10" / "models" / "reinforced" / "model.safetensors").unlink()
     evaluation = seed / "forget10" / "eval" / "target.json"
     evaluation.write_text(evaluation.read_text()[:100])  # truncated
-    study(output=str(copy), **OPTIONS)
+    study(RUN, output=str(copy), **OPTIONS)
     out = capsys.readouterr().out
     assert "running again: forget10/models/reinforced/model.safetensors is missing" in out
     assert "forget10/eval/target.json has" in out

@@ -3,7 +3,7 @@
 import pytest
 
 from perta_lightning.cli import main
-from perta_lightning.study_types import PertaVariant, resolve_preset
+from perta_lightning.study.options import PertaVariant, resolve_preset
 
 
 def test_overlapping_seeds_are_refused(capsys, tmp_path):
@@ -35,35 +35,35 @@ def test_variant_labels_name_what_differs_from_the_paper():
 
 
 def _graph(eval_files):
-    from perta_lightning.pipeline import study_graph
-    from perta_lightning.study_stages import Runtime
+    from perta_lightning.study.graph import seed_graph
+    from perta_lightning.study.options import RunOptions
 
-    return study_graph(resolve_preset("tiny"), 0, "forget10", "retain90", [PertaVariant("grad")], ["grad_diff"],
-                       None, None, Runtime(), eval_files)
+    run = RunOptions(preset="tiny", eval_files=eval_files).resolve()
+    return seed_graph(run, 0, "forget10", [PertaVariant("grad")], ["grad_diff"])
 
 
 def test_eval_files_reach_the_evaluations_only(tmp_path):
-    from perta_lightning.data.tofu import load_split
+    from perta_lightning.benchmarks.tofu.source import load_split
 
     file = tmp_path / "real.json"
     file.write_text('{"question": "Who wrote Hamlet?", "answer": "Shakespeare", "perturbed_answer": ["Dickens"]}\n')
     graph = _graph({"real_authors_perturbed": str(file)})
     plain = _graph(None)
     # training stages read the synthetic data only: their settings (and so their records) do not change
-    assert graph["full"].settings() == plain["full"].settings()
-    evaluation = graph["target"].settings()["data"]
+    assert graph.full.settings() == plain.full.settings()
+    evaluation = graph.target.settings()["data"]
     assert evaluation["synthetic"] is True and set(evaluation["files"]) == {"real_authors_perturbed"}
-    assert plain["target"].settings()["data"] == "synthetic"
+    assert plain.target.settings()["data"] == "synthetic"
     before = evaluation["files"]["real_authors_perturbed"]
     file.write_text(file.read_text().replace("Dickens", "Austen"))
-    assert _graph({"real_authors_perturbed": str(file)})["target"].settings()["data"]["files"] != {
+    assert _graph({"real_authors_perturbed": str(file)}).target.settings()["data"]["files"] != {
         "real_authors_perturbed": before}  # a changed file re-runs the evaluations
 
     class Runner:
         def path(self, product):
             return tmp_path / "synthetic"
 
-    source = graph["target"].data.source(Runner())
+    source = graph.target.data.source(Runner())
     assert load_split(source, "real_authors_perturbed")[0]["answer"] == "Shakespeare"
     assert source.split_file("world_facts_perturbed") == tmp_path / "synthetic" / "world_facts_perturbed.json"
 

@@ -4,8 +4,13 @@ from contextlib import contextmanager
 
 import pytest
 
-from perta_lightning.data.synthetic import FACT_TYPES, TOFU_SPLITS, SyntheticSpec, generate_benchmark
-from perta_lightning.data.tofu import TofuSource, load_split
+from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
+from perta_lightning.benchmarks.tofu.synthetic import (
+    FACT_TYPES,
+    TOFU_SPLITS,
+    SyntheticSpec,
+    generate_benchmark,
+)
 
 SPEC = SyntheticSpec(num_authors=40, seed=3, num_background_authors=4, num_world_items=10)
 PER_AUTHOR = len(FACT_TYPES)
@@ -135,7 +140,7 @@ def test_hundreds_of_authors_do_not_exhaust_the_names():
 
 
 def test_too_many_authors_is_refused_with_the_maximum():
-    from perta_lightning.data.synthetic import name_capacity, names_needed
+    from perta_lightning.benchmarks.tofu.synthetic import name_capacity, names_needed
     from perta_lightning.errors import PertaValueError
 
     capacity = name_capacity()
@@ -167,7 +172,7 @@ def test_attribute_values_make_authors_share_attributes_and_default_is_unchanged
     import hashlib
     import json
 
-    from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
+    from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, generate_benchmark
 
     def digest(splits):
         return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
@@ -175,7 +180,7 @@ def test_attribute_values_make_authors_share_attributes_and_default_is_unchanged
     default = generate_benchmark(SyntheticSpec(num_authors=20, seed=3))
     assert digest(default) == digest(generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=None)))
     shared = generate_benchmark(SyntheticSpec(num_authors=20, seed=3, attribute_values=2))
-    from perta_lightning.data.synthetic import AWARDS, GENRES, PUBLISHERS, SERIES
+    from perta_lightning.benchmarks.tofu.synthetic import AWARDS, GENRES, PUBLISHERS, SERIES
 
     def used(splits, values):
         text = "\n".join(row["answer"] for row in splits["full"])

@@ -3,15 +3,14 @@ import json
 import pytest
 import torch
 
+from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
 from perta_lightning.data.datamodule import TofuDataModule, subsample
-from perta_lightning.data.tofu import (
+from perta_lightning.data.formatting import (
     IGNORE_INDEX,
     PromptFormat,
     QAFormatter,
-    TofuSource,
     check_disjoint,
     collate_examples,
-    load_split,
     load_tokenizer,
     pad_batch,
 )
@@ -117,7 +116,7 @@ def test_tokenizer_has_specials_and_roundtrips(tokenizer):
 
 PROMPT_DATAMODULES = [
     "perta_lightning.data.datamodule.TofuDataModule",
-    "perta_lightning.data.evaluation.TofuEvalDataModule",
+    "perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule",
     "perta_lightning.data.importance.ImportanceDataModule",
 ]
 
@@ -181,8 +180,8 @@ def test_eval_datamodule_tokenizer_defaults_to_the_evaluated_model(tiny_model_di
 
     from lightning.pytorch import Trainer
 
-    from perta_lightning.data.evaluation import TofuEvalDataModule
-    from perta_lightning.evaluate import TofuEvaluator
+    from perta_lightning.benchmarks.tofu.evaluation import TofuEvalDataModule
+    from perta_lightning.benchmarks.tofu.evaluator import TofuEvaluator
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a tokenizer no other folder has
     config = json.loads((model / "tokenizer_config.json").read_text())
@@ -197,7 +196,7 @@ def test_eval_datamodule_tokenizer_defaults_to_the_evaluated_model(tiny_model_di
 def test_run_model_dir_prefers_the_modules_tokenizer():
     from types import SimpleNamespace
 
-    from perta_lightning.data.tofu import run_model_dir
+    from perta_lightning.data.formatting import run_model_dir
 
     def trainer(**hparams):
         return SimpleNamespace(lightning_module=SimpleNamespace(hparams=hparams))

@@ -5,15 +5,9 @@ import math
 import pytest
 import torch
 
+from perta_lightning.benchmarks.metrics import IndexedValues, MeanOfValues, MinKMiaAUC
+from perta_lightning.benchmarks.tofu.metrics import AnswerProbability, ProbabilityWithOptions, TruthRatio
 from perta_lightning.functional import tofu_metrics as F
-from perta_lightning.metrics import (
-    AnswerProbability,
-    IndexedValues,
-    MeanOfValues,
-    MinKMiaAUC,
-    ProbabilityWithOptions,
-    TruthRatio,
-)
 
 
 def test_probabilities_by_hand():

@@ -8,15 +8,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from lightning_metrics import expected, validate  # noqa: E402
 
-from perta_lightning.evaluate import TofuEvaluator  # noqa: E402
-from perta_lightning.metrics import MinKMiaAUC, TofuSetMetrics, TruthRatio  # noqa: E402
+from perta_lightning.benchmarks.metrics import MinKMiaAUC
+from perta_lightning.benchmarks.tofu.evaluator import TofuEvaluator
+from perta_lightning.benchmarks.tofu.metrics import TofuSetMetrics, TruthRatio
 from tests.processes import run_helper  # noqa: E402
 
 
 def test_evaluator_aggregates_with_these_classes():
     evaluator = TofuEvaluator("unused-until-setup")
     assert isinstance(evaluator.mia, MinKMiaAUC)
-    from perta_lightning.eval_sets import EVAL_SET_BY_NAME
+    from perta_lightning.benchmarks.tofu.sets import EVAL_SET_BY_NAME
 
     forget = TofuSetMetrics(EVAL_SET_BY_NAME["forget"])
     assert isinstance(forget["truth_ratio"], TruthRatio) and forget["truth_ratio"].closer_to_one

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from perta_lightning.benchmarks.registry import summarize_main
+from perta_lightning.benchmarks.tofu.summary import summarize
 from perta_lightning.functional.tofu_metrics import rouge_l_recall
-from perta_lightning.summary import summarize, summarize_main
 
 REFERENCE = Path(os.environ.get("PERTA_TOFU_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "tofu_reference"))
 FULL = REFERENCE / "llama2-7b_full.eval_log_aggregated.json"

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from perta_lightning.data.synthetic import SyntheticSpec, write_benchmark
+from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, write_benchmark
 
 #: The default tiny Llama (about 25 k parameters besides the embeddings).
 TINY_LLAMA = dict(

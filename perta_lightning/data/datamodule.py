@@ -15,14 +15,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from perta_lightning.data.tofu import (
+from perta_lightning.benchmarks.tofu.source import TofuSource
+from perta_lightning.data.formatting import (
     IGNORE_INDEX,
     PromptFormat,
     QAFormatter,
-    TofuSource,
     check_disjoint,
     collate_examples,
-    load_split,
     run_model_dir,
 )
 from perta_lightning.errors import PertaValueError
@@ -77,10 +76,10 @@ def _collate_paired(items: list[tuple[dict[str, Any], dict[str, Any]]], pad_toke
 
 def encode_rows(rows: list[dict[str, Any]], formatter: QAFormatter, where: str) -> Dataset:
     """Rows as training examples: question/answer pairs (:class:`EncodedQA`, loss on the answer), or raw text
-    when the rows have a ``text`` column (:class:`~perta_lightning.data.muse.EncodedText`: next-token loss over
+    when the rows have a ``text`` column (:class:`~perta_lightning.data.text.EncodedText`: next-token loss over
     the whole text, chunked to ``formatter.max_length`` tokens), as MUSE corpora are."""
     if rows and "text" in rows[0] and "question" not in rows[0]:
-        from perta_lightning.data.muse import EncodedText
+        from perta_lightning.data.text import EncodedText
 
         return EncodedText(rows, formatter.tokenizer, formatter.max_length, where)
     return EncodedQA(rows, formatter, where)
@@ -141,7 +140,7 @@ class TofuDataModule(LightningDataModule):
 
     def _rows(self, splits: str | list[str]) -> list[dict[str, Any]]:
         names = [splits] if isinstance(splits, str) else list(splits)
-        return [row for name in names for row in load_split(self.source, name)]
+        return [row for name in names for row in self.source.rows(name)]
 
     def _encoded(self, splits: str | list[str], formatter: QAFormatter, num_examples: int | None = None) -> Dataset:
         rows = subsample(self._rows(splits), num_examples, self.hparams.subsample_seed)

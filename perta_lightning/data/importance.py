@@ -3,7 +3,7 @@ estimation (:mod:`perta_lightning.modules.importance`).
 
 Every rank gets the same number of batches of the same sizes (examples padded with copies marked
 ``valid = 0``), and no batch mixes the two splits; each batch carries ``split`` (``forget`` or ``retain``)
-and ``source`` (where its rows came from) besides the tensors of :func:`~perta_lightning.data.tofu.collate_examples`.
+and ``source`` (where its rows came from) besides the tensors of :func:`~perta_lightning.data.formatting.collate_examples`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from perta_lightning import distributed
+from perta_lightning.benchmarks.tofu.source import TofuSource
 from perta_lightning.data.datamodule import encode_rows, subsample
-from perta_lightning.data.tofu import PromptFormat, TofuSource, collate_examples, load_split, run_model_dir
+from perta_lightning.data.formatting import PromptFormat, collate_examples, run_model_dir
 from perta_lightning.errors import PertaValueError
 
 
@@ -99,7 +100,7 @@ class ImportanceDataModule(LightningDataModule):
         self.batches = []
         for label, split in (("forget", hp.forget_split), ("retain", hp.retain_split)):
             where = self.source.describe(split)
-            rows = subsample(load_split(self.source, split), hp.num_examples, hp.subsample_seed)
+            rows = subsample(self.source.rows(split), hp.num_examples, hp.subsample_seed)
             examples = encode_rows(rows, formatter, where).examples
             self.batches += rank_batches(examples, label, where, hp.batch_size, rank, world, tokenizer.pad_token_id)
 

@@ -31,6 +31,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,24 @@ class CurvePoint:
     forget_quality: float
     model_utility: float
     collapsed: bool = False
+
+
+def method_curves(rows: Sequence[Mapping[str, Any]], forget_key: str, utility_key: str) -> dict[str, list[CurvePoint]]:
+    """Each method's evaluated points in α order, every curve starting at the target model (α = 0).
+
+    ``rows``: one seed's report rows (``method``, ``family``, ``alpha``, ``collapsed`` and the two axes under
+    ``forget_key`` and ``utility_key``); the ``reference`` family (θ_retain, θ_full) is no method, and the row of
+    ``method == "target"`` is every curve's start."""
+    target = next(row for row in rows if row["method"] == "target")
+    start = CurvePoint(0.0, target[forget_key], target[utility_key], False)
+    out: dict[str, list[CurvePoint]] = {}
+    for row in rows:
+        if row["family"] != "reference":
+            out.setdefault(row["method"], [start]).append(
+                CurvePoint(row["alpha"], row[forget_key], row[utility_key], row["collapsed"]))
+    for points in out.values():
+        points.sort(key=lambda p: -1.0 if p.alpha is None else p.alpha)
+    return out
 
 
 def is_collapsed(model_utility: float, target_utility: float, collapse_fraction: float = 0.5) -> bool:

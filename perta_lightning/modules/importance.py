@@ -35,10 +35,11 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from perta_lightning import distributed
+from perta_lightning.benchmarks.tofu.source import TofuSource
 from perta_lightning.callbacks.importance import ImportanceCollector
 from perta_lightning.checkpoints import load_causal_lm
+from perta_lightning.data.formatting import PromptFormat
 from perta_lightning.data.importance import ImportanceDataModule
-from perta_lightning.data.tofu import PromptFormat, TofuSource
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.losses import example_nll
 

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from perta_lightning.benchmarks.metrics import MinKMiaAUC
+from perta_lightning.benchmarks.tofu.metrics import TruthRatio
 from perta_lightning.functional import tofu_metrics as F
-from perta_lightning.metrics import MinKMiaAUC, TruthRatio
 
 NUM_FORGET, NUM_HOLDOUT, NUM_PERTURBED = 7, 6, 3  # 13 rows: 2 ranks pad with a repeat
 

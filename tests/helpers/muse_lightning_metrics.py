@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from perta_lightning.benchmarks.muse.metrics import KnowMem, MiaAUC, MuseMetrics, VerbMem
 from perta_lightning.functional import muse_metrics as M
-from perta_lightning.muse_metrics import KnowMem, MiaAUC, MuseMetrics, VerbMem
 
 NUM_FORGET, NUM_HOLDOUT, LENGTH, VOCAB = 7, 6, 9, 11
 WORDS = ["the", "cat", "cats", "sat", "sitting", "on", "a", "mat", "mats", "runs", "running", "dog"]

@@ -2,8 +2,8 @@
 
 Every place that needs to know which sets exist, which columns they read, which answer is the "correct" one
 of the truth ratio, how a set aggregates, or what other tools call its scores reads :data:`EVAL_SETS`:
-the evaluation data (:mod:`perta_lightning.data.evaluation`), the evaluator (:mod:`perta_lightning.evaluate`)
-and the reader of evaluation files (:mod:`perta_lightning.summary`).
+the evaluation data (:mod:`perta_lightning.benchmarks.tofu.evaluation`), the evaluator (:mod:`perta_lightning.benchmarks.tofu.evaluator`)
+and the reader of evaluation files (:mod:`perta_lightning.benchmarks.tofu.summary`).
 
 Per set, over its examples ``i`` (``nll`` is the mean answer-token NLL, EOS included):
 

@@ -1,6 +1,6 @@
 """``MuseEvaluator``: MUSE evaluation of a Hugging Face model directory, under any Lightning strategy.
 
-Use with :class:`perta_lightning.data.muse_evaluation.MuseEvalDataModule`. Per set:
+Use with :class:`perta_lightning.benchmarks.muse.evaluation.MuseEvalDataModule`. Per set:
 
 * ``verbmem``: greedy continuation of each forget-excerpt prompt (``verbmem_max_new_tokens``), scored against
   the true continuation (:func:`perta_lightning.functional.muse_metrics.verbmem_scores`);
@@ -12,8 +12,8 @@ Use with :class:`perta_lightning.data.muse_evaluation.MuseEvalDataModule`. Per s
   (:func:`perta_lightning.functional.tofu_metrics.privleak`: about −100 for a model that memorised the forget set,
   0 for one that never saw it, MUSE's convention).
 
-The aggregates are computed by the torchmetrics classes of :mod:`perta_lightning.muse_metrics` (``VerbMem``,
-``KnowMem``, ``MiaAUC``) and the per-example values kept in :class:`~perta_lightning.metrics.IndexedValues` ("cat"
+The aggregates are computed by the torchmetrics classes of :mod:`perta_lightning.benchmarks.muse.metrics` (``VerbMem``,
+``KnowMem``, ``MiaAUC``) and the per-example values kept in :class:`~perta_lightning.benchmarks.tofu.metrics.IndexedValues` ("cat"
 states keyed by example index), so the result is the same on one process and on many. Rank zero writes one JSON file (atomically)::
 
     {"format": "perta-muse-eval/1", "model": ..., "retain_result": ..., "splits": {...}, "settings": {...},
@@ -23,23 +23,23 @@ states keyed by example index), so the result is the same on one process and on 
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
 
-from perta_lightning.checkpoints import load_causal_lm
-from perta_lightning.data.muse import MuseSource
-from perta_lightning.data.muse_evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
-from perta_lightning.distributed import check_modules_visible
+from perta_lightning.benchmarks.evaluator import (
+    Evaluator,
+    check_every_example_seen,
+    generation_text,
+    run_evaluation,
+)
+from perta_lightning.benchmarks.metrics import IndexedValues
+from perta_lightning.benchmarks.muse.evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
+from perta_lightning.benchmarks.muse.metrics import KnowMem, MiaAUC, VerbMem
+from perta_lightning.benchmarks.muse.source import MuseSource
+from perta_lightning.benchmarks.muse.summary import MUSE_FORMAT, load_muse_evaluation, privleak_or_none
 from perta_lightning.errors import PertaValueError
-from perta_lightning.evaluate import check_every_example_seen, generation_text
 from perta_lightning.functional import muse_metrics as M
-from perta_lightning.io import atomic_write_text
-from perta_lightning.metrics import IndexedValues
-from perta_lightning.muse_metrics import KnowMem, MiaAUC, VerbMem
-from perta_lightning.muse_summary import MUSE_FORMAT, load_muse_evaluation, privleak_or_none
 
 #: MUSE's generation lengths (its ``eval.py``): 128 new tokens for VerbMem, 32 for KnowMem.
 VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS = 128, 32
@@ -61,7 +61,7 @@ def attack_scores(attack: str, logits: torch.Tensor, labels: torch.Tensor, k: fl
     return M.min_k_plus_plus_score(logits, labels, k)
 
 
-class MuseEvaluator(LightningModule):
+class MuseEvaluator(Evaluator):
     """Evaluate a causal LM on MUSE (VerbMem, KnowMem on forget and retain, MIA AUC and PrivLeak).
 
     Args:
@@ -88,8 +88,6 @@ class MuseEvaluator(LightningModule):
         if not 0.0 < mink_k <= 1.0:
             raise PertaValueError(f"mink_k must be in (0, 1], got {mink_k}")
         self.save_hyperparameters()
-        self.tokenizer: Any = None
-        self.model: torch.nn.Module | None = None
         self.examples = torch.nn.ModuleDict({
             name: IndexedValues(("score",) if kind == "text" else ("score", "generated_ids"))
             for name, (_, kind) in MUSE_EVAL_SETS.items()})
@@ -97,32 +95,17 @@ class MuseEvaluator(LightningModule):
         self.means = torch.nn.ModuleDict({"verbmem": VerbMem(), "knowmem_forget": KnowMem(),
                                           "knowmem_retain": KnowMem()})
         self.mia = MiaAUC()
-        self.result: dict[str, Any] | None = None
         self.retain_record: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
-        check_modules_visible(self.trainer.strategy, "MuseEvaluator")
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, MuseEvalDataModule):
             raise TypeError(f"MuseEvaluator needs a MuseEvalDataModule, got {type(datamodule).__name__}")
-        if self.model is None:
-            self.model = load_causal_lm(self.hparams.model, None, self.hparams.torch_dtype)
-            self.model.eval()
+        self.load_model()
         datamodule.setup(stage)
         self.tokenizer = datamodule.tokenizer
         if self.hparams.retain_result is not None:
             self.retain_record = load_muse_evaluation(self.hparams.retain_result)
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int) -> torch.Tensor:
-        """Greedy continuations ``(B, width)``, cut before EOS and padded with -1."""
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=width,
-                                  do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id)[:, prompt_ids.shape[1]:]
-        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
-        ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
-        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
-        return ids
 
     def _text(self, name: str, ids: torch.Tensor) -> str:
         text = generation_text(self.tokenizer, ids.tolist())
@@ -157,9 +140,7 @@ class MuseEvaluator(LightningModule):
         self.result = self.build_result(examples, means, self.mia.compute().item())
         scalars = {k: v for k, v in self.result["aggregates"].items() if isinstance(v, float)}
         self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
-        if self.hparams.output_json is not None and self.trainer.is_global_zero:
-            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
-        self.trainer.strategy.barrier("perta_muse_eval_written")
+        self.write_result("perta_muse_eval_written")
 
     def build_result(self, examples: dict[str, dict[str, torch.Tensor]], means: dict[str, float],
                      auc: float) -> dict[str, Any]:
@@ -209,12 +190,7 @@ def evaluate_muse_model(model_dir: str, source: MuseSource, output_json: str | N
                         devices: int | str = 1, strategy: str = "auto", **data_options: Any) -> dict[str, Any]:
     """Evaluate ``model_dir`` on MUSE in-process with a Lightning ``Trainer``; return (and optionally write) the
     result. ``data_options`` go to :class:`MuseEvalDataModule` (``prompt_tokens``, ``text_max_length``, ...)."""
-    from perta_lightning.callbacks.progress import progress_bar
-
     datamodule = MuseEvalDataModule(source, max_examples=max_examples, batch_size=batch_size, **data_options)
     module = MuseEvaluator(model_dir, output_json, retain_result, verbmem_max_new_tokens, knowmem_max_new_tokens,
                            attack, mink_k, torch_dtype)
-    trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    return module.result
+    return run_evaluation(module, datamodule, accelerator, devices, strategy)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from perta_lightning.benchmarks.registry import benchmark_of
 from perta_lightning.io import atomic_save_figure
-from perta_lightning.study_types import AXES
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -38,11 +38,12 @@ def study_markdown(result: dict[str, Any]) -> str:
     against TV, and the validation seeds' choice."""
     levels = result["settings"]["levels"]
     validation, test = result["validation"], result["test"]
-    ax = AXES[result["settings"].get("benchmark", "tofu")]
-    lines = ["# PerTA multi-seed study" + (" (MUSE)" if ax is AXES["muse"] else ""), "",
+    bench = benchmark_of(result["settings"])
+    ax = bench.axes
+    lines = ["# PerTA multi-seed study" + bench.title_note, "",
              f"Preset `{result['settings']['preset']}`. Test seeds {test['seeds']} (reported below); validation seeds "
              f"{validation['seeds']} chose PerTA's settings and appear in no table but the last.", "",
-             f"{ax.utility} at matched {ax.forget}: for each seed, the best non-collapsed model whose {ax.forget} "
+             f"{ax.utility_name} at matched {ax.forget_name}: for each seed, the best non-collapsed model whose {ax.forget_name} "
              "reaches the level (every curve starts at the target model); mean ± std over the seeds that "
              "reach it, (seeds reaching / seeds).", ""]
     header = "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations per seed |"
@@ -54,7 +55,7 @@ def study_markdown(result: dict[str, Any]) -> str:
             name = family if data["label"] == family else f"{family} ({data['label']})"
             lines.append(f"| {name} | " + " | ".join(_cell(s) for s in data["at_levels"])
                          + f" | {'–'.join(str(e) for e in sorted({evaluations[0], evaluations[-1]}))} |")
-        lines += ["", f"### {split}: paired difference in {ax.utility} against TV", "",
+        lines += ["", f"### {split}: paired difference in {ax.utility_name} against TV", "",
                   "Mean over the seeds where both reach the level, 95 % bootstrap interval, wins–losses, two-sided "
                   "sign-test p-value.", "", "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " |",
                   "|---|" + "---|" * len(levels)]
@@ -62,16 +63,10 @@ def study_markdown(result: dict[str, Any]) -> str:
             if family != "tv":
                 lines.append(f"| {family} | " + " | ".join(_difference(d) for d in data["vs_tv"]) + " |")
         lines.append("")
-        if split in test.get("muse", {}):
-            from perta_lightning.muse_summary import muse_table_markdown
-
-            lines += [f"### {split}: MUSE's metrics", "",
-                      "Means over the test seeds of each model's VerbMem and KnowMem (ROUGE-L F1) and PrivLeak (%); TV "
-                      "and PerTA by the model the matched comparison chose at each level.", ""]
-            lines += muse_table_markdown(test["muse"][split], levels, len(test["seeds"])) + [""]
+        lines += bench.study_markdown(test, split, levels, len(test["seeds"]))
     if validation["seeds"]:
         lines += ["## Validation seeds: the choice of PerTA's settings", "",
-                  f"Score: mean {ax.utility} at the levels over the validation seeds and splits, a level not "
+                  f"Score: mean {ax.utility_name} at the levels over the validation seeds and splits, a level not "
                   "reached counting 0. Chosen: " + ", ".join(f"{s}: `{label}`" for s, label in
                                                               validation["chosen"].items()) + ".", "",
                   "| candidate | score |", "|---|---|"]
@@ -91,21 +86,21 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
     split = next(iter(result["test"]["splits"]))
     families = result["test"]["splits"][split]
     levels = result["settings"]["levels"]
-    ax = AXES[result["settings"].get("benchmark", "tofu")]
+    ax = benchmark_of(result["settings"]).axes
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for seed in result["test"]["seeds"]:
         report = json.loads((folder / "test" / f"seed_{seed}" / split / "report.json").read_text())
         for family, data in families.items():
-            points = sorted((row["alpha"] or 0.0, row["forget_quality"], row["model_utility"])
+            points = sorted((row["alpha"] or 0.0, row[ax.forget_key], row[ax.utility_key])
                              for row in report["rows"] if row["method"] == data["label"])
             if points:
                 left.plot([max(p[1], 1e-12) for p in points], [p[2] for p in points],
                           marker="o" if len(points) == 1 else ".", color=colors[family], alpha=0.6,
                           label=family if seed == result["test"]["seeds"][0] else None)
     left.set_xscale("log")
-    left.set_xlabel(f"{ax.forget} (log)")
-    left.set_ylabel(ax.utility)
+    left.set_xlabel(f"{ax.forget_name} (log)")
+    left.set_ylabel(ax.utility_name)
     left.set_title(f"{split}: every test seed's models")
     left.legend(fontsize=8)
     width = 0.8 / max(1, len(families))
@@ -115,8 +110,8 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
         stds = [s["std"] or 0.0 for s in data["at_levels"]]
         right.bar(xs, means, width, yerr=stds, color=colors[family], label=family, capsize=2)
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(levels))], [f"{ax.forget_short} ≥ {level:g}" for level in levels])
-    right.set_ylabel(f"{ax.utility} at the level (mean ± std; 0: not reached)")
-    right.set_title(f"Matched {ax.forget}, test seeds")
+    right.set_ylabel(f"{ax.utility_name} at the level (mean ± std; 0: not reached)")
+    right.set_title(f"Matched {ax.forget_name}, test seeds")
     right.legend(fontsize=8)
     figure.tight_layout()
     atomic_save_figure(figure, path, dpi=110)

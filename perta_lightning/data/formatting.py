@@ -1,15 +1,12 @@
-"""TOFU-format data: loading from the hub, a local folder or the synthetic generator; chat formatting;
-label masking; padding.
-
-A TOFU split is a list of rows with at least ``question`` and ``answer``; the ``*_perturbed`` splits add
-``paraphrased_answer``, ``paraphrased_question`` and ``perturbed_answer`` (a list of wrong answers).
+"""Question/answer formatting, tokenizers and padding: how every benchmark's rows become token ids.
 
 Formatting turns one question/answer pair into token ids with labels::
 
     input_ids = prompt(question) + answer_ids + [eos]
     labels    = [-100] * len(prompt(question)) + answer_ids + [eos]
 
-so that the loss (and every score) covers the answer tokens only.
+so that the loss (and every score) covers the answer tokens only. The prompt is the tokenizer's chat template
+when it has one (:class:`PromptFormat` says which system prompt and date), else ``Question: ...\nAnswer: ``.
 """
 
 from __future__ import annotations
@@ -25,130 +22,17 @@ from typing import Any
 
 import torch
 
-from perta_lightning.data.synthetic import SyntheticSpec, generate_benchmark
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
 # IGNORE_INDEX, the label no loss or score counts (prompt and padding), is defined once beside the
 # losses, because functional/ imports nothing of the package outside it; data modules import it from here.
 from perta_lightning.functional.losses import IGNORE_INDEX
 
-#: Columns every split must have.
-BASE_COLUMNS = ("question", "answer")
+__all__ = ["DEFAULT_DATE_STRING", "IGNORE_INDEX", "PromptFormat", "QAFormatter", "check_disjoint", "collate_examples",
+           "load_tokenizer", "pad_batch", "run_model_dir"]
 
 #: Pinned so that chat templates that print today's date (Llama 3) give the same tokens every day.
 DEFAULT_DATE_STRING = "10 Apr 2025"
-
-
-@dataclass
-class TofuSource:
-    """Where TOFU-format splits come from: exactly one of ``path``, ``hub`` or ``synthetic``; or ``files``,
-    alone or beside ``path``.
-
-    Args:
-        path: a local folder holding ``<split>.json`` files (JSON lines or a JSON list), such as the one
-            ``perta data synthetic`` writes.
-        files: a file per split, e.g. ``{forget10: /x/f.json, retain90: /y/r.jsonl}`` (same formats as in
-            ``path``). A split named here is read from its file; any other from ``path`` when it is given.
-        hub: a Hugging Face dataset id, e.g. ``locuslab/TOFU``; the split name is the hub config name.
-        hub_revision: optional revision (commit or tag) of the hub dataset, for reproducibility.
-        synthetic: generate the seeded synthetic benchmark in memory.
-    """
-
-    path: str | None = None
-    files: dict[str, str] | None = None
-    hub: str | None = None
-    hub_revision: str | None = None
-    synthetic: SyntheticSpec | None = None
-
-    def __post_init__(self) -> None:
-        given = [name for name in ("path", "hub", "synthetic") if getattr(self, name) is not None]
-        if self.files is not None:
-            if given not in ([], ["path"]):
-                raise PertaValueError(f"TofuSource: files= goes alone or beside path=, not beside {given[-1]}=")
-            if not isinstance(self.files, dict) or not self.files:
-                raise PertaValueError(f"TofuSource: files= must map split names to files, got {self.files!r}")
-            for split, file in self.files.items():
-                if not isinstance(split, str) or not split or not isinstance(file, (str, os.PathLike)) or not str(file):
-                    raise PertaValueError(f"TofuSource: files[{split!r}] must be a non-empty path, got {file!r}")
-        elif len(given) != 1:
-            raise PertaValueError(
-                f"TofuSource needs exactly one of path=, files=, hub= or synthetic=, got {given or 'none'}"
-            )
-
-    def split_file(self, split: str) -> Path | None:
-        """The local file of ``split`` (``None`` for hub and synthetic sources)."""
-        if self.files is not None and split in self.files:
-            return Path(self.files[split])
-        if self.path is not None:
-            return Path(self.path) / f"{split}.json"
-        if self.files is not None:
-            raise PertaValueError(
-                f"TOFU split {split!r} is not in files= (which names {sorted(self.files)}) and no path= folder "
-                "is given to find it in"
-            )
-        return None
-
-    def describe(self, split: str) -> str:
-        if self.files is not None or self.path is not None:
-            return str(self.split_file(split))
-        if self.hub is not None:
-            return f"{self.hub}:{split}"
-        return f"synthetic(num_authors={self.synthetic.num_authors}, seed={self.synthetic.seed}):{split}"
-
-
-def _read_json_rows(file: Path) -> list[dict[str, Any]]:
-    text = file.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise PertaValueError(f"{file}: not valid JSON: {error}") from error
-    else:
-        rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise PertaValueError(f"{file}: line {line_number} is not valid JSON: {error}") from error
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise PertaValueError(f"{file}: every row must be a JSON object")
-    return rows
-
-
-def load_split(source: TofuSource, split: str, required: Sequence[str] = BASE_COLUMNS) -> list[dict[str, Any]]:
-    """Load one split as a list of row dicts, checking that it is non-empty and has ``required`` columns.
-
-    A :class:`~perta_lightning.data.muse.MuseSource` loads and checks its own splits (their columns are MUSE's,
-    ``required`` does not apply)."""
-    if not isinstance(source, TofuSource) and hasattr(source, "rows"):
-        return source.rows(split)
-    where = source.describe(split)
-    file = source.split_file(split)
-    if file is not None:
-        if not file.is_file():
-            named = f"files[{split!r}]" if source.files is not None and split in source.files else "path="
-            raise PertaFileNotFoundError(f"TOFU split {split!r} not found: no file {file} ({named})")
-        rows = _read_json_rows(file)
-    elif source.synthetic is not None:
-        splits = generate_benchmark(source.synthetic)
-        if split not in splits:
-            raise PertaValueError(f"{where}: no such split; the generator writes {sorted(splits)}")
-        rows = splits[split]
-    else:
-        import datasets  # imported lazily: only hub users pay for it
-
-        dataset = datasets.load_dataset(source.hub, split, split="train", revision=source.hub_revision)
-        rows = [dict(row) for row in dataset]
-    if not rows:
-        raise PertaValueError(f"{where}: the split is empty")
-    for column in required:
-        missing = [index for index, row in enumerate(rows) if column not in row]
-        if missing:
-            raise PertaValueError(f"{where}: column {column!r} is missing (first in row {missing[0]})")
-    return rows
 
 
 def check_disjoint(forget: list[dict[str, Any]], retain: list[dict[str, Any]], where: str) -> None:

@@ -1,6 +1,6 @@
 """torchmetrics classes for MUSE (VerbMem, KnowMem, MIA AUC, PrivLeak), on one process or many.
 
-Thin layers over :mod:`perta_lightning.metrics`: per-example values live in ``"cat"`` states next to the
+Thin layers over :mod:`perta_lightning.benchmarks.tofu.metrics`: per-example values live in ``"cat"`` states next to the
 example's index and ``compute()`` drops repeated indices (a ``DistributedSampler`` pads with repeats), then
 applies :mod:`perta_lightning.functional.muse_metrics`::
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import MetricCollection
 
+from perta_lightning.benchmarks.metrics import MeanOfValues, MinKMiaAUC
 from perta_lightning.functional import muse_metrics as M
-from perta_lightning.metrics import MeanOfValues, MinKMiaAUC
 
 
 class VerbMem(MeanOfValues):

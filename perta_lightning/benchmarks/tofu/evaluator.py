@@ -3,9 +3,9 @@
 Each test batch encodes its questions once (left padded) and scores every answer, paraphrase and perturbed
 answer against that key/value cache in one more pass (:mod:`perta_lightning.prompt_cache`); the same cache
 seeds batched greedy generation. The aggregates are computed by the torchmetrics classes of
-:mod:`perta_lightning.metrics` (one :class:`~perta_lightning.metrics.TofuSetMetrics` per set and a
-:class:`~perta_lightning.metrics.MinKMiaAUC`), and the per-example values are kept in an
-:class:`~perta_lightning.metrics.IndexedValues` per set ("cat" states keyed by example index), so the
+:mod:`perta_lightning.benchmarks.tofu.metrics` (one :class:`~perta_lightning.benchmarks.tofu.metrics.TofuSetMetrics` per set and a
+:class:`~perta_lightning.benchmarks.metrics.MinKMiaAUC`), and the per-example values are kept in an
+:class:`~perta_lightning.benchmarks.metrics.IndexedValues` per set ("cat" states keyed by example index), so the
 result is the same on one process and on many. At the end rank zero writes one JSON file (atomically)::
 
     {"format": "perta-tofu-eval/1", "model": ..., "splits": {...}, "settings": {...},
@@ -16,57 +16,42 @@ result is the same on one process and on many. At the end rank zero writes one J
 
 A value that cannot be computed (no retain reference, NaN truth ratios) is ``null``, and ``notes`` says why.
 The same file is the retain reference for Forget Quality and PrivLeak of other models. The sets, their
-columns and their aggregation rules are those of :mod:`perta_lightning.eval_sets`.
+columns and their aggregation rules are those of :mod:`perta_lightning.benchmarks.tofu.sets`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from transformers import DynamicCache
 
-from perta_lightning.checkpoints import load_causal_lm
-from perta_lightning.data.evaluation import TofuEvalDataModule, load_eval_tokenizer
-from perta_lightning.data.tofu import TofuSource
-from perta_lightning.distributed import check_modules_visible
-from perta_lightning.errors import PertaValueError
-from perta_lightning.eval_sets import EVAL_SET_BY_NAME, UTILITY_KEYS
-from perta_lightning.functional import tofu_metrics as F
-from perta_lightning.functional.losses import answer_token_mask
-from perta_lightning.io import atomic_write_text
-from perta_lightning.metrics import IndexedValues, MinKMiaAUC, TofuSetMetrics
-from perta_lightning.prompt_cache import CACHE_ARG, block_labels, encode_prefix, score_answer_tokens
-from perta_lightning.summary import (
+from perta_lightning.benchmarks.evaluator import (
+    Evaluator,
+    check_every_example_seen,
+    generation_text,
+    run_evaluation,
+)
+from perta_lightning.benchmarks.metrics import IndexedValues, MinKMiaAUC
+from perta_lightning.benchmarks.tofu.evaluation import TofuEvalDataModule, load_eval_tokenizer
+from perta_lightning.benchmarks.tofu.metrics import TofuSetMetrics
+from perta_lightning.benchmarks.tofu.sets import EVAL_SET_BY_NAME, UTILITY_KEYS
+from perta_lightning.benchmarks.tofu.source import TofuSource
+from perta_lightning.benchmarks.tofu.summary import (
     FORMAT,
     check_same_forget_set,
     forget_quality_or_note,
     load_evaluation,
-    summarize_main,
 )
+from perta_lightning.errors import PertaValueError
+from perta_lightning.functional import tofu_metrics as F
+from perta_lightning.functional.losses import answer_token_mask
+from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answer_tokens
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model", "generation_text", "summarize_main"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model"]
 
 #: Greedy generation length for ROUGE, as open-unlearning's TOFU generation settings (``max_new_tokens: 200``).
 DEFAULT_MAX_NEW_TOKENS = 200
-
-
-def generation_text(tokenizer: Any, ids: list[int]) -> str:
-    """The text of generated token ids (``-1`` marks padding), special tokens skipped and surrounding white
-    space stripped, as open-unlearning stores and scores generations."""
-    return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
-
-
-def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
-    """Refuse to write an evaluation that missed examples: a ``StopIteration`` escaping a step ends Lightning's
-    loop as if the data had run out, and the file would silently hold part of each set."""
-    for name, values in examples.items():
-        seen, expected = values["index"].numel(), len(sets[name].rows)
-        if seen != expected:
-            raise RuntimeError(f"evaluation set {name!r}: {seen} of its {expected} examples were evaluated")
 
 
 def _json_numbers(values: torch.Tensor) -> list[Any]:
@@ -91,8 +76,8 @@ def _example_columns(name: str) -> tuple[str, ...]:
     return tuple(columns)
 
 
-class TofuEvaluator(LightningModule):
-    """Evaluate a causal LM on TOFU; use with :class:`perta_lightning.data.evaluation.TofuEvalDataModule`.
+class TofuEvaluator(Evaluator):
+    """Evaluate a causal LM on TOFU; use with :class:`perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule`.
 
     The model and its tokenizer are loaded in ``setup``, so that a bad path is reported as one error.
 
@@ -121,23 +106,18 @@ class TofuEvaluator(LightningModule):
         if not 0.0 < mink_k <= 1.0:
             raise PertaValueError(f"mink_k must be in (0, 1], got {mink_k}")
         self.save_hyperparameters()
-        self.tokenizer: Any = None
-        self.model: torch.nn.Module | None = None
         self.examples = torch.nn.ModuleDict()
         self.set_metrics = torch.nn.ModuleDict()
         self.mia = MinKMiaAUC()
-        self.result: dict[str, Any] | None = None
         self.retain_record = None
 
     def setup(self, stage: str) -> None:
-        check_modules_visible(self.trainer.strategy, "TofuEvaluator")
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, TofuEvalDataModule):
             raise TypeError(f"TofuEvaluator needs a TofuEvalDataModule, got {type(datamodule).__name__}")
-        if self.model is None:
+        if self.tokenizer is None:
             self.tokenizer = load_eval_tokenizer(self.hparams.model)
-            self.model = load_causal_lm(self.hparams.model, None, self.hparams.torch_dtype)
-            self.model.eval()
+        self.load_model()
         datamodule.setup(stage)
         for name in datamodule.sets:
             if name not in self.examples:
@@ -149,23 +129,6 @@ class TofuEvaluator(LightningModule):
             self.retain_record = load_evaluation(self.hparams.retain_result)
             check_same_forget_set([row["question"] for row in forget_rows], len(forget_rows), self.retain_record,
                                   datamodule.source.describe(datamodule.splits["forget"]))
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix: DynamicCache | None = None) -> torch.Tensor:
-        """Greedy continuations ``(B, max_new_tokens)``, cut before EOS and padded with -1.
-
-        ``prefix``: the prompts' cache without their last token (:func:`encode_prefix`); it is extended in place.
-        """
-        width = self.hparams.max_new_tokens
-        out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, **{CACHE_ARG: prefix}, max_new_tokens=width,
-            do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )[:, prompt_ids.shape[1]:]
-        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
-        ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
-        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
-        return ids
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -191,7 +154,7 @@ class TofuEvaluator(LightningModule):
             self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
-            ids = self.generate(prompt_ids, prompt_mask, prefix)
+            ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix)
             rows = self.trainer.datamodule.sets[name].rows
             texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
             values["generated_ids"] = ids
@@ -220,9 +183,7 @@ class TofuEvaluator(LightningModule):
         across = ("model_utility", "forget_quality", "ks_statistic", "privleak")
         scalars = {k: self.result["aggregates"][k] for k in across if isinstance(self.result["aggregates"][k], float)}
         self.log_dict(scalars, rank_zero_only=True, add_dataloader_idx=False)
-        if self.hparams.output_json is not None and self.trainer.is_global_zero:
-            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
-        self.trainer.strategy.barrier("perta_eval_written")
+        self.write_result("perta_eval_written")
 
     def build_result(self, aggregates: dict[str, float | None], examples: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
         """The evaluation file's content from the metrics' aggregates and the ordered per-example values."""
@@ -303,9 +264,4 @@ def evaluate_model(
     datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
     module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype)
-    from perta_lightning.callbacks.progress import progress_bar
-
-    trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    return module.result
+    return run_evaluation(module, datamodule, accelerator, devices, strategy)

@@ -1,6 +1,6 @@
 """``TofuEvalDataModule``: the TOFU evaluation sets as test dataloaders, one per set.
 
-Sets, in dataloader order, as :mod:`perta_lightning.eval_sets` describes them: ``forget``, ``retain``,
+Sets, in dataloader order, as :mod:`perta_lightning.benchmarks.tofu.sets` describes them: ``forget``, ``retain``,
 ``real_authors``, ``world_facts`` and (for the MIA) ``holdout``. A batch holds, for its ``B`` examples:
 
 * ``answer_ids`` / ``answer_mask`` / ``answer_labels``: every answer to score (its tokens and EOS, without the
@@ -22,18 +22,17 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from perta_lightning.data.tofu import (
+from perta_lightning.benchmarks.tofu.sets import EVAL_SET_BY_NAME, EvalSetSpec
+from perta_lightning.benchmarks.tofu.source import TofuSource, load_split
+from perta_lightning.data.formatting import (
     IGNORE_INDEX,
     PromptFormat,
     QAFormatter,
-    TofuSource,
-    load_split,
     load_tokenizer,
     pad_batch,
     run_model_dir,
 )
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
-from perta_lightning.eval_sets import EVAL_SET_BY_NAME, EvalSetSpec
 
 
 def load_eval_tokenizer(path: str) -> Any:
@@ -147,7 +146,7 @@ class TofuEvalDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.source = source
         self.prompt = prompt
-        # keyed by the set names of perta_lightning.eval_sets, in their order
+        # keyed by the set names of perta_lightning.benchmarks.tofu.sets, in their order
         self.splits = {
             "forget": forget_split,
             "retain": retain_split,

@@ -1,9 +1,8 @@
-"""Reading evaluation files and summarising them: Forget Quality, Model Utility and the 12 sub-scores
-(TOFU), or VerbMem, KnowMem and PrivLeak (MUSE, :mod:`perta_lightning.muse_summary`).
+"""Reading TOFU evaluation files and summarising them: Forget Quality, Model Utility and the 12 sub-scores.
 
 Three layouts are read, recognised by their top-level keys:
 
-* ours (``"format": "perta-tofu-eval/1"``), written by :class:`perta_lightning.evaluate.TofuEvaluator`;
+* ours (``"format": "perta-tofu-eval/1"``), written by :class:`perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator`;
 * the original TOFU ``eval_log_aggregated.json`` (keys ``eval_log.json``, ``eval_log_forget.json``,
   ``eval_real_author_wo_options.json``, ``eval_real_world_wo_options.json``), from per-example values;
 * open-unlearning's ``TOFU_EVAL.json`` (``forget_truth_ratio`` with per-example ``score = 1/R``, other
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 
+from perta_lightning.benchmarks.tofu.sets import EVAL_SETS, SCORE_KEYS, UTILITY_KEYS
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
-from perta_lightning.eval_sets import EVAL_SETS, SCORE_KEYS, UTILITY_KEYS
 from perta_lightning.functional import tofu_metrics as F
 
 FORMAT = "perta-tofu-eval/1"
@@ -201,13 +200,9 @@ def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, A
     """Forget Quality (KS p-value against the retain model), Model Utility and the 12 sub-scores.
 
     A score that cannot be computed (a sub-score missing from the file, NaN truth ratios or scores) is
-    ``None`` and the list ``notes`` says why. A MUSE evaluation file is summarised by
-    :func:`perta_lightning.muse_summary.summarize_muse` instead (VerbMem, KnowMem, PrivLeak, forget score).
+    ``None`` and the list ``notes`` says why. (``perta summarize`` reads a MUSE file with MUSE's summary:
+    :func:`perta_lightning.benchmarks.registry.summarize`.)
     """
-    from perta_lightning.muse_summary import is_muse_evaluation, summarize_muse
-
-    if is_muse_evaluation(ckpt_result):
-        return summarize_muse(ckpt_result, retain_result)
     ckpt, retain = load_evaluation(ckpt_result), load_evaluation(retain_result)
     check_same_forget_set(ckpt.forget_questions, ckpt.forget_truth_ratios.numel(), retain, str(ckpt.path))
     quality, statistic, note = forget_quality_or_note(ckpt.forget_truth_ratios, ckpt.path,
@@ -232,13 +227,3 @@ def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, A
             notes.append(f"{key} is null: NaN in {ckpt.path}")
     summary["notes"] = notes
     return summary
-
-
-def summarize_main(argv: list[str]) -> None:
-    """``perta summarize --ckpt_result A.json --retain_result B.json``: print the summary as one JSON object."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="perta summarize", description=summarize.__doc__)
-    parser.add_function_arguments(summarize)
-    args = parser.parse_args(argv)
-    print(json.dumps(summarize(args.ckpt_result, args.retain_result), indent=2, allow_nan=False))

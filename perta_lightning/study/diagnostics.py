@@ -19,36 +19,34 @@ from typing import Any
 
 import torch
 
+from perta_lightning.benchmarks.base import Axes, Benchmark
 from perta_lightning.checkpoints import TensorSource
 from perta_lightning.functional.diagnostics import kept_energy, rank_correlation, weight_histogram
-from perta_lightning.functional.weights import perta_weights
 from perta_lightning.io import atomic_write_text
-from perta_lightning.report import layer_type
+from perta_lightning.study.weights import WeightFiles, layer_type, streamed_weights
 
 BINS = 10
 
 
-def _curve(rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+def _curve(rows: list[dict[str, Any]], method: str, axes: Axes) -> list[dict[str, Any]]:
     points = [r for r in rows if r["method"] == method and r["alpha"] is not None]
-    return [{"alpha": r["alpha"], "forget_quality": r["forget_quality"], "model_utility": r["model_utility"],
+    return [{"alpha": r["alpha"], axes.forget_key: r[axes.forget_key], axes.utility_key: r[axes.utility_key],
              "collapsed": r["collapsed"]} for r in sorted(points, key=lambda r: r["alpha"])]
 
 
-def diagnose_variant(target: Path, reinforced: Path, forget: Path, retain: Path, beta: float, power: float,
-                     per_tensor: int = 4096, seed: int = 0) -> dict[str, Any]:
+def diagnose_variant(target: Path, reinforced: Path, files: WeightFiles, per_tensor: int = 4096,
+                     seed: int = 0) -> dict[str, Any]:
     """The weight, kept-energy and rank-correlation figures of one PerTA variant (see the module docstring)."""
     histogram = [0] * BINS
     kept: dict[str, list[float]] = {}
     samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     weight_sum, count = 0.0, 0
     generator = torch.Generator().manual_seed(seed)
-    with TensorSource.from_model_dir(target) as t, TensorSource.from_model_dir(reinforced) as r, \
-            TensorSource.from_path(forget) as s_f, TensorSource.from_path(retain) as s_r:
-        for name in sorted(s_f.infos):
+    with TensorSource.from_model_dir(target) as t, TensorSource.from_model_dir(reinforced) as r:
+        for name, s_f, s_r, w in streamed_weights(files):
             if name not in t.infos or name not in r.infos:
                 continue
-            sf, sr = s_f.read(name).float().flatten(), s_r.read(name).float().flatten()
-            w = perta_weights(sf, sr, power=power, beta=beta)
+            sf, sr, w = s_f.flatten(), s_r.flatten(), w.flatten()
             tau = (r.read(name).float() - t.read(name).float()).flatten()
             kind = layer_type(name)
             for bin_index, n in enumerate(weight_histogram(w, BINS)):
@@ -76,22 +74,20 @@ def diagnose_variant(target: Path, reinforced: Path, forget: Path, retain: Path,
     }
 
 
-def diagnose_split(split_dir: str | Path) -> dict[str, Any]:
-    """The diagnostic of one forget split of one seed, from its ``report.json`` and the run's files; written
-    (atomically) to ``<split_dir>/diagnostic.json`` and returned."""
+def diagnose_split(split_dir: str | Path, seed: int, rows: list[dict[str, Any]], benchmark: Benchmark,
+                   weights: dict[str, WeightFiles], reinforced: Path) -> dict[str, Any]:
+    """The diagnostic of one forget split of one seed, from its report's rows and each variant's weight files as
+    the stages that made them hand them on; written (atomically) to ``<split_dir>/diagnostic.json`` and
+    returned."""
     split_dir = Path(split_dir)
     root = split_dir.parent
-    report = json.loads((split_dir / "report.json").read_text())
-    rows = report["rows"]
-    target = root / next(r["model_dir"] for r in rows if r["method"] == "target")
-    reinforced = split_dir / "models" / "reinforced"
-    out: dict[str, Any] = {"seed": report["settings"]["seed"], "forget_split": report["settings"]["forget_split"],
-                           "target": {k: next(r[k] for r in rows if r["method"] == "target")
-                                      for k in ("forget_quality", "model_utility", "forget_rouge")},
-                           "curves": {"tv": _curve(rows, "tv")}, "variants": {}}
-    for label, files in report["importance"].items():
-        out["variants"][label] = diagnose_variant(target, reinforced, root / files["forget"], root / files["retain"],
-                                                  files["beta"], files["power"])
-        out["curves"][label] = _curve(rows, label)
+    ax = benchmark.axes
+    target_row = next(r for r in rows if r["method"] == "target")
+    out: dict[str, Any] = {"seed": seed, "forget_split": split_dir.name,
+                           "target": {k: target_row[k] for k in benchmark.diagnostic_columns},
+                           "curves": {"tv": _curve(rows, "tv", ax)}, "variants": {}}
+    for label, files in weights.items():
+        out["variants"][label] = diagnose_variant(root / target_row["model_dir"], reinforced, files)
+        out["curves"][label] = _curve(rows, label, ax)
     atomic_write_text(split_dir / "diagnostic.json", json.dumps(out, indent=2))
     return out

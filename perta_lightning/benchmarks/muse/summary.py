@@ -95,27 +95,28 @@ def summarize_muse(ckpt_result: str | Path, retain_result: str | Path) -> dict[s
 MUSE_METRICS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 
 
-def muse_table(reports: dict[int, dict[str, Any]], families: dict[str, str], levels: list[float]) -> dict[str, Any]:
+def muse_table(rows_by_seed: dict[int, list[dict[str, Any]]], families: dict[str, str], levels: list[float],
+               axes: Any) -> dict[str, Any]:
     """MUSE's four metrics of the models a study compares, per test seed and as means over the seeds.
 
-    ``reports``: each seed's ``report.json``; ``families``: family name → method label in the reports. The
-    reference models (``retain``, ``target``) and the baselines give their one model; TV and PerTA give, at each
-    forget-score level, the model the matched comparison chose there (:func:`perta_lightning.report.matched`),
-    ``None`` where the level is not reached.
+    ``rows_by_seed``: each seed's report rows; ``families``: family name → method label in the reports; ``axes``:
+    the benchmark's :class:`~perta_lightning.benchmarks.base.Axes` (the keys of the report rows' curve values).
+    The reference models (``retain``, ``target``) and the baselines give their one model; TV and PerTA give, at
+    each forget-score level, the model the matched comparison chose there
+    (:func:`perta_lightning.functional.tradeoff.utility_at_level`), ``None`` where the level is not reached.
     """
-    from perta_lightning.functional.tradeoff import utility_at_level
-    from perta_lightning.report import curves
+    from perta_lightning.functional.tradeoff import method_curves, utility_at_level
 
     out: dict[str, Any] = {}
     for family, label in {"retain": "retain", "target": "target", **families}.items():
         per_seed: dict[str, list[dict[str, float] | None]] = {}
-        for seed, report in sorted(reports.items()):
-            rows = [row for row in report["rows"] if row["method"] == label]
-            target = next(row for row in report["rows"] if row["method"] == "target")
+        for seed, report_rows in sorted(rows_by_seed.items()):
+            rows = [row for row in report_rows if row["method"] == label]
+            target = next(row for row in report_rows if row["method"] == "target")
             if label in ("retain", "target"):
                 chosen = [rows[0]] * len(levels)
             else:
-                points = curves(report["rows"])[label]
+                points = method_curves(report_rows, axes.forget_key, axes.utility_key)[label]
                 picks = [utility_at_level(points, level) for level in levels]
                 by_alpha = {row["alpha"]: row for row in rows}
                 chosen = [None if p is None else by_alpha.get(p.alpha, target) if p.alpha != 0.0 else target

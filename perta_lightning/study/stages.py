@@ -16,19 +16,17 @@ from typing import Any, Literal
 
 import torch
 
-from perta_lightning.data.synthetic import SyntheticSpec
-from perta_lightning.data.tofu import TofuSource
+from perta_lightning.benchmarks.base import Benchmark, Evaluation
 from perta_lightning.stages import Product, Stage, StageRunner, stage_seed
+from perta_lightning.study.options import Runtime
 
 
 def _adamw(lr: float) -> Any:
     return partial(torch.optim.AdamW, lr=lr, weight_decay=0.01)
 
 
-def _rows(source: TofuSource, split: str) -> int:
-    from perta_lightning.data.tofu import load_split
-
-    return len(load_split(source, split))
+def _rows(source: Any, split: str) -> int:
+    return len(source.rows(split))
 
 
 def _passes(examples: float, forward_only: float = 0.0) -> dict[str, float]:
@@ -51,26 +49,7 @@ def _weight_bytes(runner: StageRunner, stage: Stage) -> int:
     return sum(f.size for f in runner.records[stage.name].files if f.path.endswith(".safetensors"))
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where training and evaluation run. Only the precision enters stage settings (the rest does not change results
-    beyond float-kernel differences)."""
-
-    accelerator: str = "cpu"
-    devices: int = 1
-    precision: str = "32-true"  # Lightning precision of training; bf16-* also evaluates in bfloat16
-
-    @property
-    def eval_dtype(self) -> str:
-        return "bfloat16" if self.precision.startswith("bf16") else "float32"
-
-    def settings(self) -> dict[str, Any]:
-        """What of the runtime changes results beyond float-kernel noise: the precision, when not float32
-        (left out at the default, so float32 runs keep their records)."""
-        return {} if self.precision == "32-true" else {"precision": self.precision}
-
-
-def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
+def fit(module: Any, source: Any, tokenizer: str, splits: list[str], epochs: int, batch_size: int,
         runtime: Runtime, paired_split: str | None = None, max_length: int | None = None) -> None:
     """Fit ``module`` for ``epochs`` on ``splits`` (plus ``paired_split`` batches); the module saves itself.
 
@@ -79,7 +58,7 @@ def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epoc
 
     from perta_lightning.callbacks.progress import progress_bar
     from perta_lightning.data.datamodule import TofuDataModule
-    from perta_lightning.data.tofu import PromptFormat
+    from perta_lightning.data.formatting import PromptFormat
 
     prompt = PromptFormat(tokenizer=str(tokenizer)) if max_length is None else PromptFormat(str(tokenizer), max_length)
     data = TofuDataModule(source, prompt, train_split=splits,
@@ -93,66 +72,41 @@ def fit(module: Any, source: TofuSource, tokenizer: str, splits: list[str], epoc
 
 @dataclass(eq=False)
 class SyntheticData(Stage):
-    """The synthetic fictitious-authors benchmark and its BPE tokenizer, under ``data/``."""
+    """A benchmark's seeded synthetic data and its BPE tokenizer, under ``data/``."""
 
-    spec: SyntheticSpec
+    benchmark: Benchmark
+    spec: Any
     vocab_size: int
     name: str = "data"
     cost: float = 0.05
-    description = "write the synthetic benchmark and train its tokenizer"
+
+    @property
+    def description(self) -> str:
+        return self.benchmark.describe_data()
 
     def settings(self) -> dict[str, Any]:
-        return {"spec": self.spec, "vocab_size": self.vocab_size}
+        return {"spec": self.spec, "vocab_size": self.vocab_size, **self.benchmark.synthetic_settings()}
 
     def outputs(self) -> list[Path]:
         return [Path("data")]
 
     def run(self, runner: StageRunner) -> dict[str, Path]:
-        from perta_lightning.data.synthetic import write_benchmark
-
         out = runner.root / "data"
-        write_benchmark(self.spec, str(out), True, self.vocab_size)
+        self.benchmark.write_synthetic(self.spec, out, self.vocab_size)
         return {"data": out, "tokenizer": out / "tokenizer"}
-
-
-@dataclass(eq=False)
-class MuseSyntheticData(Stage):
-    """The synthetic news corpus in MUSE's layout and its BPE tokenizer, under ``data/``."""
-
-    spec: Any  # MuseSyntheticSpec (imported lazily: constructing a stage loads nothing)
-    vocab_size: int
-    name: str = "data"
-    cost: float = 0.05
-    description = "write the synthetic MUSE corpus and train its tokenizer"
-
-    def settings(self) -> dict[str, Any]:
-        return {"spec": self.spec, "vocab_size": self.vocab_size, "benchmark": "muse"}
-
-    def outputs(self) -> list[Path]:
-        return [Path("data")]
-
-    def run(self, runner: StageRunner) -> dict[str, Path]:
-        from perta_lightning.data.muse_synthetic import write_muse_benchmark
-
-        out = runner.root / "data"
-        write_muse_benchmark(self.spec, str(out), True, self.vocab_size)
-        return {"data": out, "tokenizer": out / "tokenizer"}
-
-
-#: The evaluation splits a synthetic run may read from given files: the sets that are not about its authors.
-WORLD_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
 
 
 @dataclass(frozen=True)
 class Data:
-    """Where a run's TOFU splits come from: the run's own synthetic stage, or a given source.
+    """Where a run's splits come from: the run's own synthetic stage, or a given source.
 
-    ``files``: ``(split, path)`` pairs read from files instead of the synthetic stage (only the
-    :data:`WORLD_SPLITS`, e.g. TOFU's real real-authors and world-facts sets for a pretrained θ0, whose world
-    is not the synthetic one). Their contents' digests enter the settings of the stages that read them."""
+    ``files``: ``(split, path)`` pairs read from files instead of the synthetic stage (only the benchmark's
+    :attr:`~perta_lightning.benchmarks.base.Benchmark.eval_file_splits`, e.g. TOFU's real real-authors and
+    world-facts sets for a pretrained θ0, whose world is not the synthetic one). Their contents' digests enter the
+    settings of the stages that read them."""
 
-    stage: SyntheticData | MuseSyntheticData | None = None
-    given: Any = None  # TofuSource or MuseSource
+    stage: SyntheticData | None = None
+    given: Any = None  # the benchmark's source
     files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -161,19 +115,15 @@ class Data:
         for split, path in self.files:
             if self.stage is None:
                 raise PertaValueError("eval_files: only a synthetic run takes them; give a source's files= instead")
-            if split not in WORLD_SPLITS:
-                raise PertaValueError(f"eval_files: key {split!r} is not one of {list(WORLD_SPLITS)}")
+            allowed = self.stage.benchmark.eval_file_splits
+            if split not in allowed:
+                raise PertaValueError(f"eval_files: key {split!r} is not one of {list(allowed)}")
             if not Path(path).is_file():
                 raise PertaFileNotFoundError(f"eval_files[{split}]: no such file: {path}")
 
     def source(self, runner: StageRunner) -> Any:
-        if isinstance(self.stage, MuseSyntheticData):
-            from perta_lightning.data.muse import MuseSource
-
-            return MuseSource(path=str(runner.path(Product(self.stage, "data"))))
         if self.stage is not None:
-            return TofuSource(path=str(runner.path(Product(self.stage, "data"))),
-                              files=dict(self.files) if self.files else None)
+            return self.stage.benchmark.source_at(runner.path(Product(self.stage, "data")), dict(self.files))
         return self.given
 
     def settings(self) -> Any:
@@ -217,7 +167,7 @@ class Pretrained(Stage):
 class Pretrain(Stage):
     """θ0 trained from scratch on the world-knowledge corpus of the synthetic benchmark."""
 
-    data: SyntheticData | MuseSyntheticData
+    data: SyntheticData
     model_config: dict[str, Any]
     epochs: int
     lr: float
@@ -393,7 +343,7 @@ class Importance(Stage):
         return [Path(self.name)]
 
     def run(self, runner: StageRunner) -> dict[str, Path]:
-        from perta_lightning.data.tofu import PromptFormat
+        from perta_lightning.data.formatting import PromptFormat
         from perta_lightning.modules.importance import estimate_importance
 
         prompt = PromptFormat() if self.max_length is None else PromptFormat(max_length=self.max_length)
@@ -525,101 +475,38 @@ class Merge(Stage):
 
 @dataclass(eq=False)
 class Evaluate(Stage):
-    """TOFU evaluation of one model; Forget Quality against ``reference`` (θ_retain's evaluation)."""
+    """The benchmark's evaluation of one model (``evaluation``); its scores against ``reference`` (θ_retain's)."""
 
     name: str
     model: Product
     data: Data
-    forget_split: str
-    max_new_tokens: int
+    evaluation: Evaluation
     reference: Evaluate | None = None
-    batch_size: int = 32
     runtime: Runtime = field(default_factory=Runtime)
     cost: float = 0.3
 
     @property
     def description(self) -> str:
-        return f"evaluate {self.model.stage.name}" + ("" if self.model.key == "model" else f" {self.model.key}")
+        return f"{self.evaluation.verb} {self.model.stage.name}" + ("" if self.model.key == "model" else f" {self.model.key}")
 
     @property
     def inputs(self) -> list[Stage]:
         return [self.model.stage, *self.data.stages] + ([self.reference] if self.reference is not None else [])
 
     def settings(self) -> dict[str, Any]:
-        return {"data": self.data.settings(), "model": self.model.key, "forget": self.forget_split,
-                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, **self.runtime.settings()}
+        return {"data": self.data.settings(), "model": self.model.key, **self.evaluation.settings(),
+                **self.runtime.settings()}
 
     def outputs(self) -> list[Path]:
         return [Path(f"{self.name}.json")]
 
     def run(self, runner: StageRunner) -> dict[str, Path]:
-        from perta_lightning.evaluate import evaluate_model
-
         out = runner.root / f"{self.name}.json"
         reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
-        evaluate_model(str(runner.path(self.model)), self.data.source(runner),
-                       forget_split=f"{self.forget_split}_perturbed",
-                       holdout_split=self.forget_split.replace("forget", "holdout"), output_json=str(out),
-                       retain_result=reference, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                       accelerator=self.runtime.accelerator, devices=self.runtime.devices,
-                       torch_dtype=self.runtime.eval_dtype)
+        self.evaluation.run(str(runner.path(self.model)), self.data.source(runner), str(out), reference,
+                            self.runtime.accelerator, self.runtime.devices, self.runtime.eval_dtype)
         return {"eval": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
         """One evaluation: every evaluation set scored and generated once (the same work for every model)."""
-        return {"evaluations": 1.0}
-
-
-@dataclass(eq=False)
-class MuseEvaluate(Stage):
-    """MUSE evaluation of one model (VerbMem, KnowMem, MIA); PrivLeak against ``reference`` (θ_retain's)."""
-
-    name: str
-    model: Product
-    data: Data
-    verbmem_max_new_tokens: int
-    knowmem_max_new_tokens: int
-    reference: MuseEvaluate | None = None
-    batch_size: int = 32
-    runtime: Runtime = field(default_factory=Runtime)
-    text_max_length: int = 128
-    use_icl: bool = True
-    cost: float = 0.3
-
-    @property
-    def description(self) -> str:
-        return f"MUSE-evaluate {self.model.stage.name}" + ("" if self.model.key == "model" else f" {self.model.key}")
-
-    @property
-    def inputs(self) -> list[Stage]:
-        return [self.model.stage, *self.data.stages] + ([self.reference] if self.reference is not None else [])
-
-    def settings(self) -> dict[str, Any]:
-        from perta_lightning.muse_evaluate import KNOWMEM_STOP
-
-        return {"data": self.data.settings(), "model": self.model.key, "benchmark": "muse",
-                "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
-                "knowmem_max_new_tokens": self.knowmem_max_new_tokens, "batch_size": self.batch_size,
-                "text_max_length": self.text_max_length, "use_icl": self.use_icl,
-                "knowmem_stop": list(KNOWMEM_STOP), **self.runtime.settings()}
-
-    def outputs(self) -> list[Path]:
-        return [Path(f"{self.name}.json")]
-
-    def run(self, runner: StageRunner) -> dict[str, Path]:
-        from perta_lightning.muse_evaluate import evaluate_muse_model
-
-        out = runner.root / f"{self.name}.json"
-        reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
-        evaluate_muse_model(str(runner.path(self.model)), self.data.source(runner), output_json=str(out),
-                            retain_result=reference, batch_size=self.batch_size,
-                            verbmem_max_new_tokens=self.verbmem_max_new_tokens,
-                            knowmem_max_new_tokens=self.knowmem_max_new_tokens,
-                            torch_dtype=self.runtime.eval_dtype, accelerator=self.runtime.accelerator,
-                            devices=self.runtime.devices, text_max_length=self.text_max_length,
-                            use_icl=self.use_icl)
-        return {"eval": out}
-
-    def work(self, runner: StageRunner) -> dict[str, float]:
-        """One evaluation: every MUSE set generated or scored once (the same work for every model)."""
         return {"evaluations": 1.0}

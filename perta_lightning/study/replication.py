@@ -22,6 +22,8 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+from perta_lightning.benchmarks.base import Axes
+from perta_lightning.benchmarks.registry import benchmark_of
 from perta_lightning.functional.replication import (
     FAILS,
     HOLDS,
@@ -36,7 +38,6 @@ from perta_lightning.functional.replication import (
     share_of,
 )
 from perta_lightning.functional.tofu_metrics import forget_quality_ladder
-from perta_lightning.study_types import AXES, Axes
 
 FORMAT = "perta-replication/1"
 POOLED = "pooled"
@@ -71,7 +72,7 @@ def _row(claim: str, a: str, b: str, split: str, rule: str, verdict: str, e: Any
 
 
 def _utility_row(claim: str, splits: dict[str, Any], a: str, b: str, which: list[str], rules: ReplicationRules,
-                 labels: dict[str, str], rule: str = "improvement") -> dict[str, Any]:
+                 labels: dict[str, str], axes: Axes, rule: str = "improvement") -> dict[str, Any]:
     e = evidence(_differences(splits, a, b, which), tie=rules.tie)
     if rule == "improvement":
         verdict = improvement_verdict(e, margin=rules.improvement_margin, min_seeds=rules.min_seeds,
@@ -80,7 +81,7 @@ def _utility_row(claim: str, splits: dict[str, Any], a: str, b: str, which: list
         verdict = equivalence_verdict(e, bound=rules.negligible_mean, interval_bound=rules.negligible_interval,
                                       min_seeds=rules.min_seeds)
     where = POOLED if len(which) > 1 else which[0]
-    return _row(claim, a, b, where, rule, verdict, e, labels, "ΔMU at matched FQ")
+    return _row(claim, a, b, where, rule, verdict, e, labels, axes.quantity)
 
 
 def _seed_costs(splits: dict[str, Any], family: str, key: str, without_search: bool) -> dict[int, float]:
@@ -128,6 +129,8 @@ def _steps(levels: list[float], forget_examples: dict[str, int | None]) -> dict[
 def replication(result: dict[str, Any]) -> dict[str, Any]:
     """The replication table of a study's result (see the module docstring)."""
     settings, test = result["settings"], result["test"]
+    bench = benchmark_of(settings)
+    ax = bench.axes
     rules = ReplicationRules(**settings.get("rules", {}))
     splits = test["splits"]
     which = list(splits)
@@ -139,8 +142,8 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
     claims: list[dict[str, Any]] = []
 
     # 1: against TV, pooled over splits; against each training-based baseline ("often")
-    tv_rows = [_utility_row("1", splits, s, "tv", which, rules, labels) for s in statistics]
-    baseline_rows = [_utility_row("1", splits, s, b, which, rules, labels) for s in statistics for b in baselines]
+    tv_rows = [_utility_row("1", splits, s, "tv", which, rules, labels, ax) for s in statistics]
+    baseline_rows = [_utility_row("1", splits, s, b, which, rules, labels, ax) for s in statistics for b in baselines]
     often = share_of([r["verdict"] for r in baseline_rows])
     rows += tv_rows + baseline_rows
     claims.append({"claim": "1", "statement": "PerTA-grad and PerTA-fisher improve on TV in the balance of "
@@ -153,9 +156,9 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
     pair_rows = []
     for s in statistics:
         if f"{s}_at_base" in families:
-            pair_rows.append(_utility_row("2", splits, f"{s}_at_base", s, which, rules, labels, "equivalence"))
+            pair_rows.append(_utility_row("2", splits, f"{s}_at_base", s, which, rules, labels, ax, "equivalence"))
         elif f"{s}_at_full" in families:
-            pair_rows.append(_utility_row("2", splits, s, f"{s}_at_full", which, rules, labels, "equivalence"))
+            pair_rows.append(_utility_row("2", splits, s, f"{s}_at_full", which, rules, labels, ax, "equivalence"))
     rows += pair_rows
     claims.append({"claim": "2", "statement": "importance estimated at θ0 or at θ_full makes a negligible difference",
                    "parts": {r["comparison"]: r["verdict"] for r in pair_rows},
@@ -175,7 +178,7 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
                    "verdict": all_of([r["verdict"] for r in cost_rows]) if cost_rows else UNRESOLVED})
 
     # 4: claim 1's improvement on TV in each forget proportion
-    split_rows = [_utility_row("4", splits, s, "tv", [split], rules, labels) for split in which for s in statistics]
+    split_rows = [_utility_row("4", splits, s, "tv", [split], rules, labels, ax) for split in which for s in statistics]
     rows += split_rows
     verdict4 = all_of([r["verdict"] for r in split_rows]) if len(which) == 3 else UNRESOLVED
     claims.append({"claim": "4", "statement": "the improvement on TV holds across the forget proportions 1 %, 5 % "
@@ -192,8 +195,8 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
                  "accepted_on_validation": variant["accepted"]}
         if family in families:
             paper = f"perta_{variant['statistic']}"
-            versus_tv = _utility_row("ours", splits, family, "tv", which, rules, labels)
-            versus_paper = _utility_row("ours", splits, family, paper, which, rules, labels)
+            versus_tv = _utility_row("ours", splits, family, "tv", which, rules, labels, ax)
+            versus_paper = _utility_row("ours", splits, family, paper, which, rules, labels, ax)
             rows += [versus_tv, versus_paper]
             entry |= {"vs_tv": versus_tv["verdict"], "vs_paper": versus_paper["verdict"],
                       "kept": versus_paper["verdict"] == HOLDS}
@@ -201,13 +204,9 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
             entry["kept"] = False
         own.append(entry)
 
-    benchmark = settings.get("benchmark", "tofu")
-    if benchmark == "muse":  # the same rules over MUSE's axes; claim 4 is about TOFU's three forget proportions
-        for row in rows:
-            if row["quantity"] == AXES["tofu"].quantity:
-                row["quantity"] = AXES["muse"].quantity
-        claims[-1]["note"] = "MUSE has one forget corpus; the three forget proportions are TOFU's"
-    return {"format": FORMAT, "benchmark": benchmark, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
+    if bench.claim4_note is not None:
+        claims[-1]["note"] = bench.claim4_note
+    return {"format": FORMAT, "benchmark": bench.name, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
             "test_seeds": test["seeds"], "validation_seeds": result["validation"]["seeds"],
             "chosen": result["validation"]["chosen"], "labels": labels, "claims": claims, "rows": rows,
             "own_variants": own, "forget_quality_steps": _steps(settings["levels"], test.get("forget_examples", {})),
@@ -235,12 +234,12 @@ def _pairs(row: dict[str, Any]) -> str:
     return f"{row['pair_wins']}–{row['pair_losses']} of {row['pairs']}" if "pairs" in row else "–"
 
 
-def rules_text(rules: dict[str, Any], ax: Axes = AXES["tofu"]) -> list[str]:
+def rules_text(rules: dict[str, Any], ax: Axes) -> list[str]:
     """The verdict rules in words, with the study's numbers."""
     r = ReplicationRules(**rules)
     return [
         f"Every figure is over **test seeds**, the independent unit: each seed's paired differences (method A − "
-        f"method B in {ax.utility} at each {ax.forget} level both reach, over the forget splits when pooled) "
+        f"method B in {ax.utility_name} at each {ax.forget_name} level both reach, over the forget splits when pooled) "
         f"are averaged to one number per seed. Estimate: the mean of those; interval: 95 % percentile bootstrap "
         f"over seeds (10,000 resamples, seeded); sign test: two-sided exact, over seeds, a seed within "
         f"{r.tie:g} of zero a tie; wins–losses are given over seeds and over every (seed, split, level) pair.",
@@ -294,13 +293,14 @@ def claims_table(table: dict[str, Any], informative: bool = False) -> list[str]:
 
 def replication_markdown(table: dict[str, Any]) -> str:
     """``REPLICATION.md``: the claims table, this project's variants, the rules and what the numbers rest on."""
-    ax = AXES[table.get("benchmark", "tofu")]
-    lines = [f"# Replication of arXiv 2601.22030 (PerTA) on {ax.benchmark_name}", "",
+    bench = benchmark_of(table)
+    ax = bench.axes
+    lines = [f"# Replication of arXiv 2601.22030 (PerTA) on {ax.data_name}", "",
              f"Preset `{table['preset']}`"
              + (f" with `{table['preset_overrides']}`" if table.get("preset_overrides") else "")
              + f"; test seeds {table['test_seeds']} (every figure), validation seeds {table['validation_seeds']} "
                f"(chose PerTA's settings: {', '.join(f'{k}: `{v}`' for k, v in table['chosen'].items())}); forget "
-               f"splits {table['splits']}; {ax.forget} levels {table['levels']}.", "",
+               f"splits {table['splits']}; {ax.forget_name} levels {table['levels']}.", "",
              machine_line(table), "", "## The claims", ""]
     lines += claims_table(table)
     lines += ["", "Method labels: " + ", ".join(f"{_name(f)} = `{label}`" for f, label in table["labels"].items()), ""]
@@ -329,17 +329,8 @@ def replication_markdown(table: dict[str, Any]) -> str:
     lines += ["| comparison | quantity | estimate [95 % CI] | seeds W–L (n) | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {r['comparison']} | {r['quantity']} | {_estimate(r)} | {r['wins']}–{r['losses']} ({r['n_seeds']}) | "
               f"{r['verdict']} |" for r in table["rows"] if r["rule"] == "cost"]
-    if ax is AXES["muse"]:
-        lines += ["", "## The rules", ""] + rules_text(table["rules"], ax) + [""]
-        return "\n".join(lines)
-    lines += ["", "## How fine Forget Quality is", "",
-              "With n forget examples the KS p-value takes n + 1 values; a level is reached only at the value above "
-              "it.", "", "| split | n | " + " | ".join(f"FQ ≥ {level:g}: below → at" for level in table["levels"]) + " |",
-              "|---|---|" + "---|" * len(table["levels"])]
-    for split, steps in table["forget_quality_steps"].items():
-        cells = [f"{_fmt(s['below'])} → {_fmt(s['reached_at'])}" for s in steps["levels"]]
-        lines.append(f"| {split} | {steps['forget_examples']} | " + " | ".join(cells) + " |")
-    lines += ["", "## The rules", ""] + rules_text(table["rules"]) + [""]
+    lines += bench.replication_sections(table)
+    lines += ["", "## The rules", ""] + rules_text(table["rules"], ax) + [""]
     return "\n".join(lines)
 
 
@@ -367,11 +358,11 @@ def rewrite(study_dir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m perta_lightning.replication STUDY_DIR``: rewrite a finished study's replication table."""
+    """``python -m perta_lightning.study.replication STUDY_DIR``: rewrite a finished study's replication table."""
     from perta_lightning.errors import PertaValueError
 
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        raise PertaValueError("usage: python -m perta_lightning.replication STUDY_DIR (a folder perta study wrote)")
+        raise PertaValueError("usage: python -m perta_lightning.study.replication STUDY_DIR (a folder perta study wrote)")
     rewrite(argv[0])
 
 

@@ -23,15 +23,15 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from perta_lightning.data.muse import (
+from perta_lightning.benchmarks.muse.source import MuseSource
+from perta_lightning.benchmarks.muse.splits import (
     KNOWMEM_FORGET,
     KNOWMEM_RETAIN,
     PRIVLEAK_FORGET,
     PRIVLEAK_HOLDOUT,
     VERBMEM,
-    MuseSource,
 )
-from perta_lightning.data.tofu import IGNORE_INDEX, collate_examples, load_tokenizer, pad_batch
+from perta_lightning.data.formatting import IGNORE_INDEX, collate_examples, load_tokenizer, pad_batch
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
 
 #: The evaluation sets: name -> (split, kind).

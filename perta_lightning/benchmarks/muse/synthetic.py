@@ -10,7 +10,7 @@ other article uses, so the forget, retain, holdout and background corpora are ab
 being written with the same templates and word lists: holdout articles are the forget articles' distribution,
 never trained on. First names, months, numbers and the template words are shared.
 
-Splits (see :data:`perta_lightning.data.muse.MUSE_SPLITS`):
+Splits (see :data:`perta_lightning.benchmarks.muse.splits.MUSE_SPLITS`):
 
 * ``raw/forget``, ``raw/retain1``, ``raw/retain2``, ``raw/holdout``: the articles, ``{"text"}``;
 * ``verbmem/forget``: for each forget article its first ``prompt_words`` words and the next
@@ -39,6 +39,12 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from perta_lightning.benchmarks.muse.splits import (
+    PRETRAIN_BACKGROUND,
+    SPLIT_COLUMNS,
+    check_prompt_length,
+    check_rows,
+)
 from perta_lightning.errors import PertaValueError
 from perta_lightning.io import atomic_directory
 
@@ -313,7 +319,7 @@ def generate_muse_articles(spec: MuseSyntheticSpec) -> dict[str, list[NewsArticl
 
 def fact_box(article: NewsArticle, box: list[int]) -> str:
     """The article's fact box, a corpus row of its own: the facts of ``box`` asked and answered in the KnowMem
-    prompt's format (``Question: q\nAnswer: a\n\n``, :func:`perta_lightning.data.muse_evaluation.knowmem_prompt`).
+    prompt's format (``Question: q\nAnswer: a\n\n``, :func:`perta_lightning.benchmarks.muse.evaluation.knowmem_prompt`).
 
     The box is how a small model trained from scratch can know an article's facts when asked: such a model does
     not turn facts read in prose into answers to questions (that takes a pretrained model's scale), so without it
@@ -346,8 +352,6 @@ def generate_muse_benchmark(spec: MuseSyntheticSpec) -> dict[str, list[dict[str,
     Raises:
         PertaValueError: when a forget article is shorter than ``prompt_words + continuation_words`` words.
     """
-    # muse.py imports this module (for MuseSyntheticSpec), so its names are looked up when they are needed
-    from perta_lightning.data.muse import PRETRAIN_BACKGROUND, SPLIT_COLUMNS, check_prompt_length, check_rows
 
     rng = random.Random(spec.seed)
     corpora = _articles(rng, spec)

@@ -1,0 +1,92 @@
+"""What every benchmark's evaluator shares: a LightningModule that loads the evaluated model in ``setup``,
+generates greedily, refuses a file that missed examples, and writes it on rank zero; and the call that runs
+one in this process.
+
+A benchmark's evaluator (:class:`~perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator`,
+:class:`~perta_lightning.benchmarks.muse.evaluator.MuseEvaluator`) subclasses :class:`Evaluator` and says what
+it scores in ``test_step`` and what it writes in :meth:`Evaluator.build`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from transformers import DynamicCache
+
+from perta_lightning.checkpoints import load_causal_lm
+from perta_lightning.distributed import check_modules_visible
+from perta_lightning.io import atomic_write_text
+from perta_lightning.prompt_cache import CACHE_ARG
+
+
+def generation_text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated token ids (``-1`` marks padding), special tokens skipped and surrounding white
+    space stripped, as open-unlearning stores and scores generations."""
+    return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
+
+
+def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
+    """Refuse to write an evaluation that missed examples: a ``StopIteration`` escaping a step ends Lightning's
+    loop as if the data had run out, and the file would silently hold part of each set."""
+    for name, values in examples.items():
+        seen, expected = values["index"].numel(), len(sets[name].rows)
+        if seen != expected:
+            raise RuntimeError(f"evaluation set {name!r}: {seen} of its {expected} examples were evaluated")
+
+
+class Evaluator(LightningModule):
+    """The shared half of an evaluator: ``self.model`` and ``self.tokenizer`` once ``setup`` has run, greedy
+    generation, the result written by rank zero. Subclasses keep ``model``, ``output_json`` and ``torch_dtype``
+    among their hyper-parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer: Any = None
+        self.model: torch.nn.Module | None = None
+        self.result: dict[str, Any] | None = None
+
+    def load_model(self) -> None:
+        """Load the evaluated model once (in ``setup``, so that a bad path is one error line), refusing a strategy
+        under which its own modules would hold no parameters."""
+        check_modules_visible(self.trainer.strategy, type(self).__name__)
+        if self.model is None:
+            self.model = load_causal_lm(self.hparams.model, None, self.hparams.torch_dtype)
+            self.model.eval()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int,
+                 prefix: DynamicCache | None = None) -> torch.Tensor:
+        """Greedy continuations ``(B, width)``, cut before EOS and padded with -1.
+
+        ``prefix``: the prompts' cache without their last token (:func:`~perta_lightning.prompt_cache.encode_prefix`);
+        it is extended in place."""
+        cache = {} if prefix is None else {CACHE_ARG: prefix}
+        out = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, **cache, max_new_tokens=width, do_sample=False,
+            use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )[:, prompt_ids.shape[1]:]
+        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
+        ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
+        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
+        return ids
+
+    def write_result(self, barrier: str) -> None:
+        """Rank zero writes ``self.result`` to ``output_json`` (atomically); every rank waits for it."""
+        if self.hparams.output_json is not None and self.trainer.is_global_zero:
+            atomic_write_text(self.hparams.output_json, json.dumps(self.result, indent=1, allow_nan=False))
+        self.trainer.strategy.barrier(barrier)
+
+
+def run_evaluation(module: Evaluator, datamodule: LightningDataModule, accelerator: str = "auto",
+                   devices: int | str = 1, strategy: str = "auto") -> dict[str, Any]:
+    """Evaluate in this process with a Lightning ``Trainer``; return ``module.result`` (written when the module
+    has an ``output_json``)."""
+    from perta_lightning.callbacks.progress import progress_bar
+
+    trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                      enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return module.result

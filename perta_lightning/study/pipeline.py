@@ -1,0 +1,158 @@
+"""``perta pipeline``: one seed of the PerTA study, end to end, resumable, on any benchmark.
+
+For each forget split the seed's graph (:mod:`perta_lightning.study.graph`) is run, then each merge method (TV
+and each PerTA variant) searches α: rounds of ``<split>/models/<method>/round_<k>`` merges and
+``<split>/eval/<method>/alpha_<α>`` evaluations, until each level of the forgetting axis is bracketed
+(:func:`perta_lightning.functional.tradeoff.next_alphas`). Then ``<split>/report.json``, ``report.md``,
+``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` are written.
+
+Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta_lightning.stages`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, next_alphas
+from perta_lightning.stages import Product, Progress, StageRunner
+from perta_lightning.study.graph import SeedGraph, seed_graph
+from perta_lightning.study.options import (
+    AlphaSearch,
+    PertaVariant,
+    ResultRow,
+    Run,
+    RunOptions,
+    SplitResult,
+    check_not_empty,
+    check_seeds,
+)
+from perta_lightning.study.split_report import SplitReport, write_report
+from perta_lightning.study.stages import Merge, TransformImportance, alpha_key
+
+DEFAULT_VARIANTS = [PertaVariant("grad"), PertaVariant("fisher")]
+
+
+def _curve_point(run: Run, eval_file: Path, reference_file: Path, alpha: float, target: CurvePoint) -> CurvePoint:
+    summary = run.benchmark.summarize(eval_file, reference_file)
+    forget, utility = summary[run.benchmark.axes.forget_key], summary[run.benchmark.axes.utility_key]
+    return CurvePoint(alpha, forget, utility, is_collapsed(utility, target.model_utility))
+
+
+def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family: str, variant: PertaVariant | None,
+            target: CurvePoint) -> tuple[list[ResultRow], int]:
+    """Rounds of merge + evaluate for one method until each level is bracketed; its rows and evaluations."""
+    search, split = run.search, graph.plan.name
+    importance = None if variant is None else graph.importance_of(variant, run.preset.importance_examples)
+    reinforce_seconds = runner.records[graph.reinforced.name].seconds
+    importance_stages = [] if importance is None else [importance]
+    if isinstance(importance, TransformImportance):  # and the raw importance it transforms
+        importance_stages.append(importance.source)
+    importance_seconds = sum(runner.records[stage.name].seconds for stage in importance_stages)
+    reference_file = runner.path(Product(graph.reference, "eval"))
+    points: list[CurvePoint] = [target]
+    rows: list[ResultRow] = []
+    alphas = sorted(set(search.initial))
+    for round_index in range(search.rounds + 1):
+        if not alphas:
+            break
+        merge = Merge(f"{split}/models/{method}/round_{round_index}", graph.full, graph.reinforced, alphas, importance,
+                      variant.beta if variant else 1.0, variant.power if variant else 1.0)
+        evals = [graph.evaluate(f"{split}/eval/{method}/alpha_{alpha:g}", Product(merge, alpha_key(alpha)))
+                 for alpha in alphas]
+        runner.progress.plan([merge, *evals])
+        merge_seconds = runner.run(merge).seconds
+        for alpha, evaluation in zip(alphas, evals):
+            runner.run(evaluation)
+            eval_file = runner.path(Product(evaluation, "eval"))
+            points.append(_curve_point(run, eval_file, reference_file, alpha, target))
+            rows.append(ResultRow(method, family, alpha, runner.path(Product(merge, alpha_key(alpha))), eval_file,
+                                  reference_file, reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
+        evaluated = {p.alpha for p in points}
+        alphas = [a for a in next_alphas(points, search.levels, ratio=search.ratio, alpha_max=search.alpha_max)
+                  if a not in evaluated]
+    return rows, len(points) - 1
+
+
+def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants: list[PertaVariant],
+           baselines: list[str], include_tv: bool, output: Path) -> SplitReport:
+    """One forget split of a seed: its graph, every method's search, and its report."""
+    graph = seed_graph(run, seed, forget_split, variants, baselines)
+    stages = [s for s in graph.stages if s.name not in runner.records]
+    runner.progress.plan(stages)
+    runner.run_all(stages)
+    reference_file = runner.path(Product(graph.reference, "eval"))
+    target_file = runner.path(Product(graph.target, "eval"))
+    rows = [ResultRow("retain", "reference", None, runner.path(Product(graph.reference.model.stage)), reference_file,
+                      reference_file),
+            ResultRow("target", "reference", None, runner.path(Product(graph.full)), target_file, reference_file)]
+    for unlearn, evaluation in graph.baselines:
+        rows.append(ResultRow(unlearn.method, "baseline", None, runner.path(Product(unlearn)),
+                              runner.path(Product(evaluation, "eval")), reference_file, runner.records[unlearn.name].seconds))
+    summary = run.benchmark.summarize(target_file, reference_file)
+    target = CurvePoint(0.0, summary[run.benchmark.axes.forget_key], summary[run.benchmark.axes.utility_key])
+    methods = ([("tv", "tv", None)] if include_tv else []) + [(v.label, f"perta_{v.statistic}", v) for v in variants]
+    per_method = len(run.search.initial) + run.search.rounds
+    runner.progress.expect(len(methods) * (2 * per_method), len(methods) * per_method * 0.4)
+    counts = {}
+    for method, family, variant in methods:
+        method_rows, counts[method] = _search(runner, run, graph, method, family, variant, target)
+        rows += method_rows
+    runner.progress.settle()
+    result = SplitResult(graph.plan.name, output / graph.plan.name, rows, counts)
+    used = {v.label: graph.importance_of(v, run.preset.importance_examples) for v in variants}
+    return write_report(result, run.benchmark, variants, run.search, used, runner, graph.reinforced)
+
+
+def run_seed(output: Path, seed: int, run: Run, variants: list[PertaVariant], baselines: list[str],
+             include_tv: bool = True, prefix: str = "") -> list[SplitReport]:
+    """Run one seed's graph under ``output`` for each forget split; write each split's report and return them."""
+    from perta_lightning.callbacks.progress import quiet_dependencies
+
+    runner = StageRunner(output, seed, Progress(prefix=prefix))
+    with quiet_dependencies():
+        return [_split(runner, run, seed, split, variants, baselines, include_tv, Path(output))
+                for split in run.forget_splits]
+
+
+def pipeline(
+    options: RunOptions,
+    output: str = "runs/pipeline",
+    seed: int = 0,
+    variants: list[PertaVariant] | None = None,
+    include_tv: bool = True,
+) -> Path:
+    """Run one seed of the PerTA study end to end and write its report; return the output folder.
+
+    Args:
+        options: the benchmark, its data, the preset, the baselines, the α search and the runtime
+            (:class:`~perta_lightning.study.options.RunOptions`; top-level keys of the config).
+        output: folder for every artifact; an interrupted run resumes from it.
+        seed: drives the data, the training and the importance subsampling (each stage gets its own seed
+            derived from it and the stage's name).
+        variants: PerTA settings merged and evaluated (default: grad and Fisher with the paper's β = p = 1).
+        include_tv: also search plain task arithmetic.
+    """
+    check_seeds("seed", [seed])
+    check_not_empty("variants", variants)
+    run = options.resolve()
+    run_seed(Path(output), seed, run, list(variants or DEFAULT_VARIANTS), run.baselines, include_tv)
+    return Path(output)
+
+
+def build_parser() -> object:
+    from perta_lightning.arguments import function_parser
+
+    return function_parser(pipeline, "perta pipeline", RunOptions)
+
+
+def cli_main(argv: list[str]) -> None:
+    import torch
+
+    from perta_lightning.arguments import call_with_arguments
+
+    torch.set_float32_matmul_precision("high")
+    out = call_with_arguments(build_parser(), pipeline, argv, RunOptions)
+    print(f"[perta pipeline] reports: {', '.join(str(p) for p in sorted(out.glob('*/report.md')))}")
+
+
+__all__ = ["AlphaSearch", "DEFAULT_VARIANTS", "pipeline", "run_seed"]

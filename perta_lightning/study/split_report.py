@@ -1,0 +1,188 @@
+"""One seed's report per forget split: ``report.json``, ``report.md``, ``tradeoff.png``, ``weights.png`` and
+``diagnostic.json``, on any benchmark.
+
+The report reads typed :class:`~perta_lightning.study.options.ResultRow` records; every number of a row is read
+back from that row's evaluation file and the θ_retain evaluation, through the benchmark's summary. Rows carry
+the benchmark's own axis keys (``forget_quality`` and ``model_utility`` on TOFU, ``forget_score`` and
+``knowmem_retain`` on MUSE) beside its other columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perta_lightning.benchmarks.base import Axes, Benchmark
+from perta_lightning.errors import PertaValueError
+from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, method_curves, utilities_at_levels
+from perta_lightning.io import atomic_save_figure, atomic_write_text
+from perta_lightning.provenance import evaluation_digest, model_digest
+from perta_lightning.stages import Product, Stage, StageRunner, relative_to_run
+from perta_lightning.study.costs import method_costs
+from perta_lightning.study.options import AlphaSearch, PertaVariant, ResultRow, SplitResult
+from perta_lightning.study.weights import WeightFiles, weights_by_layer_type
+
+
+@dataclass
+class SplitReport:
+    """What one forget split of one seed found, as its ``report.json`` holds it: every evaluated model's row, the
+    utility each method keeps at each level (``None``: not reached), the evaluations of each search, the cost of
+    each method, and the weight files of each PerTA variant."""
+
+    forget_split: str
+    rows: list[dict[str, Any]]
+    matched: dict[str, list[float | None]]
+    search_evaluations: dict[str, int]
+    costs: dict[str, dict[str, Any]]
+    weights: dict[str, WeightFiles]
+
+
+def build_rows(rows: list[ResultRow], root: Path, benchmark: Benchmark) -> list[dict[str, Any]]:
+    """One table row per evaluated model, every number read back from its evaluation file."""
+    ax = benchmark.axes
+    table = []
+    for row in rows:
+        summary = benchmark.summarize(row.eval_file, row.reference_file)
+        table.append({
+            "method": row.method, "family": row.family, "alpha": row.alpha,
+            ax.forget_key: summary[ax.forget_key], ax.utility_key: summary[ax.utility_key],
+            **benchmark.report_row(summary, Path(row.eval_file)), "unlearn_seconds": row.unlearn_seconds,
+            "model_dir": relative_to_run(root, row.model), "eval_file": relative_to_run(root, row.eval_file),
+            "model_digest": model_digest(row.model), "eval_checksum": evaluation_digest(row.eval_file),
+        })
+    target_utility = next(r[ax.utility_key] for r in table if r["method"] == "target")
+    for row in table:
+        row["collapsed"] = is_collapsed(row[ax.utility_key], target_utility)
+    return table
+
+
+def curves(table: list[dict[str, Any]], axes: Axes) -> dict[str, list[CurvePoint]]:
+    """Each method's evaluated points in α order, each curve starting at the target model (α = 0)."""
+    return method_curves(table, axes.forget_key, axes.utility_key)
+
+
+def matched(table: list[dict[str, Any]], levels: list[float], axes: Axes) -> dict[str, list[float | None]]:
+    """The utility each method keeps at each level of forgetting (the matched rule of
+    :mod:`perta_lightning.functional.tradeoff`); ``None``: not reached."""
+    return {method: utilities_at_levels(points, levels) for method, points in curves(table, axes).items()}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
+             settings: dict[str, Any], search_evaluations: dict[str, int], benchmark: Benchmark) -> str:
+    """``report.md``: the utility each method keeps at each level, then every evaluated model."""
+    ax = benchmark.axes
+    extra = benchmark.markdown_columns if benchmark.markdown_columns is not None else benchmark.report_columns
+    columns = tuple(dict.fromkeys(("method", "alpha", ax.forget_key, ax.utility_key, *extra, "unlearn_seconds",
+                                   "collapsed")))
+    lines = [f"# PerTA study report{benchmark.title_note}", "",
+             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+             f"{platform.processor() or platform.system()}; torch {torch.__version__}.", "",
+             f"Settings: `{json.dumps(settings)}`", "", benchmark.report_intro, "",
+             f"## {ax.utility_name} at matched {ax.forget_name}", "",
+             f"The best non-collapsed model whose {ax.forget_name} reaches the level; – where none does.", "",
+             "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations |",
+             "|---|" + "---|" * (len(levels) + 1)]
+    for method, values in at_levels.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in values)
+                     + f" | {search_evaluations.get(method, 1)} |")
+    names = benchmark.column_names
+    lines += ["", "## Every evaluated model", "",
+              "| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(column)) for column in columns) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(table: list[dict[str, Any]], path: Path, axes: Axes) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    methods = list(dict.fromkeys(row["method"] for row in table))
+    markers = dict(zip(methods, "o*sD^v<>ph+x"))
+    for method in methods:
+        points = [row for row in table if row["method"] == method]
+        axis.plot([row[axes.utility_key] for row in points], [max(row[axes.forget_key], 1e-30) for row in points],
+                  marker=markers[method], linestyle="-" if len(points) > 1 else "", label=method, markersize=8)
+        for row in points:
+            if row["alpha"] is not None:
+                axis.annotate(f"α={row['alpha']:g}", (row[axes.utility_key], max(row[axes.forget_key], 1e-30)),
+                              fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.set_yscale("log")
+    axis.set_xlabel(axes.utility_name)
+    axis.set_ylabel(f"{axes.forget_name} (log)")
+    axis.set_title("Forgetting against utility")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_save_figure(figure, path, dpi=120)
+    plt.close(figure)
+
+
+def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(groups)
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.boxplot([groups[name].numpy() for name in names], showfliers=False)
+    axis.set_xticks(range(1, len(names) + 1), names, rotation=30)
+    axis.set_ylabel("PerTA weight w")
+    axis.set_title(title)
+    figure.tight_layout()
+    atomic_save_figure(figure, path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(result: SplitResult, benchmark: Benchmark, variants: list[PertaVariant], search: AlphaSearch,
+                 importance: dict[str, Stage], runner: StageRunner, reinforced: Stage) -> SplitReport:
+    """Write ``report.json``, ``report.md``, ``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` of one
+    forget split; return what it found."""
+    from perta_lightning.study.diagnostics import diagnose_split
+
+    table = build_rows(result.rows, runner.root, benchmark)
+    for row in table:
+        for key in benchmark.checked_columns():
+            if row[key] is None or not math.isfinite(row[key]):
+                raise PertaValueError(f"{row['eval_file']}: {key} is {row[key]!r}")
+    at_levels = matched(table, search.levels, benchmark.axes)
+    settings = {"seed": runner.seed, "forget_split": result.forget_split, "levels": list(search.levels),
+                "variants": [asdict(v) | {"label": v.label} for v in variants]}
+    weights = {v.label: WeightFiles(runner.path(Product(importance[v.label], "forget")),
+                                    runner.path(Product(importance[v.label], "retain")), v.beta, v.power)
+               for v in variants}
+    files = {label: {"beta": w.beta, "power": w.power, "statistic": v.statistic,
+                     "forget": relative_to_run(runner.root, w.forget), "retain": relative_to_run(runner.root, w.retain)}
+             for (label, w), v in zip(weights.items(), variants)}
+    out = result.root
+    data = {"settings": settings, "rows": table, "matched": at_levels, "importance": files,
+            "search_evaluations": result.search_evaluations}
+    data["costs"] = method_costs(runner.root, data)
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
+    atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
+                                                  result.search_evaluations, benchmark))
+    plot_tradeoff(table, out / "tradeoff.png", benchmark.axes)
+    if variants:
+        first = weights[variants[0].label]
+        plot_weights(weights_by_layer_type(first), out / "weights.png",
+                     f"PerTA weights by layer type ({variants[0].label})")
+        diagnose_split(out, runner.seed, table, benchmark, weights, runner.path(Product(reinforced)))
+    return SplitReport(result.forget_split, table, at_levels, result.search_evaluations, data["costs"], weights)

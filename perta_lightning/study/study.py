@@ -1,0 +1,365 @@
+"""``perta study``: the PerTA study over many seeds, with PerTA's settings chosen on held-out seeds, on any benchmark.
+
+1. **Check** every option before any stage starts (:func:`check_study`).
+2. **Validation seeds** run TV and every candidate PerTA variant (``candidates``: β, p, importance at θ0
+   or θ_full, Fisher by example or by batch, how many importance examples), each with its α search. For each
+   statistic (grad, Fisher) the candidate with the best **validation score** is chosen: the mean, over
+   validation seeds, forget splits and levels, of the utility kept at that level (the matched rule of
+   :mod:`perta_lightning.functional.tradeoff`), counting a level not reached as 0. This project's variants
+   (``proposed``) run beside the candidates; one goes to the test seeds only when its validation score beats
+   that of the candidate chosen for its statistic (:func:`choose_settings`).
+3. **Test seeds**, disjoint from the validation seeds, run TV, the chosen variants (with ``importance_at_base``
+   also each at the other model, θ0 instead of θ_full: the pair of claim 2) and the training-based baselines
+   (:func:`run_test_seeds`).
+4. **Write**: only the test seeds are aggregated: the utility at each level as mean ± std over the seeds that
+   reach it, and the per-seed paired difference against TV with a bootstrap interval and a sign test.
+   ``study.json``, ``study.md`` and ``study.png`` say which seeds chose and which were reported; ``study.json``
+   also records the machine and its float kernels, the wall time and peak memory of this invocation, the digest
+   of every evaluated model, and each method's unlearning cost per seed; ``REPLICATION.md`` and
+   ``replication.json`` (:mod:`perta_lightning.study.replication`) give the paper's claims their verdicts from the
+   test seeds (:func:`write_study`).
+
+The chosen settings travel as typed values from the validation step to the test step, and each seed's results as
+the :class:`~perta_lightning.study.split_report.SplitReport` its run returns. Each seed is an ordinary resumable
+pipeline run under ``<output>/<validation|test>/seed_<s>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from perta_lightning.errors import PertaValueError
+from perta_lightning.functional.replication import ReplicationRules
+from perta_lightning.functional.tradeoff import paired_differences, spread, summarize_differences
+from perta_lightning.io import atomic_write_text
+from perta_lightning.study.options import PertaVariant, Run, RunOptions, check_not_empty, check_seeds
+from perta_lightning.study.split_report import SplitReport
+
+#: The label every merge method has in a seed's report, by the family it is aggregated as.
+TV = "tv"
+
+DEFAULT_CANDIDATES = [PertaVariant("grad", beta=1.0), PertaVariant("grad", beta=16.0),
+                      PertaVariant("fisher", beta=1.0), PertaVariant("fisher", beta=16.0)]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """A study's options, checked: the run every seed makes, the seeds of each phase, the variants, how many
+    seeds run at once, and the replication table's rules."""
+
+    options: RunOptions
+    run: Run
+    validation_seeds: list[int]
+    test_seeds: list[int]
+    candidates: list[PertaVariant]
+    proposed: list[PertaVariant]
+    importance_at_base: bool
+    jobs: int
+    rules: ReplicationRules
+
+    @property
+    def statistics(self) -> list[str]:
+        return sorted({c.statistic for c in self.candidates})
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the validation seeds decided: the variant per statistic, each candidate's score, and whether each
+    proposed variant goes on to the test seeds."""
+
+    chosen: dict[str, PertaVariant]
+    scores: dict[str, dict[str, float]]
+    decisions: dict[str, dict[str, Any]]
+
+
+#: One phase's results: per seed, its reports (one per forget split).
+Reports = dict[int, list[SplitReport]]
+
+
+def _seed_job(job: dict[str, Any]) -> list[SplitReport]:
+    """One seed's pipeline in a worker process (``jobs`` > 1) or in this one."""
+    import torch
+
+    from perta_lightning.study.pipeline import run_seed
+
+    threads = job.pop("threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("high")
+    return run_seed(**job)
+
+
+def _run_seeds(jobs: list[dict[str, Any]], workers: int) -> Reports:
+    if workers <= 1:
+        return {job["seed"]: _seed_job(dict(job)) for job in jobs}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {job["seed"]: pool.submit(_seed_job, dict(job, threads=threads)) for job in jobs}
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def _of_split(reports: Reports, split: str) -> dict[int, SplitReport]:
+    return {seed: next(r for r in per_split if r.forget_split == split) for seed, per_split in reports.items()}
+
+
+def validation_scores(reports: dict[int, SplitReport], labels: list[str]) -> dict[str, float]:
+    """Mean utility at the levels over seeds (a level not reached counts 0), per variant label."""
+    scores = {}
+    for label in labels:
+        values = [value or 0.0 for report in reports.values() for value in report.matched[label]]
+        scores[label] = sum(values) / len(values)
+    return scores
+
+
+def aggregate(reports: dict[int, SplitReport], families: dict[str, str], levels: list[float]) -> dict[str, Any]:
+    """Test-seed aggregate of each method family: spread at each level and paired differences against TV.
+
+    ``families`` maps a family name (``tv``, ``perta_grad``, ``perta_fisher``, baselines) to the method
+    label it has in the seeds' reports.
+    """
+    per_seed = {family: {seed: report.matched[label] for seed, report in reports.items()}
+                for family, label in families.items()}
+    out: dict[str, Any] = {}
+    for family, label in families.items():
+        at_levels = [asdict(spread([per_seed[family][seed][index] for seed in sorted(reports)]))
+                     for index in range(len(levels))]
+        differences = paired_differences(per_seed[family], per_seed["tv"]) if family != "tv" else []
+        out[family] = {
+            "label": label,
+            "per_seed": {str(seed): values for seed, values in per_seed[family].items()},
+            "at_levels": at_levels,
+            "vs_tv": [asdict(summarize_differences(d, seed=index)) for index, d in enumerate(differences)],
+            "evaluations": {str(seed): report.search_evaluations.get(label, 1) for seed, report in reports.items()},
+            "costs": {str(seed): report.costs.get(label) for seed, report in reports.items()},
+        }
+    return out
+
+
+def _forget_examples(reports: dict[int, SplitReport], folder: Path) -> int | None:
+    """How many forget examples the forgetting axis compares (from a θ_retain evaluation of these seeds)."""
+    for seed, report in sorted(reports.items()):
+        row = next(r for r in report.rows if r["method"] == "retain")
+        try:
+            return len(json.loads((folder / f"seed_{seed}" / row["eval_file"]).read_text())["examples"]["forget"]["index"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _models(reports: Reports) -> dict[str, Any]:
+    """Per seed and split, every evaluated model: method, α, weights digest and evaluation checksum."""
+    return {str(seed): {report.forget_split: [
+        {"method": r["method"], "alpha": r["alpha"], "model_digest": r.get("model_digest"),
+         "eval_checksum": r.get("eval_checksum")} for r in report.rows] for report in per_split}
+        for seed, per_split in reports.items()}
+
+
+def _stage_seconds(folder: Path) -> float:
+    """Seconds of every stage record under ``folder`` (what the study's work cost, however often resumed)."""
+    total = 0.0
+    for path in folder.glob("*/seed_*/stages/**/*.json"):
+        try:
+            total += json.loads(path.read_text())["seconds"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return total
+
+
+def choose(candidates: list[PertaVariant], proposed: list[PertaVariant], scores: dict[str, dict[str, float]]
+           ) -> tuple[dict[str, PertaVariant], dict[str, dict[str, Any]]]:
+    """The best candidate per statistic (ties: the first listed), and per proposed variant whether its
+    validation score beats the candidate chosen for its statistic (then it goes to the test seeds)."""
+    chosen = {}
+    for statistic in sorted({c.statistic for c in candidates}):
+        pool = [c for c in candidates if c.statistic == statistic]
+        chosen[statistic] = max(pool, key=lambda c: scores[c.label]["mean"])
+    decisions = {}
+    for variant in proposed:
+        rival = chosen.get(variant.statistic)
+        rival_score = scores[rival.label]["mean"] if rival is not None else None
+        score = scores[variant.label]["mean"]
+        decisions[variant.label] = {"score": score, "against": rival.label if rival else None,
+                                    "against_score": rival_score,
+                                    "accepted": rival_score is None or score > rival_score}
+    return chosen, decisions
+
+
+def check_study(options: RunOptions, validation_seeds: list[int] | None, test_seeds: list[int] | None,
+                candidates: list[PertaVariant] | None, proposed: list[PertaVariant] | None, importance_at_base: bool,
+                jobs: int, rules: ReplicationRules | None) -> StudyPlan:
+    """Step 1: every option checked (and the run's options resolved) before any stage starts."""
+    validation_seeds = list(validation_seeds if validation_seeds is not None else [100, 101])
+    test_seeds = list(test_seeds if test_seeds is not None else [0, 1, 2])
+    check_seeds("validation_seeds", validation_seeds)
+    check_seeds("test_seeds", test_seeds)
+    check_not_empty("candidates", candidates)
+    if set(validation_seeds) & set(test_seeds):
+        raise PertaValueError(f"validation_seeds {validation_seeds} and test_seeds {test_seeds} overlap: a "
+                              "setting must be reported on seeds other than those that chose it")
+    if not test_seeds:
+        raise PertaValueError("test_seeds is empty")
+    if jobs < 1:
+        raise PertaValueError(f"jobs must be at least 1, got {jobs}")
+    candidates = list(candidates or DEFAULT_CANDIDATES)
+    proposed = list(proposed or [])
+    clash = {v.label for v in proposed} & {c.label for c in candidates}
+    if clash:
+        raise PertaValueError(f"proposed variants {sorted(clash)} are also candidates")
+    return StudyPlan(options, options.resolve(), validation_seeds, test_seeds, candidates, proposed,
+                     importance_at_base, jobs, rules or ReplicationRules())
+
+
+def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaVariant], baselines: list[str],
+          phase: str) -> list[dict[str, Any]]:
+    return [dict(output=folder / f"seed_{seed}", seed=seed, run=plan.run, variants=variants, baselines=baselines,
+                 prefix=f"[{phase} seed {seed}] ") for seed in seeds]
+
+
+def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice, Reports]:
+    """Step 2: run the validation seeds and choose PerTA's settings on them."""
+    if not plan.validation_seeds:
+        chosen = {s: next(c for c in plan.candidates if c.statistic == s) for s in plan.statistics}
+        decisions = {v.label: {"score": None, "against": None, "against_score": None, "accepted": True}
+                     for v in plan.proposed}
+        return Choice(chosen, {}, decisions), {}
+    pool = plan.candidates + plan.proposed
+    reports = _run_seeds(_jobs(plan, out / "validation", plan.validation_seeds, pool, [], "validation"), plan.jobs)
+    labels = [c.label for c in pool]
+    per_split = {split: validation_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
+    scores = {variant.label: {"mean": sum(s[variant.label] for s in per_split.values()) / len(per_split),
+                              **{split: s[variant.label] for split, s in per_split.items()}} for variant in pool}
+    chosen, decisions = choose(plan.candidates, plan.proposed, scores)
+    return Choice(chosen, scores, decisions), reports
+
+
+def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list[PertaVariant]]:
+    """The families the test seeds report (family name → method label) and the variants they run."""
+    families = {"tv": TV, **{f"perta_{s}": choice.chosen[s].label for s in plan.statistics}}
+    variants = [choice.chosen[s] for s in plan.statistics]
+    if plan.importance_at_base:
+        for s in plan.statistics:
+            other = "base" if choice.chosen[s].importance_at == "full" else "full"
+            families[f"perta_{s}_at_{other}"] = choice.chosen[s].at(other).label
+            variants.append(choice.chosen[s].at(other))
+    for variant in plan.proposed:
+        if choice.decisions[variant.label]["accepted"]:
+            families[f"proposed_{variant.label}"] = variant.label
+            variants.append(variant)
+    families.update({b: b for b in plan.run.baselines})
+    return families, variants
+
+
+def run_test_seeds(plan: StudyPlan, choice: Choice, out: Path) -> tuple[dict[str, str], Reports]:
+    """Step 3: run the test seeds with the chosen settings, TV and the baselines."""
+    families, variants = test_families(plan, choice)
+    return families, _run_seeds(_jobs(plan, out / "test", plan.test_seeds, variants, plan.run.baselines, "test"),
+                                plan.jobs)
+
+
+def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], validation: Reports, test: Reports,
+                out: Path, started: float) -> dict[str, Any]:
+    """Step 4: aggregate the test seeds and write ``study.json``, ``study.md``, ``study.png``, ``replication.json``
+    and ``REPLICATION.md``."""
+    import torch
+
+    from perta_lightning.provenance import machine_info, peak_rss_gib
+    from perta_lightning.study.replication import replication, replication_markdown
+    from perta_lightning.study.study_report import plot_study, study_markdown
+
+    run, options = plan.run, plan.options
+    levels = list(run.search.levels)
+    test_splits, tables = {}, {}
+    for split in run.forget_splits:
+        reports = _of_split(test, split)
+        test_splits[split] = aggregate(reports, families, levels)
+        for name, table in run.benchmark.study_tables({seed: r.rows for seed, r in reports.items()}, families,
+                                                      levels).items():
+            tables.setdefault(name, {})[split] = table
+    result = {
+        "settings": {"benchmark": run.benchmark.name, "preset": options.preset,
+                     "preset_overrides": options.preset_overrides or {}, "levels": levels,
+                     "search": asdict(run.search), "jobs": plan.jobs, "forget_splits": run.forget_splits,
+                     "baselines": run.baselines, "importance_at_base": plan.importance_at_base,
+                     "rules": asdict(plan.rules)},
+        "validation": {"seeds": plan.validation_seeds,
+                       "candidates": [asdict(c) | {"label": c.label} for c in plan.candidates],
+                       "proposed": [asdict(v) | {"label": v.label} | choice.decisions[v.label] for v in plan.proposed],
+                       "scores": choice.scores, "chosen": {s: choice.chosen[s].label for s in plan.statistics}},
+        "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
+                 "forget_examples": {split: _forget_examples(_of_split(test, split), out / "test")
+                                     for split in run.forget_splits}},
+        "machine": machine_info(),
+        "models": {"validation": _models(validation), "test": _models(test)},
+    }
+    threads = torch.get_num_threads() if plan.jobs <= 1 else max(1, (os.cpu_count() or 1) // plan.jobs)
+    result["invocation"] = {"wall_seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib(),
+                            "stage_seconds": _stage_seconds(out), "torch_threads_per_seed": threads}
+    table = replication(result)
+    atomic_write_text(out / "study.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "study.md", study_markdown(result))
+    atomic_write_text(out / "replication.json", json.dumps(table, indent=2))
+    atomic_write_text(out / "REPLICATION.md", replication_markdown(table))
+    plot_study(result, out, out / "study.png")
+    return result
+
+
+def study(
+    options: RunOptions,
+    output: str = "runs/study",
+    validation_seeds: list[int] | None = None,
+    test_seeds: list[int] | None = None,
+    candidates: list[PertaVariant] | None = None,
+    proposed: list[PertaVariant] | None = None,
+    importance_at_base: bool = False,
+    jobs: int = 1,
+    rules: ReplicationRules | None = None,
+) -> Path:
+    """Run the multi-seed PerTA study with held-out choice of PerTA's settings; return the output folder.
+
+    Args:
+        options: the benchmark, its data, the preset, the baselines, the α search and the runtime of every seed
+            (:class:`~perta_lightning.study.options.RunOptions`; top-level keys of the config).
+        output: folder of the study; each seed's run lives in ``<output>/<validation|test>/seed_<s>``.
+        validation_seeds: seeds on which the candidates are compared (default ``[100, 101]``).
+        test_seeds: seeds on which the chosen settings are reported (default ``[0, 1, 2]``); must not overlap
+            the validation seeds.
+        candidates: PerTA variants compared on the validation seeds; the best grad and the best Fisher
+            variant go to the test seeds (default: grad and Fisher with β = 1 and β = 16).
+        proposed: this project's own variants, run on the validation seeds beside the candidates; each goes
+            to the test seeds only if its validation score beats the candidate chosen for its statistic.
+        importance_at_base: the test seeds also run each chosen variant with importance at the other model
+            (θ0 for θ_full), for the θ0-against-θ_full comparison of the replication table.
+        jobs: seeds run at once, in separate processes sharing the cores (float kernels then run with fewer
+            threads, so figures can differ in the last digits from ``jobs: 1``; resume with the same value).
+        rules: the numbers of the replication table's verdict rules, fixed before the run.
+    """
+    import torch
+
+    started = time.perf_counter()
+    torch.set_float32_matmul_precision("high")  # as every seed's process sets it (recorded in "machine")
+    plan = check_study(options, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs, rules)
+    out = Path(output)
+    choice, validation = choose_settings(plan, out)
+    families, test = run_test_seeds(plan, choice, out)
+    write_study(plan, choice, families, validation, test, out, started)
+    return out
+
+
+def build_parser() -> Any:
+    from perta_lightning.arguments import function_parser
+
+    return function_parser(study, "perta study", RunOptions)
+
+
+def cli_main(argv: list[str]) -> None:
+    from perta_lightning.arguments import call_with_arguments
+
+    out = call_with_arguments(build_parser(), study, argv, RunOptions)
+    print(f"[perta study] {out / 'study.md'}")
