@@ -412,6 +412,20 @@ def from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
         ) from error
 
 
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+    """Load a Hugging Face tokenizer; set the pad token to EOS when it has none. Errors name the path."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(name_or_path) and not any(
+        (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        raise PertaFileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(
     model: str | None, model_config: dict[str, Any] | None, torch_dtype: str = "float32", seed: int = 0
 ) -> torch.nn.Module:
@@ -465,8 +479,6 @@ def save_hf_directory(
     with atomic_directory(output_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer_path is not None:
-            from perta_lightning.data.formatting import load_tokenizer
-
             load_tokenizer(tokenizer_path).save_pretrained(tmp)
         if hparams is not None:
             Path(tmp, "perta_hparams.json").write_text(json.dumps(hparams, indent=2, default=repr))

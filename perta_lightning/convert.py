@@ -126,10 +126,3 @@ class ConvertGGUF(Stage):
         out = runner.root / self.name
         gguf_to_hf(str(resolve_gguf(self.gguf)), str(out), self.torch_dtype, overwrite=True)
         return {"model": out}
-
-
-def base_stage(base_model: str) -> Stage:
-    """The stage giving θ0 from a ``base_model`` value: a GGUF file is converted, a directory is used as is."""
-    from perta_lightning.study.stages import Pretrained
-
-    return ConvertGGUF(base_model) if is_gguf(base_model) else Pretrained(base_model)

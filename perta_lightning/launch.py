@@ -21,6 +21,34 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+#: Class paths that moved when each benchmark got its own folder: a config written before names the old one.
+MOVED = {
+    "perta_lightning.evaluate.TofuEvaluator": "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator",
+    "perta_lightning.data.evaluation.TofuEvalDataModule": "perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule",
+    "perta_lightning.muse_evaluate.MuseEvaluator": "perta_lightning.benchmarks.muse.evaluator.MuseEvaluator",
+    "perta_lightning.data.muse_evaluation.MuseEvalDataModule":
+        "perta_lightning.benchmarks.muse.evaluation.MuseEvalDataModule",
+}
+
+
+def check_moved_class_paths(args: list[str]) -> None:
+    """Refuse, naming the new path, a command line or ``--config`` file that names a class by its old path."""
+    from pathlib import Path
+
+    from perta_lightning.errors import PertaValueError
+
+    texts = []
+    for index, arg in enumerate(args):
+        texts.append((arg, "the command line"))
+        path = args[index + 1] if arg == "--config" and index + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path is not None and Path(path).is_file():
+            texts.append((Path(path).read_text(errors="replace"), path))
+    for text, where in texts:
+        for old, new in MOVED.items():
+            if old in text:
+                raise PertaValueError(f"{where}: class_path {old} has moved to {new}")
+
 
 class NameTheFailingRank(Callback):
     """Marks an exception raised during a run of several processes with the rank it was raised on
@@ -44,6 +72,7 @@ class PertaCLI(LightningCLI):
         super().__init__(*args, trainer_defaults=defaults, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        check_moved_class_paths([str(arg) for arg in args])
         self.config = parser.parse_args(args)
 
 

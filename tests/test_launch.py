@@ -347,3 +347,47 @@ def test_a_dying_rank_fails_the_command_fast_and_is_named(work):
     assert elapsed < 60, f"the command took {elapsed:.0f} s to fail"
     assert "perta importance: error: rank 1 of 2: RuntimeError: injected failure on global rank 1" in run.stderr
     assert not (work["cwd"] / "importance_dies" / "forget.safetensors").exists()
+
+
+# ---- the stages perta pipeline and perta study run, on two devices
+
+
+def test_pipeline_stages_on_two_devices(work, importance_reference, evaluation_reference, tmp_path):
+    """With ``devices: 2`` a study's training, importance and evaluation stages each run as their own ``perta``
+    command on two processes (``stages/commands/`` keeps each config and log): importance is one process's,
+    the evaluation file one process's, the fine-tuned model a model of two processes."""
+    from perta_lightning.benchmarks.tofu.benchmark import TofuEvaluation
+    from perta_lightning.benchmarks.tofu.source import TofuSource
+    from perta_lightning.stages import Product, StageRunner
+    from perta_lightning.study.options import Runtime
+    from perta_lightning.study.stages import Data, Evaluate, FineTune, Importance, Pretrained
+
+    two = Runtime("cpu", 2)
+    data = Data(given=TofuSource(path=str(work["data"])))
+    base = Pretrained(str(work["model"]))
+    tuned = FineTune("models/tuned", base, data, ["forget10"], 1, 1e-3, 4, runtime=two)
+    importance = Importance("importance", base, data, "fisher", "example", "forget10", "retain90", 6, runtime=two)
+    evaluation = Evaluate("eval/base", Product(base), data, TofuEvaluation("forget10", 8, batch_size=4), runtime=two)
+    runner = StageRunner(tmp_path, seed=0)
+    runner.run_all([base, tuned, importance, evaluation])
+    commands = sorted(p.name for p in (tmp_path / "stages" / "commands").iterdir())
+    assert commands == ["eval__base.json", "eval__base.log", "importance.json", "importance.log",
+                        "models__tuned.json", "models__tuned.log"]
+    assert json.loads((tmp_path / "models/tuned/perta_hparams.json").read_text())["trainer"]["world_size"] == 2
+    # the stage subsamples with its own seed: compare with one process on the same examples
+    one = tmp_path / "importance_one"
+    in_process(importance_args(work, str(one)) + ["--data.subsample_seed", str(json.loads(
+        (tmp_path / "stages/commands/importance.json").read_text())["data"]["init_args"]["subsample_seed"])],
+        work["cwd"])
+    assert_importance_equal(tmp_path / "importance", one)
+    result = json.loads((tmp_path / "eval/base.json").read_text())
+    assert result["settings"]["world_size"] == 2
+    single = StageRunner(tmp_path / "one", seed=0)
+    one_process = Evaluate("eval/base", Product(base), data, TofuEvaluation("forget10", 8, batch_size=4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single.run_all([base, one_process])
+    finally:
+        torch.set_num_threads(threads)
+    assert_evaluation_equal(result, json.loads((tmp_path / "one/eval/base.json").read_text()))

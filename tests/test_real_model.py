@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from perta_lightning.convert import SMOLLM2_GGUF, ConvertGGUF, base_stage, resolve_gguf
+from perta_lightning.convert import SMOLLM2_GGUF, ConvertGGUF, resolve_gguf
 from perta_lightning.stages import Product, StageRunner
+from perta_lightning.study.graph import base_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_eval import naive_evaluate  # noqa: E402

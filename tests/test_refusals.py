@@ -123,3 +123,14 @@ def test_replication_table_of_a_folder_that_holds_no_study(tmp_path):
         assert run.returncode == 2, run.stderr
         assert run.stderr.count("\n") == 1 and expected in run.stderr, run.stderr
         assert not (folder / "REPLICATION.md").exists()
+
+
+def test_a_config_naming_a_moved_class_is_refused_naming_the_new_path(capsys, tmp_path, tiny_benchmark):
+    """configs written before the benchmarks had their own folders name ``perta_lightning.evaluate.TofuEvaluator``."""
+    old = (ROOT / "configs/demo/eval.yaml").read_text().replace(
+        "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator", "perta_lightning.evaluate.TofuEvaluator")
+    config = tmp_path / "old_eval.yaml"
+    config.write_text(old)
+    err = refused(["test", "--config", config, "--data.source.path", tiny_benchmark], capsys)
+    assert (f"{config}: class_path perta_lightning.evaluate.TofuEvaluator has moved to "
+            "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator") in err

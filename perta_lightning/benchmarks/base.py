@@ -106,6 +106,9 @@ class Benchmark(ABC):
     default_levels: ClassVar[tuple[float, ...]]
     #: the run option that holds a source of this benchmark (``source``, ``muse_source``).
     source_option: ClassVar[str] = "source"
+    #: whether its stages can run as ``perta`` commands on several devices (``devices`` > 1): its training data
+    #: must be a TOFU-format source (question/answer rows) and its :meth:`Evaluation.command` a ``perta test`` config.
+    launches_stages: ClassVar[bool] = False
     #: ``perta data <command>`` writes the synthetic data (``None``: no such command).
     data_command: ClassVar[str | None] = None
     #: report columns beside method, α and the two axes (keys of :meth:`report_row`), and their headings.

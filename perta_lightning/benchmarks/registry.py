@@ -1,7 +1,8 @@
 """The benchmarks by name: the one place a benchmark's name is looked up.
 
 :data:`BENCHMARKS` maps the name a config gives (``benchmark: muse``) to the :class:`~perta_lightning.benchmarks.base.Benchmark`
-that implements it; adding a benchmark is its own folder beside ``tofu/`` and ``muse/`` and one entry here.
+that implements it; adding a benchmark is its own folder beside ``tofu/`` and ``muse/`` and one entry here (or,
+outside this package, the import path of its class in the config: ``benchmark: my_package.MyBenchmark``).
 ``perta data`` and ``perta summarize`` dispatch through it too.
 """
 
@@ -19,13 +20,26 @@ BENCHMARKS: dict[str, Benchmark] = {"tofu": TofuBenchmark(), "muse": MuseBenchma
 
 
 def benchmark(name: str | Benchmark) -> Benchmark:
-    """The benchmark called ``name`` (a :class:`Benchmark` is returned as it is); an unknown name is refused,
-    listing the known ones."""
+    """The benchmark called ``name``: a name of :data:`BENCHMARKS`, or the import path of a
+    :class:`Benchmark` subclass of your own (``my_package.benchmarks.MyBenchmark``); a :class:`Benchmark` is
+    returned as it is. Anything else is refused, listing the known names."""
     if isinstance(name, Benchmark):
         return name
-    if name not in BENCHMARKS:
-        raise PertaValueError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {name!r}")
-    return BENCHMARKS[name]
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    module, _, attribute = name.rpartition(".")
+    if module:
+        import importlib
+
+        try:
+            found = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as error:
+            raise PertaValueError(f"benchmark: cannot import {name!r} ({error})") from error
+        if isinstance(found, type) and issubclass(found, Benchmark):
+            return found()
+        raise PertaValueError(f"benchmark: {name!r} is not a subclass of perta_lightning.benchmarks.base.Benchmark")
+    raise PertaValueError(f"benchmark must be one of {sorted(BENCHMARKS)} or the import path of a Benchmark "
+                          f"subclass, got {name!r}")
 
 
 def benchmark_of(record: dict[str, Any]) -> Benchmark:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from typing import Any
 
 import torch
 
-from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.checkpoints import load_tokenizer
+from perta_lightning.errors import PertaValueError
 
 # IGNORE_INDEX, the label no loss or score counts (prompt and padding), is defined once beside the
 # losses, because functional/ imports nothing of the package outside it; data modules import it from here.
@@ -250,19 +250,3 @@ def collate_examples(examples: Sequence[dict[str, Any]], pad_token_id: int, side
     if "index" in examples[0]:
         batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)
     return batch
-
-
-def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
-    """Load a Hugging Face tokenizer; set the pad token to EOS when it has none. Errors name the path."""
-    from transformers import AutoTokenizer
-
-    if os.path.isdir(name_or_path) and not any(
-        (Path(name_or_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    ):
-        raise PertaFileNotFoundError(f"{name_or_path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    from perta_lightning.checkpoints import from_pretrained
-
-    tokenizer = from_pretrained(AutoTokenizer, name_or_path, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

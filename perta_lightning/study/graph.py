@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from perta_lightning.benchmarks.base import Evaluation, SplitPlan
-from perta_lightning.convert import base_stage
+from perta_lightning.convert import ConvertGGUF, is_gguf
 from perta_lightning.stages import Product, Stage
 from perta_lightning.study.options import PertaVariant, Run
 from perta_lightning.study.stages import (
@@ -31,10 +31,16 @@ from perta_lightning.study.stages import (
     FineTune,
     Importance,
     Pretrain,
+    Pretrained,
     SyntheticData,
     TransformImportance,
     Unlearn,
 )
+
+
+def base_stage(base_model: str) -> Stage:
+    """The stage giving θ0 from a ``base_model`` value: a GGUF file is converted, a directory is used as is."""
+    return ConvertGGUF(base_model) if is_gguf(base_model) else Pretrained(base_model)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
             statistic, where, granularity, n = key
             raw[key] = Importance(f"{at}/importance/{statistic}_at_{where}_{granularity}_n{n}",
                                   full if where == "full" else base, data, statistic, granularity,
-                                  plan.forget, plan.retain_for_unlearning, n, max_length=plan.max_length)
+                                  plan.forget, plan.retain_for_unlearning, n, max_length=plan.max_length,
+                                  runtime=runtime)
             importance[(*key, "none")] = raw[key]
         files = v.files_key(p.importance_examples)
         if files not in importance:

@@ -334,6 +334,10 @@ class RunOptions:
         chosen.check_run(source, self.base_model)
         if self.devices < 1:
             raise PertaValueError(f"devices must be at least 1, got {self.devices}")
+        if self.devices > 1 and not chosen.launches_stages:
+            raise PertaValueError(f"devices: {self.devices} runs each stage as its own perta command, which benchmark "
+                                  f"{chosen.name!r} does not support (its training reads no TOFU-format source); run "
+                                  "its stages on one device each, or by hand with perta fit/importance/test")
         eval_files = None if self.eval_files is None else {
             split: str(Path(path).resolve()) for split, path in self.eval_files.items()}  # resumable from elsewhere
         return Run(chosen, resolve_preset(self.preset, self.preset_overrides), chosen.forget_splits(self.forget_splits),

@@ -70,6 +70,57 @@ def fit(module: Any, source: Any, tokenizer: str, splits: list[str], epochs: int
     trainer.fit(module, data)
 
 
+def _optimizer_config(lr: float) -> dict[str, Any]:
+    """:func:`_adamw` as a config block."""
+    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.01}}
+
+
+def _trainer_config(runtime: Runtime, **options: Any) -> dict[str, Any]:
+    return {"accelerator": runtime.accelerator, "devices": runtime.devices, "precision": runtime.precision,
+            "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+            "enable_progress_bar": False, **options}
+
+
+def _fit_config(model_class: str, model_args: dict[str, Any], source: Any, tokenizer: str, splits: list[str],
+                epochs: int, batch_size: int, runtime: Runtime, seed: int, paired_split: str | None = None,
+                max_length: int | None = None) -> dict[str, Any]:
+    """The ``perta fit`` config of a training stage: what :func:`fit` runs in this process."""
+    from dataclasses import asdict
+
+    from perta_lightning.data.formatting import PromptFormat
+
+    prompt = PromptFormat(tokenizer=tokenizer) if max_length is None else PromptFormat(tokenizer, max_length)
+    return {"seed_everything": seed,
+            "trainer": _trainer_config(runtime, max_epochs=epochs, limit_val_batches=0),
+            "model": {"class_path": model_class, "init_args": model_args},
+            "data": {"class_path": "perta_lightning.data.datamodule.TofuDataModule",
+                     "init_args": {"source": asdict(source), "prompt": asdict(prompt), "train_split": list(splits),
+                                   "paired_split": paired_split, "batch_size": batch_size}}}
+
+
+def launch(runner: StageRunner, name: str, subcommand: str, config: dict[str, Any]) -> None:
+    """Run a stage as ``perta <subcommand> --config <file>``: its own process tree, on every device its config
+    names (Lightning's launcher starts the other ranks by re-running that command line). The config is kept in
+    ``stages/commands/`` and the command's output in a log beside it; a failure is one error naming the log."""
+    import json
+    import subprocess
+
+    from perta_lightning.errors import PertaError
+    from perta_lightning.io import atomic_write_text
+
+    folder = runner.root / "stages" / "commands"
+    stem = name.replace("/", "__")
+    config_file, log = folder / f"{stem}.json", folder / f"{stem}.log"
+    atomic_write_text(config_file, json.dumps(config, indent=2, default=str))
+    with open(log, "w") as handle:
+        done = subprocess.run([sys.executable, "-m", "perta_lightning", subcommand, "--config", str(config_file)],
+                              stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise PertaError(f"stage {name}: perta {subcommand} on {config['trainer']['devices']} devices failed "
+                         f"(exit status {done.returncode}; log {log}): {' / '.join(tail)}")
+
+
 @dataclass(eq=False)
 class SyntheticData(Stage):
     """A benchmark's seeded synthetic data and its BPE tokenizer, under ``data/``."""
@@ -200,8 +251,17 @@ class Pretrain(Stage):
         from perta_lightning.modules.finetune import CausalLMModule
 
         out, tokenizer = runner.root / self.name, runner.path(Product(self.data, "tokenizer"))
+        seed = stage_seed(runner.seed, self.name)
+        if self.runtime.devices > 1:
+            launch(runner, self.name, "fit", _fit_config(
+                "perta_lightning.modules.finetune.CausalLMModule",
+                {"model_config": self.model_config, "tokenizer": str(tokenizer), "output_dir": str(out), "seed": seed,
+                 "optimizer": _optimizer_config(self.lr)},
+                Data(self.data).source(runner), str(tokenizer), list(self.splits), self.epochs, self.batch_size,
+                self.runtime, seed, max_length=self.max_length))
+            return {"model": out}
         module = CausalLMModule(model_config=self.model_config, tokenizer=str(tokenizer), output_dir=str(out),
-                                seed=stage_seed(runner.seed, self.name), optimizer=_adamw(self.lr))
+                                seed=seed, optimizer=_adamw(self.lr))
         fit(module, Data(self.data).source(runner), str(tokenizer), list(self.splits), self.epochs,
             self.batch_size, self.runtime, max_length=self.max_length)
         return {"model": out}
@@ -248,6 +308,13 @@ class FineTune(Stage):
         from perta_lightning.modules.finetune import CausalLMModule
 
         init, out = runner.path(Product(self.init)), runner.root / self.name
+        if self.runtime.devices > 1:
+            launch(runner, self.name, "fit", _fit_config(
+                "perta_lightning.modules.finetune.CausalLMModule",
+                {"model": str(init), "output_dir": str(out), "optimizer": _optimizer_config(self.lr)},
+                self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime,
+                stage_seed(runner.seed, self.name), max_length=self.max_length))
+            return {"model": out}
         module = CausalLMModule(model=str(init), output_dir=str(out), optimizer=_adamw(self.lr))
         fit(module, self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime,
             max_length=self.max_length)
@@ -297,6 +364,14 @@ class Unlearn(Stage):
         from perta_lightning.modules.baselines import UnlearningModule
 
         target, out = runner.path(Product(self.target)), runner.root / self.name
+        if self.runtime.devices > 1:
+            launch(runner, self.name, "fit", _fit_config(
+                "perta_lightning.modules.baselines.UnlearningModule",
+                {"model": str(target), "method": self.method, "output_dir": str(out),
+                 "optimizer": _optimizer_config(self.lr)},
+                self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size, self.runtime,
+                stage_seed(runner.seed, self.name), paired_split=self.retain_split, max_length=self.max_length))
+            return {"model": out}
         module = UnlearningModule(str(target), method=self.method, output_dir=str(out), optimizer=_adamw(self.lr))
         fit(module, self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size,
             self.runtime, paired_split=self.retain_split, max_length=self.max_length)
@@ -325,6 +400,7 @@ class Importance(Stage):
     num_examples: int | None
     cost: float = 1.0
     max_length: int | None = None
+    runtime: Runtime = field(default_factory=Runtime)  # where it runs; not a setting (the statistic is exact)
 
     @property
     def description(self) -> str:
@@ -347,12 +423,34 @@ class Importance(Stage):
         from perta_lightning.modules.importance import estimate_importance
 
         prompt = PromptFormat() if self.max_length is None else PromptFormat(max_length=self.max_length)
+        if self.runtime.devices > 1:
+            return self._launch(runner, prompt)
         written = estimate_importance(
             str(runner.path(Product(self.model))), self.data.source(runner), str(runner.root / self.name),
             statistic=self.statistic, granularity=self.granularity, forget_split=self.forget_split,
             retain_split=self.retain_split, num_examples=self.num_examples,
             subsample_seed=stage_seed(runner.seed, self.name), overwrite=True, prompt=prompt)
         return {"forget": written["forget"], "retain": written["retain"]}
+
+    def _launch(self, runner: StageRunner, prompt: Any) -> dict[str, Path]:
+        """The stage as ``perta importance`` on the runtime's devices (:func:`launch`)."""
+        from dataclasses import asdict
+
+        from perta_lightning.modules.importance import importance_trainer_defaults
+
+        out = runner.root / self.name
+        seed = stage_seed(runner.seed, self.name)
+        launch(runner, self.name, "importance", {
+            "seed_everything": seed,
+            "trainer": {**importance_trainer_defaults(), **_trainer_config(self.runtime, precision="32-true")},
+            "model": {"class_path": "perta_lightning.modules.importance.ImportanceModule",
+                      "init_args": {"model": str(runner.path(Product(self.model))), "output_dir": str(out),
+                                    "statistic": self.statistic, "granularity": self.granularity, "overwrite": True}},
+            "data": {"class_path": "perta_lightning.data.importance.ImportanceDataModule",
+                     "init_args": {"source": asdict(self.data.source(runner)), "prompt": asdict(prompt),
+                                   "forget_split": self.forget_split, "retain_split": self.retain_split,
+                                   "num_examples": self.num_examples, "subsample_seed": seed}}})
+        return {key: out / f"{key}.safetensors" for key in ("forget", "retain")}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
         """One forward and backward per importance example of each split (batch Fisher as well)."""
@@ -502,7 +600,14 @@ class Evaluate(Stage):
 
     def run(self, runner: StageRunner) -> dict[str, Path]:
         out = runner.root / f"{self.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
+        if self.runtime.devices > 1:
+            config = self.evaluation.command(str(runner.path(self.model)), self.data.source(runner), str(out),
+                                             reference, self.runtime.eval_dtype)
+            launch(runner, self.name, "test", {"seed_everything": 0,
+                                              "trainer": _trainer_config(self.runtime, precision="32-true"), **config})
+            return {"eval": out}
         self.evaluation.run(str(runner.path(self.model)), self.data.source(runner), str(out), reference,
                             self.runtime.accelerator, self.runtime.devices, self.runtime.eval_dtype)
         return {"eval": out}

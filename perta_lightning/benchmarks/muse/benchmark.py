@@ -21,6 +21,8 @@ from perta_lightning.benchmarks.muse.splits import PRETRAIN_BACKGROUND
 from perta_lightning.errors import PertaValueError
 
 FORGET, RETAIN, RETAINED = "raw/forget", "raw/retain1", ("raw/retain1", "raw/retain2")
+#: The key of MUSE's table of its four metrics in a study's ``test`` result (``study.json``).
+TABLE = "muse"
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,14 @@ class MuseBenchmark(Benchmark):
                      levels: list[float]) -> dict[str, Any]:
         from perta_lightning.benchmarks.muse.summary import muse_table
 
-        return {"muse": muse_table(rows, families, levels, self.axes)}
+        return {TABLE: muse_table(rows, families, levels, self.axes)}
 
     def study_markdown(self, test: dict[str, Any], split: str, levels: list[float], seeds: int) -> list[str]:
         from perta_lightning.benchmarks.muse.summary import muse_table_markdown
 
-        if split not in test.get("muse", {}):
+        if split not in test.get(TABLE, {}):
             return []
         return [f"### {split}: MUSE's metrics", "",
                 "Means over the test seeds of each model's VerbMem and KnowMem (ROUGE-L F1) and PrivLeak (%); TV "
                 "and PerTA by the model the matched comparison chose at each level.", ""] + \
-            muse_table_markdown(test["muse"][split], levels, seeds) + [""]
+            muse_table_markdown(test[TABLE][split], levels, seeds) + [""]

@@ -77,6 +77,7 @@ class TofuBenchmark(Benchmark):
                 "the synthetic benchmark")
     default_levels = (0.01, 0.05, 0.1, 0.3)
     source_option = "source"
+    launches_stages = True
     data_command = "synthetic"
     report_columns = ("forget_rouge", "forget_truth_ratio", "extraction_strength", "retain_rouge")
     report_intro = (
