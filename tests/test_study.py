@@ -226,8 +226,9 @@ def test_the_replication_table_follows_the_study(tiny_study):
              *[r["eval_file"].removesuffix(".json") for r in report["rows"] if r["method"] == label],
              str(Path(report["importance"][label]["forget"]).parent)]
     seconds = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in names)
-    baseline = sum(StageRecord.load(root / RECORD_DIR / f"forget10/{kind}/grad_diff.json").seconds
-                   for kind in ("models", "eval"))
+    # a baseline: its training run and the evaluation of every point of its curve
+    baseline = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in
+                   ["forget10/models/grad_diff", *(f"forget10/eval/grad_diff/epoch_{k}" for k in (1, 2))])
     assert cost_row["per_seed"]["0"] == pytest.approx(seconds / baseline)
     assert report["costs"][label]["backward"] > 0 and report["costs"]["grad_diff"]["backward"] > 0
     # what the numbers rest on: the machine, and the digest of every evaluated model
@@ -242,3 +243,24 @@ def test_the_replication_table_follows_the_study(tiny_study):
     diagnostic = json.loads((root / "forget10" / "diagnostic.json").read_text())
     assert set(diagnostic["variants"]) == set(report["importance"])
     assert 0 < diagnostic["variants"][label]["kept_share"] <= 1
+
+
+def test_a_baseline_is_judged_on_its_curve(tiny_study):
+    """Each baseline is trained once and evaluated after each epoch; the matched table takes the best of those
+    points (and the target's) at each level, exactly as for an α search, and counts its evaluations."""
+    result = json.loads((tiny_study / "study.json").read_text())
+    levels = result["settings"]["levels"]
+    for seed in ("0", "1"):
+        report = json.loads((tiny_study / "test" / f"seed_{seed}" / "forget10" / "report.json").read_text())
+        target = next(r for r in report["rows"] if r["method"] == "target")
+        points = [r for r in report["rows"] if r["method"] == "grad_diff"]
+        assert [r["alpha"] for r in sorted(points, key=lambda r: r["alpha"])] == [1.0, 2.0]  # epochs of tiny
+        assert report["search_evaluations"]["grad_diff"] == 2
+        assert {r["model_dir"] for r in points} == {f"forget10/models/grad_diff/epoch_{k}" for k in (1, 2)}
+        for level, value in zip(levels, report["matched"]["grad_diff"]):
+            reaching = [r["model_utility"] for r in [target, *points]
+                        if r["forget_quality"] >= level and not r.get("collapsed")]
+            assert value == (max(reaching) if reaching else None), (seed, level)
+        assert result["test"]["splits"]["forget10"]["grad_diff"]["evaluations"][seed] == 2
+        cost = report["costs"]["grad_diff"]
+        assert cost["evaluations"] == 2 and cost["stages"] == 3  # one training run, two evaluations

@@ -36,10 +36,10 @@ def test_variant_labels_name_what_differs_from_the_paper():
 
 def _graph(eval_files):
     from perta_lightning.study.graph import seed_graph
-    from perta_lightning.study.options import RunOptions
+    from perta_lightning.study.options import BaselineVariant, RunOptions
 
     run = RunOptions(preset="tiny", eval_files=eval_files).resolve()
-    return seed_graph(run, 0, "forget10", [PertaVariant("grad")], ["grad_diff"])
+    return seed_graph(run, 0, "forget10", [PertaVariant("grad")], [BaselineVariant("grad_diff")])
 
 
 def test_eval_files_reach_the_evaluations_only(tmp_path):

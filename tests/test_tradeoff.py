@@ -123,3 +123,15 @@ def test_search_skips_levels_the_target_already_reaches():
 def test_the_target_point_counts_for_the_matched_rule():
     points = curve((0.0, 0.2, 0.8), (1.0, 0.5, 0.6))
     assert utilities_at_levels(points, [0.1, 0.3]) == [0.8, 0.6]
+
+
+def test_a_curve_of_one_point_is_the_single_model_comparison():
+    """A baseline evaluated once (α None, as before curves) or at its last epoch: the same matched values."""
+    from perta_lightning.functional.tradeoff import method_curves
+
+    rows = [{"method": "target", "family": "reference", "alpha": None, "f": 0.02, "u": 0.8, "collapsed": False},
+            {"method": "grad_diff", "family": "baseline", "alpha": None, "f": 0.2, "u": 0.6, "collapsed": False}]
+    single = utilities_at_levels(method_curves(rows, "f", "u")["grad_diff"], [0.01, 0.1, 0.5])
+    rows[1]["alpha"] = 5.0
+    curve = utilities_at_levels(method_curves(rows, "f", "u")["grad_diff"], [0.01, 0.1, 0.5])
+    assert single == curve == [0.8, 0.6, None]

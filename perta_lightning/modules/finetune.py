@@ -97,16 +97,19 @@ class CausalLMModule(LightningModule):
     def on_train_end(self) -> None:
         # on_train_end, not on_fit_end: the strategy is still set up here (Lightning tears it down, and FSDP
         # frees its flat parameters, before on_fit_end).
-        if self.hparams.output_dir is None:
-            return
+        if self.hparams.output_dir is not None:
+            self.save_to(self.hparams.output_dir)
+
+    def save_to(self, output_dir: str) -> None:
+        """Write the model as it is now as a Hugging Face directory. Every rank calls it: under FSDP and ZeRO-3
+        gathering the weights is a collective; the full state lands on rank zero, which writes."""
         from perta_lightning.distributed import full_state_dict
 
-        # Collective under FSDP and ZeRO-3 (every rank enters it); the full state lands on rank zero only.
         state_dict = full_state_dict(self.trainer.strategy, self)
         save_hf_directory(
             self.model,
             self.tokenizer_path,
-            self.hparams.output_dir,
+            output_dir,
             hparams=self.describe_run(),
             is_global_zero=self.trainer.is_global_zero,
             state_dict=state_dict,

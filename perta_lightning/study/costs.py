@@ -5,7 +5,8 @@ share are charged to each):
 
 * TV: the reinforced model θ_r, every merge round of its α search and every evaluation of the search;
 * a PerTA variant: the same, plus its importance stages (and the stage that transforms them, if any);
-* a training-based baseline: its training and its one evaluation.
+* a training-based baseline: its one training run and the evaluation of every point of its curve (the models it
+  kept along the way), as the α search's evaluations count for TV and PerTA.
 
 Each stage contributes its wall seconds (as its record measured them, on the threads it had) and its
 machine-free counts (:meth:`perta_lightning.stages.Stage.work`): example passes forward and backward, bytes
@@ -79,8 +80,8 @@ def method_costs(root: str | Path, report: dict[str, Any]) -> dict[str, dict[str
     for method in methods:
         rows = [row for row in report["rows"] if row["method"] == method]
         evaluations = [str(Path(row["eval_file"]).with_suffix("").as_posix()) for row in rows]
-        if rows[0]["family"] == "baseline":
-            names = [rows[0]["model_dir"], *evaluations]
+        if rows[0]["family"] == "baseline":  # the points lie in <training stage>/epoch_<k>/
+            names = [re.sub(r"/epoch_\d+$", "", rows[0]["model_dir"]), *evaluations]
         else:
             # a round's models lie in round_<k>/alpha_<α>/, or in round_<k>/ itself when it merged one α
             merges = sorted({re.sub(r"(/round_\d+)/.*$", r"\1", row["model_dir"]) for row in rows})

@@ -10,8 +10,10 @@ Each stage writes one artifact under the seed's run folder (``<split>`` is the p
 5. ``<split>/models/reinforced``: θ_full fine-tuned further on the forget split; τ = θ_r − θ_full;
 6. ``<split>/importance/<statistic>_at_<model>_<granularity>_n<examples>``: forget and retain importance (and a
    transform of it, for this project's variants);
-7. ``<split>/models/<grad_ascent|grad_diff|npo>``: training-based baselines;
-8. ``<split>/eval/retain``, ``<split>/eval/target`` and the baselines' evaluations, by the benchmark's evaluation.
+7. ``<split>/models/<baseline>``: training-based baselines, each trained once, its model kept after several epochs
+   (``epoch_<k>/``): the points of its trade-off curve;
+8. ``<split>/eval/retain``, ``<split>/eval/target`` and each baseline point's evaluation
+   (``<split>/eval/<baseline>/epoch_<k>``), by the benchmark's evaluation.
 
 The α searches' merges and evaluations are added as the search goes (:mod:`perta_lightning.study.pipeline`).
 """
@@ -24,7 +26,7 @@ from typing import Any
 from perta_lightning.benchmarks.base import Evaluation, SplitPlan
 from perta_lightning.convert import ConvertGGUF, is_gguf
 from perta_lightning.stages import Product, Stage
-from perta_lightning.study.options import PertaVariant, Run
+from perta_lightning.study.options import BaselineVariant, PertaVariant, Run
 from perta_lightning.study.stages import (
     Data,
     Evaluate,
@@ -48,7 +50,8 @@ class SeedGraph:
     """The stages of one forget split of one seed, by role, and how to evaluate a further model.
 
     ``importance``: the importance stage each variant's merges read, by :meth:`PertaVariant.files_key`;
-    ``baselines``: each baseline's training stage and its evaluation."""
+    ``baselines``: each baseline's label, training stage and the evaluation of each point of its curve, by the
+    epochs trained."""
 
     plan: SplitPlan
     stages: list[Stage]
@@ -57,7 +60,7 @@ class SeedGraph:
     importance: dict[tuple, Stage]
     reference: Evaluate
     target: Evaluate
-    baselines: list[tuple[Unlearn, Evaluate]]
+    baselines: list[tuple[str, Unlearn, list[tuple[int, Evaluate]]]]
     eval_data: Data
     evaluation: Evaluation
 
@@ -71,7 +74,7 @@ class SeedGraph:
 
 
 def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVariant],
-               baselines: list[str]) -> SeedGraph:
+               baselines: list[BaselineVariant]) -> SeedGraph:
     """The static part of one seed's graph for ``forget_split``, declared once: stages by role, in a valid order."""
     bench, p, runtime = run.benchmark, run.preset, run.runtime
     plan = bench.split_plan(forget_split, p)
@@ -107,16 +110,19 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
         files = v.files_key(p.importance_examples)
         if files not in importance:
             importance[files] = TransformImportance(f"{raw[key].name}_{v.transform}", raw[key], v.transform)
-    unlearned = [Unlearn(f"{at}/models/{method}", full, data, method, plan.forget, plan.retain_for_unlearning,
-                         p.unlearn_epochs, p.unlearn_lr, p.batch_size, runtime, max_length=plan.max_length)
-                 for method in baselines]
+    epochs = run.curve_epochs()
+    unlearned = [Unlearn(f"{at}/models/{b.label}", full, data, b.method, plan.forget, plan.retain_for_unlearning,
+                         p.unlearn_epochs, b.learning_rate(p), p.batch_size, runtime, max_length=plan.max_length,
+                         options=b.options(p), save_epochs=epochs)
+                 for b in baselines]
     evaluation = bench.evaluation(plan, p, source_given=run.source is not None)
     reference = Evaluate(f"{at}/eval/retain", Product(retain), eval_data, evaluation, runtime=runtime)
     target = Evaluate(f"{at}/eval/target", Product(full), eval_data, evaluation, reference=reference, runtime=runtime)
-    baseline_evals = [Evaluate(f"{at}/eval/{u.method}", Product(u), eval_data, evaluation, reference=reference,
-                               runtime=runtime) for u in unlearned]
+    curves = [[(k, Evaluate(f"{at}/eval/{b.label}/epoch_{k}", Product(u, f"epoch_{k}"), eval_data, evaluation,
+                            reference=reference, runtime=runtime)) for k in u.save_epochs]
+              for b, u in zip(baselines, unlearned)]
     stages = [*data.stages, base, full, retain, reinforced, *raw.values(),
               *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,
-              *baseline_evals]
-    return SeedGraph(plan, stages, full, reinforced, importance, reference, target, list(zip(unlearned, baseline_evals)),
-                     eval_data, evaluation)
+              *(evaluate for curve in curves for _, evaluate in curve)]
+    return SeedGraph(plan, stages, full, reinforced, importance, reference, target,
+                     [(b.label, u, curve) for b, u, curve in zip(baselines, unlearned, curves)], eval_data, evaluation)

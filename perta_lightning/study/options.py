@@ -16,7 +16,7 @@ from perta_lightning.benchmarks.base import Benchmark
 from perta_lightning.benchmarks.muse.source import MuseSource
 from perta_lightning.benchmarks.tofu.source import TofuSource
 
-Baseline = Literal["grad_ascent", "grad_diff", "npo"]
+Baseline = Literal["grad_ascent", "grad_diff", "npo", "simnpo", "rmu"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,16 @@ class Preset:
     pretrain_lr: float = 3e-3
     reinforce_lr: float = 1e-3
     unlearn_lr: float = 5e-4
+    # The baselines' own settings, open-unlearning's (configs/trainer/*.yaml at d3d7cf9) where they do not depend
+    # on the model's size: NPO's β 0.1; SimNPO's β 4.5, δ 0 and forget weight γ 0.125; RMU's steering coefficient
+    # 2 on the layer at 7/16 of the depth (open-unlearning steers layer 7 of Llama-3.2-1B's 16), retain weight 1.
+    # open-unlearning unlearns at the learning rate it fine-tunes with (1e-5 for 1B models); the small models here
+    # fine-tune at 2e-3 and learn in a few epochs, so unlearn_lr is a quarter of finetune_lr, and the study's
+    # baseline_candidates try it and four times it on the validation seeds.
+    npo_beta: float = 0.1
+    simnpo_beta: float = 4.5
+    simnpo_gamma: float = 0.125
+    rmu_steering_coeff: float = 2.0
     batch_size: int = 16
     num_background_authors: int = 6
     attribute_values: int | None = None
@@ -280,6 +290,55 @@ class Runtime:
 DEFAULT_BASELINES: list[Baseline] = ["grad_ascent", "grad_diff", "npo"]
 
 
+@dataclass(frozen=True)
+class BaselineVariant:
+    """One setting of a training-based baseline: its method, learning rate and β (NPO's or SimNPO's).
+
+    Args:
+        method: ``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo`` or ``rmu``.
+        lr: learning rate (``None``: the preset's ``unlearn_lr``).
+        beta: NPO's or SimNPO's β (``None``: the preset's ``npo_beta`` / ``simnpo_beta``).
+    """
+
+    method: Baseline
+    lr: float | None = None
+    beta: float | None = None
+
+    def __post_init__(self) -> None:
+        from perta_lightning.errors import PertaValueError
+
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise PertaValueError(f"BaselineVariant: lr must be > 0, got {self.lr}")
+        if self.beta is not None and self.method not in ("npo", "simnpo"):
+            raise PertaValueError(f"BaselineVariant: beta is NPO's and SimNPO's, not {self.method}'s")
+        if self.beta is not None and not self.beta > 0:
+            raise PertaValueError(f"BaselineVariant: beta must be > 0, got {self.beta}")
+
+    @property
+    def label(self) -> str:
+        """The method, and what differs from the preset's settings: ``npo``, ``grad_diff_lr0.002``."""
+        parts = [self.method]
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.beta is not None:
+            parts.append(f"b{self.beta:g}")
+        return "_".join(parts)
+
+    def learning_rate(self, preset: Preset) -> float:
+        return self.lr if self.lr is not None else preset.unlearn_lr
+
+    def options(self, preset: Preset) -> dict[str, Any]:
+        """The unlearning module's options of this setting (beside the learning rate)."""
+        if self.method == "npo":
+            return {"npo_beta": self.beta if self.beta is not None else preset.npo_beta}
+        if self.method == "simnpo":
+            return {"simnpo_beta": self.beta if self.beta is not None else preset.simnpo_beta,
+                    "forget_weight": preset.simnpo_gamma}
+        if self.method == "rmu":
+            return {"rmu_steering_coeff": preset.rmu_steering_coeff}
+        return {}
+
+
 @dataclass
 class RunOptions:
     """What ``perta pipeline`` and ``perta study`` are both given: the benchmark and its data, the preset, the
@@ -294,7 +353,11 @@ class RunOptions:
             corpora; VerbMem, KnowMem and PrivLeak; methods compared by KnowMem on D_r at matched forget score).
             A MUSE run has one forget corpus, reported under ``forget/``.
         forget_splits: TOFU's forget splits studied (default ``[forget10]``); each has its own retain model.
-        baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``).
+        baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``; also
+            ``simnpo`` and ``rmu``), each at the preset's settings.
+        baseline_points: how many models along each baseline's training are evaluated (its trade-off curve): after
+            that many epochs spread evenly over the preset's ``unlearn_epochs``, the last included (``None``: after
+            every epoch). Compare with the α search's evaluations per method.
         search: the α search and the levels methods are compared at (default: the benchmark's levels).
         source: the TOFU source; by default the preset's synthetic benchmark, written to ``<output>/data``.
         muse_source: with ``benchmark: muse``, the MUSE source (hub, folder); by default the preset's synthetic
@@ -315,6 +378,7 @@ class RunOptions:
     benchmark: str = "tofu"
     forget_splits: list[str] | None = None
     baselines: list[Baseline] | None = None
+    baseline_points: int | None = None
     search: AlphaSearch | None = None
     source: TofuSource | None = None
     muse_source: MuseSource | None = None
@@ -332,6 +396,8 @@ class RunOptions:
         chosen = benchmark(self.benchmark)
         source = check_source_options(chosen, {"source": self.source, "muse_source": self.muse_source})
         chosen.check_run(source, self.base_model)
+        if self.baseline_points is not None and self.baseline_points < 1:
+            raise PertaValueError(f"baseline_points must be at least 1, got {self.baseline_points}")
         if self.devices < 1:
             raise PertaValueError(f"devices must be at least 1, got {self.devices}")
         if self.devices > 1 and not chosen.launches_stages:
@@ -341,9 +407,9 @@ class RunOptions:
         eval_files = None if self.eval_files is None else {
             split: str(Path(path).resolve()) for split, path in self.eval_files.items()}  # resumable from elsewhere
         return Run(chosen, resolve_preset(self.preset, self.preset_overrides), chosen.forget_splits(self.forget_splits),
-                   list(self.baselines if self.baselines is not None else DEFAULT_BASELINES),
+                   [BaselineVariant(m) for m in (self.baselines if self.baselines is not None else DEFAULT_BASELINES)],
                    self.search or AlphaSearch(levels=list(chosen.default_levels)), source, eval_files,
-                   self.base_model, Runtime(self.accelerator, self.devices, self.precision))
+                   self.base_model, Runtime(self.accelerator, self.devices, self.precision), self.baseline_points)
 
 
 @dataclass(frozen=True)
@@ -355,9 +421,17 @@ class Run:
     benchmark: Benchmark
     preset: Preset
     forget_splits: list[str]
-    baselines: list[Baseline]
+    baselines: list[BaselineVariant]
     search: AlphaSearch
     source: Any
     eval_files: dict[str, str] | None
     base_model: str | None
     runtime: Runtime
+    baseline_points: int | None = None
+
+    def curve_epochs(self) -> list[int]:
+        """The epochs after which a baseline's model is evaluated: ``baseline_points`` of them spread evenly over
+        ``unlearn_epochs``, the last always among them."""
+        total = self.preset.unlearn_epochs
+        points = min(total, self.baseline_points or total)
+        return sorted({max(1, round(total * k / points)) for k in range(1, points + 1)})

@@ -18,6 +18,7 @@ from perta_lightning.stages import Product, Progress, StageRunner
 from perta_lightning.study.graph import SeedGraph, seed_graph
 from perta_lightning.study.options import (
     AlphaSearch,
+    BaselineVariant,
     PertaVariant,
     ResultRow,
     Run,
@@ -74,7 +75,7 @@ def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family
 
 
 def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants: list[PertaVariant],
-           baselines: list[str], include_tv: bool, output: Path) -> SplitReport:
+           baselines: list[BaselineVariant], include_tv: bool, output: Path) -> SplitReport:
     """One forget split of a seed: its graph, every method's search, and its report."""
     graph = seed_graph(run, seed, forget_split, variants, baselines)
     stages = [s for s in graph.stages if s.name not in runner.records]
@@ -85,15 +86,19 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
     rows = [ResultRow("retain", "reference", None, runner.path(Product(graph.reference.model.stage)), reference_file,
                       reference_file),
             ResultRow("target", "reference", None, runner.path(Product(graph.full)), target_file, reference_file)]
-    for unlearn, evaluation in graph.baselines:
-        rows.append(ResultRow(unlearn.method, "baseline", None, runner.path(Product(unlearn)),
-                              runner.path(Product(evaluation, "eval")), reference_file, runner.records[unlearn.name].seconds))
+    counts = {}
+    for label, unlearn, curve in graph.baselines:  # the points of each baseline's curve, by the epochs trained
+        seconds = runner.records[unlearn.name].seconds
+        for epoch, evaluation in curve:
+            rows.append(ResultRow(label, "baseline", float(epoch), runner.path(Product(unlearn, f"epoch_{epoch}")),
+                                  runner.path(Product(evaluation, "eval")), reference_file,
+                                  seconds * epoch / unlearn.epochs))
+        counts[label] = len(curve)
     summary = run.benchmark.summarize(target_file, reference_file)
     target = CurvePoint(0.0, summary[run.benchmark.axes.forget_key], summary[run.benchmark.axes.utility_key])
     methods = ([("tv", "tv", None)] if include_tv else []) + [(v.label, f"perta_{v.statistic}", v) for v in variants]
     per_method = len(run.search.initial) + run.search.rounds
     runner.progress.expect(len(methods) * (2 * per_method), len(methods) * per_method * 0.4)
-    counts = {}
     for method, family, variant in methods:
         method_rows, counts[method] = _search(runner, run, graph, method, family, variant, target)
         rows += method_rows
@@ -103,7 +108,7 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
     return write_report(result, run.benchmark, variants, run.search, used, runner, graph.reinforced)
 
 
-def run_seed(output: Path, seed: int, run: Run, variants: list[PertaVariant], baselines: list[str],
+def run_seed(output: Path, seed: int, run: Run, variants: list[PertaVariant], baselines: list[BaselineVariant],
              include_tv: bool = True, prefix: str = "") -> list[SplitReport]:
     """Run one seed's graph under ``output`` for each forget split; write each split's report and return them."""
     from perta_lightning.callbacks.progress import quiet_dependencies

@@ -42,7 +42,7 @@ from perta_lightning.functional.tofu_metrics import forget_quality_ladder
 FORMAT = "perta-replication/1"
 POOLED = "pooled"
 NAMES = {"tv": "TV", "perta_grad": "PerTA-grad", "perta_fisher": "PerTA-fisher", "grad_ascent": "GradAscent",
-         "grad_diff": "GradDiff", "npo": "NPO", "perta_grad_at_base": "PerTA-grad at θ0",
+         "grad_diff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU", "perta_grad_at_base": "PerTA-grad at θ0",
          "perta_fisher_at_base": "PerTA-fisher at θ0", "perta_grad_at_full": "PerTA-grad at θ_full",
          "perta_fisher_at_full": "PerTA-fisher at θ_full"}
 

@@ -95,7 +95,9 @@ def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[s
              f"{platform.processor() or platform.system()}; torch {torch.__version__}.", "",
              f"Settings: `{json.dumps(settings)}`", "", benchmark.report_intro, "",
              f"## {ax.utility_name} at matched {ax.forget_name}", "",
-             f"The best non-collapsed model whose {ax.forget_name} reaches the level; – where none does.", "",
+             f"The best non-collapsed model whose {ax.forget_name} reaches the level; – where none does. A "
+             "method's evaluations: the α search's probes (TV, PerTA), or the points along a baseline's training "
+             "(its α column: the epochs it trained).", "",
              "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations |",
              "|---|" + "---|" * (len(levels) + 1)]
     for method, values in at_levels.items():

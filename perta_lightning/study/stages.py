@@ -327,12 +327,15 @@ class FineTune(Stage):
 
 @dataclass(eq=False)
 class Unlearn(Stage):
-    """A training-based unlearning baseline (GradAscent, GradDiff, NPO) from the target model."""
+    """A training-based unlearning baseline from the target model, trained once for ``epochs``: the model after each
+    of ``save_epochs`` is a point of its trade-off curve (products ``epoch_<k>``, folders ``<name>/epoch_<k>``).
+
+    ``options``: the unlearning module's options of the method (NPO's β, SimNPO's β and γ, RMU's steering)."""
 
     name: str
     target: Stage
     data: Data
-    method: Literal["grad_ascent", "grad_diff", "npo"]
+    method: Literal["grad_ascent", "grad_diff", "npo", "simnpo", "rmu"]
     forget_split: str
     retain_split: str
     epochs: int
@@ -340,9 +343,12 @@ class Unlearn(Stage):
     batch_size: int
     runtime: Runtime = field(default_factory=Runtime)
     max_length: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    save_epochs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.cost = 0.3 * self.epochs
+        self.save_epochs = sorted(set(self.save_epochs or [self.epochs]))
 
     @property
     def description(self) -> str:
@@ -355,6 +361,7 @@ class Unlearn(Stage):
     def settings(self) -> dict[str, Any]:
         return {"data": self.data.settings(), "method": self.method, "forget": self.forget_split,
                 "retain": self.retain_split, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "options": self.options, "save_epochs": self.save_epochs,
                 **self.runtime.settings(), **_text_settings((), (), self.max_length)}
 
     def outputs(self) -> list[Path]:
@@ -364,26 +371,27 @@ class Unlearn(Stage):
         from perta_lightning.modules.baselines import UnlearningModule
 
         target, out = runner.path(Product(self.target)), runner.root / self.name
+        products = {f"epoch_{k}": out / f"epoch_{k}" for k in self.save_epochs}
+        args = {"method": self.method, "save_epochs": self.save_epochs, "epoch_dir": str(out), **self.options}
         if self.runtime.devices > 1:
             launch(runner, self.name, "fit", _fit_config(
                 "perta_lightning.modules.baselines.UnlearningModule",
-                {"model": str(target), "method": self.method, "output_dir": str(out),
-                 "optimizer": _optimizer_config(self.lr)},
+                {"model": str(target), **args, "optimizer": _optimizer_config(self.lr)},
                 self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size, self.runtime,
                 stage_seed(runner.seed, self.name), paired_split=self.retain_split, max_length=self.max_length))
-            return {"model": out}
-        module = UnlearningModule(str(target), method=self.method, output_dir=str(out), optimizer=_adamw(self.lr))
+            return products
+        module = UnlearningModule(str(target), optimizer=_adamw(self.lr), **args)
         fit(module, self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size,
             self.runtime, paired_split=self.retain_split, max_length=self.max_length)
-        return {"model": out}
+        return products
 
     def work(self, runner: StageRunner) -> dict[str, float]:
-        """GradAscent: the forget examples; GradDiff and NPO: as many retain examples beside them (the
-        retain split is cycled to the forget split's length); NPO: one more forward of the frozen reference."""
+        """GradAscent: the forget examples; the others: as many retain examples beside them (the retain split
+        is cycled to the forget split's length); NPO and RMU: one more forward of the frozen reference."""
         forget = self.epochs * _rows(self.data.source(runner), self.forget_split)
         if self.method == "grad_ascent":
             return _passes(forget)
-        return _passes(2 * forget, forget if self.method == "npo" else 0.0)
+        return _passes(2 * forget, forget if self.method in ("npo", "rmu") else 0.0)
 
 
 @dataclass(eq=False)

@@ -9,8 +9,8 @@
    (``proposed``) run beside the candidates; one goes to the test seeds only when its validation score beats
    that of the candidate chosen for its statistic (:func:`choose_settings`).
 3. **Test seeds**, disjoint from the validation seeds, run TV, the chosen variants (with ``importance_at_base``
-   also each at the other model, θ0 instead of θ_full: the pair of claim 2) and the training-based baselines
-   (:func:`run_test_seeds`).
+   also each at the other model, θ0 instead of θ_full: the pair of claim 2) and the training-based baselines, each
+   at its chosen setting and evaluated along its training, its curve (:func:`run_test_seeds`).
 4. **Write**: only the test seeds are aggregated: the utility at each level as mean ± std over the seeds that
    reach it, and the per-seed paired difference against TV with a bootstrap interval and a sign test.
    ``study.json``, ``study.md`` and ``study.png`` say which seeds chose and which were reported; ``study.json``
@@ -39,7 +39,14 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.replication import ReplicationRules
 from perta_lightning.functional.tradeoff import paired_differences, spread, summarize_differences
 from perta_lightning.io import atomic_write_text
-from perta_lightning.study.options import PertaVariant, Run, RunOptions, check_not_empty, check_seeds
+from perta_lightning.study.options import (
+    BaselineVariant,
+    PertaVariant,
+    Run,
+    RunOptions,
+    check_not_empty,
+    check_seeds,
+)
 from perta_lightning.study.split_report import SplitReport
 
 #: The label every merge method has in a seed's report, by the family it is aggregated as.
@@ -63,20 +70,29 @@ class StudyPlan:
     importance_at_base: bool
     jobs: int
     rules: ReplicationRules
+    baseline_candidates: list[BaselineVariant]
 
     @property
     def statistics(self) -> list[str]:
         return sorted({c.statistic for c in self.candidates})
 
+    @property
+    def baseline_methods(self) -> list[str]:
+        return [b.method for b in self.run.baselines]
+
+    def baseline_pool(self, method: str) -> list[BaselineVariant]:
+        return [b for b in self.baseline_candidates if b.method == method]
+
 
 @dataclass(frozen=True)
 class Choice:
-    """What the validation seeds decided: the variant per statistic, each candidate's score, and whether each
-    proposed variant goes on to the test seeds."""
+    """What the validation seeds decided: the variant per statistic, each candidate's score, whether each proposed
+    variant goes on to the test seeds, and each baseline's setting (its own knob, chosen by the same score)."""
 
     chosen: dict[str, PertaVariant]
     scores: dict[str, dict[str, float]]
     decisions: dict[str, dict[str, Any]]
+    baselines: dict[str, BaselineVariant]
 
 
 #: One phase's results: per seed, its reports (one per forget split).
@@ -193,7 +209,8 @@ def choose(candidates: list[PertaVariant], proposed: list[PertaVariant], scores:
 
 def check_study(options: RunOptions, validation_seeds: list[int] | None, test_seeds: list[int] | None,
                 candidates: list[PertaVariant] | None, proposed: list[PertaVariant] | None, importance_at_base: bool,
-                jobs: int, rules: ReplicationRules | None) -> StudyPlan:
+                jobs: int, rules: ReplicationRules | None,
+                baseline_candidates: list[BaselineVariant] | None = None) -> StudyPlan:
     """Step 1: every option checked (and the run's options resolved) before any stage starts."""
     validation_seeds = list(validation_seeds if validation_seeds is not None else [100, 101])
     test_seeds = list(test_seeds if test_seeds is not None else [0, 1, 2])
@@ -212,8 +229,20 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
     clash = {v.label for v in proposed} & {c.label for c in candidates}
     if clash:
         raise PertaValueError(f"proposed variants {sorted(clash)} are also candidates")
-    return StudyPlan(options, options.resolve(), validation_seeds, test_seeds, candidates, proposed,
-                     importance_at_base, jobs, rules or ReplicationRules())
+    run = options.resolve()
+    methods = [b.method for b in run.baselines]
+    given = list(baseline_candidates or [])
+    stray = sorted({b.method for b in given} - set(methods))
+    if stray:
+        raise PertaValueError(f"baseline_candidates: methods {stray} are not among baselines {methods}")
+    labels = [b.label for b in given]
+    if len(set(labels)) != len(labels):
+        raise PertaValueError(f"baseline_candidates: a setting is given twice ({labels})")
+    pool = given + [b for b in run.baselines if b.method not in {g.method for g in given}]
+    if any(len([b for b in pool if b.method == m]) > 1 for m in methods) and not validation_seeds:
+        raise PertaValueError("baseline_candidates: choosing a baseline's setting needs validation_seeds")
+    return StudyPlan(options, run, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs,
+                     rules or ReplicationRules(), pool)
 
 
 def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaVariant], baselines: list[str],
@@ -223,20 +252,28 @@ def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaV
 
 
 def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice, Reports]:
-    """Step 2: run the validation seeds and choose PerTA's settings on them."""
+    """Step 2: run the validation seeds and choose PerTA's settings, and each baseline's where it has several
+    candidates, on them (by the same score: :func:`validation_scores`)."""
+    single = {m: plan.baseline_pool(m)[0] for m in plan.baseline_methods if len(plan.baseline_pool(m)) == 1}
     if not plan.validation_seeds:
         chosen = {s: next(c for c in plan.candidates if c.statistic == s) for s in plan.statistics}
         decisions = {v.label: {"score": None, "against": None, "against_score": None, "accepted": True}
                      for v in plan.proposed}
-        return Choice(chosen, {}, decisions), {}
+        return Choice(chosen, {}, decisions, single), {}
     pool = plan.candidates + plan.proposed
-    reports = _run_seeds(_jobs(plan, out / "validation", plan.validation_seeds, pool, [], "validation"), plan.jobs)
-    labels = [c.label for c in pool]
+    contested = [b for m in plan.baseline_methods if m not in single for b in plan.baseline_pool(m)]
+    reports = _run_seeds(_jobs(plan, out / "validation", plan.validation_seeds, pool, contested, "validation"),
+                         plan.jobs)
+    labels = [c.label for c in pool] + [b.label for b in contested]
     per_split = {split: validation_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
-    scores = {variant.label: {"mean": sum(s[variant.label] for s in per_split.values()) / len(per_split),
-                              **{split: s[variant.label] for split, s in per_split.items()}} for variant in pool}
+    scores = {label: {"mean": sum(s[label] for s in per_split.values()) / len(per_split),
+                      **{split: s[label] for split, s in per_split.items()}} for label in labels}
     chosen, decisions = choose(plan.candidates, plan.proposed, scores)
-    return Choice(chosen, scores, decisions), reports
+    baselines = dict(single)
+    for method in plan.baseline_methods:
+        if method not in single:  # ties: the first listed
+            baselines[method] = max(plan.baseline_pool(method), key=lambda b: scores[b.label]["mean"])
+    return Choice(chosen, scores, decisions, baselines), reports
 
 
 def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list[PertaVariant]]:
@@ -252,15 +289,15 @@ def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list
         if choice.decisions[variant.label]["accepted"]:
             families[f"proposed_{variant.label}"] = variant.label
             variants.append(variant)
-    families.update({b: b for b in plan.run.baselines})
+    families.update({m: choice.baselines[m].label for m in plan.baseline_methods})
     return families, variants
 
 
 def run_test_seeds(plan: StudyPlan, choice: Choice, out: Path) -> tuple[dict[str, str], Reports]:
     """Step 3: run the test seeds with the chosen settings, TV and the baselines."""
     families, variants = test_families(plan, choice)
-    return families, _run_seeds(_jobs(plan, out / "test", plan.test_seeds, variants, plan.run.baselines, "test"),
-                                plan.jobs)
+    baselines = [choice.baselines[m] for m in plan.baseline_methods]
+    return families, _run_seeds(_jobs(plan, out / "test", plan.test_seeds, variants, baselines, "test"), plan.jobs)
 
 
 def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], validation: Reports, test: Reports,
@@ -286,12 +323,14 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
         "settings": {"benchmark": run.benchmark.name, "preset": options.preset,
                      "preset_overrides": options.preset_overrides or {}, "levels": levels,
                      "search": asdict(run.search), "jobs": plan.jobs, "forget_splits": run.forget_splits,
-                     "baselines": run.baselines, "importance_at_base": plan.importance_at_base,
+                     "baselines": plan.baseline_methods, "importance_at_base": plan.importance_at_base,
                      "rules": asdict(plan.rules)},
         "validation": {"seeds": plan.validation_seeds,
                        "candidates": [asdict(c) | {"label": c.label} for c in plan.candidates],
                        "proposed": [asdict(v) | {"label": v.label} | choice.decisions[v.label] for v in plan.proposed],
-                       "scores": choice.scores, "chosen": {s: choice.chosen[s].label for s in plan.statistics}},
+                       "scores": choice.scores, "chosen": {s: choice.chosen[s].label for s in plan.statistics},
+                       "baseline_candidates": [asdict(b) | {"label": b.label} for b in plan.baseline_candidates],
+                       "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods}},
         "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
                  "forget_examples": {split: _forget_examples(_of_split(test, split), out / "test")
                                      for split in run.forget_splits}},
@@ -320,6 +359,7 @@ def study(
     importance_at_base: bool = False,
     jobs: int = 1,
     rules: ReplicationRules | None = None,
+    baseline_candidates: list[BaselineVariant] | None = None,
 ) -> Path:
     """Run the multi-seed PerTA study with held-out choice of PerTA's settings; return the output folder.
 
@@ -339,12 +379,16 @@ def study(
         jobs: seeds run at once, in separate processes sharing the cores (float kernels then run with fewer
             threads, so figures can differ in the last digits from ``jobs: 1``; resume with the same value).
         rules: the numbers of the replication table's verdict rules, fixed before the run.
+        baseline_candidates: settings of the baselines (learning rate, NPO's or SimNPO's β) compared on the
+            validation seeds by the same score as PerTA's; the best of each method goes to the test seeds. A
+            method with none is run at the preset's settings.
     """
     import torch
 
     started = time.perf_counter()
     torch.set_float32_matmul_precision("high")  # as every seed's process sets it (recorded in "machine")
-    plan = check_study(options, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs, rules)
+    plan = check_study(options, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs, rules,
+                       baseline_candidates)
     out = Path(output)
     choice, validation = choose_settings(plan, out)
     families, test = run_test_seeds(plan, choice, out)
