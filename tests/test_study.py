@@ -16,7 +16,7 @@ import pytest
 
 from perta_lightning.functional.tradeoff import CurvePoint, utilities_at_levels
 from perta_lightning.stages import RECORD_DIR
-from perta_lightning.study.options import AlphaSearch, PertaVariant, RunOptions
+from perta_lightning.study.options import AlphaSearch, BaselineVariant, PertaVariant, RunOptions
 from perta_lightning.study.study import study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +24,9 @@ CANDIDATES = [PertaVariant("fisher"), PertaVariant("fisher", beta=16.0)]
 PROPOSED = [PertaVariant("fisher", transform="excess")]
 SEARCH = AlphaSearch(rounds=2)
 RUN = RunOptions(preset="tiny", baselines=["grad_diff"], search=SEARCH)
+BASELINE_CANDIDATES = [BaselineVariant("grad_diff"), BaselineVariant("grad_diff", lr=2e-3)]
 OPTIONS = dict(validation_seeds=[7], test_seeds=[0, 1], candidates=CANDIDATES, proposed=PROPOSED,
-               importance_at_base=True)
+               importance_at_base=True, baseline_candidates=BASELINE_CANDIDATES)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +59,22 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
         assert result["validation"]["scores"][candidate.label]["mean"] == pytest.approx(scores[candidate.label])
     best = max(CANDIDATES, key=lambda c: scores[c.label])
     assert result["validation"]["chosen"] == {"fisher": best.label}
+    # the baseline's learning rate is chosen on the same seeds by the same score, from its curve's points
+    for baseline in BASELINE_CANDIDATES:
+        target = next(r for r in report["rows"] if r["method"] == "target")
+        points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])]
+        points += [CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"], r["collapsed"])
+                   for r in report["rows"] if r["method"] == baseline.label]
+        values = utilities_at_levels(points, levels)
+        scores[baseline.label] = sum(v or 0.0 for v in values) / len(values)
+        assert result["validation"]["scores"][baseline.label]["mean"] == pytest.approx(scores[baseline.label])
+    chosen_baseline = max(BASELINE_CANDIDATES, key=lambda b: scores[b.label])
+    assert result["validation"]["baselines_chosen"] == {"grad_diff": chosen_baseline.label}
     # the proposed variant goes to the test seeds only if it beats the chosen candidate on validation
     accepted = scores[PROPOSED[0].label] > scores[best.label]
     assert result["validation"]["proposed"][0]["accepted"] is accepted
     test_report = json.loads((tiny_study / "test" / "seed_0" / "forget10" / "report.json").read_text())
-    expected = {"retain", "target", "grad_diff", "tv", best.label, best.at("base").label}
+    expected = {"retain", "target", chosen_baseline.label, "tv", best.label, best.at("base").label}
     assert {r["method"] for r in test_report["rows"]} == expected | ({PROPOSED[0].label} if accepted else set())
     assert not (tiny_study / "test" / "seed_7").exists()
 
@@ -72,6 +84,7 @@ def test_the_aggregate_is_finite_and_follows_the_seeds(tiny_study):
     families = result["test"]["splits"]["forget10"]
     proposed = {f"proposed_{PROPOSED[0].label}"} if result["validation"]["proposed"][0]["accepted"] else set()
     assert set(families) == {"tv", "perta_fisher", "perta_fisher_at_base", "grad_diff"} | proposed
+    assert families["grad_diff"]["label"] == result["validation"]["baselines_chosen"]["grad_diff"]
     for family, data in families.items():
         for index, stat in enumerate(data["at_levels"]):
             values = [data["per_seed"][seed][index] for seed in ("0", "1")]
@@ -145,7 +158,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_report(tiny_study, tmp_path):
         "output": str(run), "preset": "tiny", "seed": 0,
         "variants": [{"statistic": v.statistic, "beta": v.beta, "importance_at": v.importance_at,
                       "transform": v.transform} for v in variants],
-        "baselines": ["grad_diff"], "search": {"rounds": SEARCH.rounds}}))
+        "baselines": [next({k: v for k, v in b.items() if k != "label"} for b in validation["baseline_candidates"]
+                           if b["label"] == validation["baselines_chosen"]["grad_diff"])],
+        "search": {"rounds": SEARCH.rounds}}))
     command = [sys.executable, "-m", "perta_lightning", "pipeline", "--config", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = False
@@ -227,10 +242,11 @@ def test_the_replication_table_follows_the_study(tiny_study):
              str(Path(report["importance"][label]["forget"]).parent)]
     seconds = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in names)
     # a baseline: its training run and the evaluation of every point of its curve
+    baseline_label = families["grad_diff"]["label"]
     baseline = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in
-                   ["forget10/models/grad_diff", *(f"forget10/eval/grad_diff/epoch_{k}" for k in (1, 2))])
+                   [f"forget10/models/{baseline_label}", *(f"forget10/eval/{baseline_label}/epoch_{k}" for k in (1, 2))])
     assert cost_row["per_seed"]["0"] == pytest.approx(seconds / baseline)
-    assert report["costs"][label]["backward"] > 0 and report["costs"]["grad_diff"]["backward"] > 0
+    assert report["costs"][label]["backward"] > 0 and report["costs"][baseline_label]["backward"] > 0
     # what the numbers rest on: the machine, and the digest of every evaluated model
     assert result["machine"]["torch"] and result["machine"]["aten_cpu_capability"]
     from perta_lightning.provenance import model_digest
@@ -250,17 +266,18 @@ def test_a_baseline_is_judged_on_its_curve(tiny_study):
     points (and the target's) at each level, exactly as for an α search, and counts its evaluations."""
     result = json.loads((tiny_study / "study.json").read_text())
     levels = result["settings"]["levels"]
+    label = result["validation"]["baselines_chosen"]["grad_diff"]
     for seed in ("0", "1"):
         report = json.loads((tiny_study / "test" / f"seed_{seed}" / "forget10" / "report.json").read_text())
         target = next(r for r in report["rows"] if r["method"] == "target")
-        points = [r for r in report["rows"] if r["method"] == "grad_diff"]
+        points = [r for r in report["rows"] if r["method"] == label]
         assert [r["alpha"] for r in sorted(points, key=lambda r: r["alpha"])] == [1.0, 2.0]  # epochs of tiny
-        assert report["search_evaluations"]["grad_diff"] == 2
-        assert {r["model_dir"] for r in points} == {f"forget10/models/grad_diff/epoch_{k}" for k in (1, 2)}
-        for level, value in zip(levels, report["matched"]["grad_diff"]):
+        assert report["search_evaluations"][label] == 2
+        assert {r["model_dir"] for r in points} == {f"forget10/models/{label}/epoch_{k}" for k in (1, 2)}
+        for level, value in zip(levels, report["matched"][label]):
             reaching = [r["model_utility"] for r in [target, *points]
                         if r["forget_quality"] >= level and not r.get("collapsed")]
             assert value == (max(reaching) if reaching else None), (seed, level)
         assert result["test"]["splits"]["forget10"]["grad_diff"]["evaluations"][seed] == 2
-        cost = report["costs"]["grad_diff"]
+        cost = report["costs"][label]
         assert cost["evaluations"] == 2 and cost["stages"] == 3  # one training run, two evaluations

@@ -354,7 +354,8 @@ class RunOptions:
             A MUSE run has one forget corpus, reported under ``forget/``.
         forget_splits: TOFU's forget splits studied (default ``[forget10]``); each has its own retain model.
         baselines: training-based unlearning baselines (default: ``grad_ascent``, ``grad_diff``, ``npo``; also
-            ``simnpo`` and ``rmu``), each at the preset's settings.
+            ``simnpo`` and ``rmu``), each at the preset's settings, or a setting of one
+            (``{method: npo, lr: 2.0e-3, beta: 0.5}``, a :class:`BaselineVariant`).
         baseline_points: how many models along each baseline's training are evaluated (its trade-off curve): after
             that many epochs spread evenly over the preset's ``unlearn_epochs``, the last included (``None``: after
             every epoch). Compare with the α search's evaluations per method.
@@ -377,7 +378,7 @@ class RunOptions:
     preset_overrides: dict[str, int | float] | None = None
     benchmark: str = "tofu"
     forget_splits: list[str] | None = None
-    baselines: list[Baseline] | None = None
+    baselines: list[Baseline | BaselineVariant] | None = None
     baseline_points: int | None = None
     search: AlphaSearch | None = None
     source: TofuSource | None = None
@@ -407,7 +408,8 @@ class RunOptions:
         eval_files = None if self.eval_files is None else {
             split: str(Path(path).resolve()) for split, path in self.eval_files.items()}  # resumable from elsewhere
         return Run(chosen, resolve_preset(self.preset, self.preset_overrides), chosen.forget_splits(self.forget_splits),
-                   [BaselineVariant(m) for m in (self.baselines if self.baselines is not None else DEFAULT_BASELINES)],
+                   [b if isinstance(b, BaselineVariant) else BaselineVariant(b)
+                    for b in (self.baselines if self.baselines is not None else DEFAULT_BASELINES)],
                    self.search or AlphaSearch(levels=list(chosen.default_levels)), source, eval_files,
                    self.base_model, Runtime(self.accelerator, self.devices, self.precision), self.baseline_points)
 

@@ -231,6 +231,8 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
         raise PertaValueError(f"proposed variants {sorted(clash)} are also candidates")
     run = options.resolve()
     methods = [b.method for b in run.baselines]
+    if len(set(methods)) != len(methods):
+        raise PertaValueError(f"baselines: a method is given twice ({methods}); compare settings with baseline_candidates")
     given = list(baseline_candidates or [])
     stray = sorted({b.method for b in given} - set(methods))
     if stray:
