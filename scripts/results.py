@@ -176,10 +176,61 @@ def muse_parity() -> str:
     return "\n".join(lines) + "\n"
 
 
+def baseline_parity() -> str:
+    """SimNPO's and RMU's losses against open-unlearning's own (``bench/bench_baseline_parity.py``'s JSON)."""
+    data = json.loads((RESULTS / "baseline_parity.json").read_text())
+    lines = [f"open-unlearning at `{data['open_unlearning_commit'][:7]}`; one batch of 3 forget and 3 retain pairs, a "
+             "random 3-layer Llama (RMU on layer 1), at the target and after 5 SGD steps on the forget answers.", "",
+             "| loss | model | theirs | ours | abs difference | their formula from our per-example terms |",
+             "|---|---|---|---|---|---|"]
+    for case, losses in data["cases"].items():
+        for name, entry in losses.items():
+            rebuilt = entry.get("their_formula_from_our_terms")
+            lines.append(f"| {'SimNPO' if name == 'simnpo' else 'RMU'} | {case} | {entry['theirs']:.6g} | "
+                         f"{entry['ours']:.6g} | {entry['abs_diff']:.2g} | "
+                         + ("–" if rebuilt is None else f"{rebuilt:.6g} (differs by {entry['abs_diff_their_formula']:.2g})")
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _claim1_baseline_rows(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Claim 1's rows against a training-based method, by comparison."""
+    return {r["comparison"]: r for r in table["rows"] if r["claim"] == "1" and "TV" not in r["comparison"].split(" vs ")[1]}
+
+
+def _estimate(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "– (not run)"
+    interval = "" if row["interval"] is None else f" [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
+    return f"{row['estimate']:+.3f}{interval}, {row['wins']}–{row['losses']}: {row['verdict']}"
+
+
+def baseline_curves_against_one_point() -> str:
+    """Claim 1 against the training-based methods, judged on one point each (the previous runs, kept in
+    ``bench/results/one_point_baselines/``) and on their curves (the runs now in ``bench/results/``)."""
+    lines = []
+    for name, title, old_file in (("replication", "TOFU, the replication preset", "replication.json"),
+                                  ("muse", "MUSE, the synthetic news study", "muse_replication.json")):
+        old = _claim1_baseline_rows(json.loads((RESULTS / "one_point_baselines" / old_file).read_text()))
+        new = _claim1_baseline_rows(_load(name, "replication.json"))
+        lines += [f"**{title}**: PerTA's edge in the utility kept at matched forgetting, pooled over splits, mean "
+                  "over test seeds [95 % interval], wins–losses: verdict.", "",
+                  "| comparison | one point per baseline | a curve per baseline | verdict changed |", "|---|---|---|---|"]
+        for comparison in list(dict.fromkeys([*old, *new])):
+            before, after = old.get(comparison), new.get(comparison)
+            changed = "new method" if before is None else ("–" if after is None else
+                                                           ("no" if before["verdict"] == after["verdict"] else
+                                                            f"**{before['verdict']} → {after['verdict']}**"))
+            lines.append(f"| {comparison} | {_estimate(before)} | {_estimate(after)} | {changed} |")
+        lines.append("")
+    return "\n".join(lines).strip() + "\n"
+
+
 BLOCKS = {"main-command": main_command, "demo-results": demo_results, "replication": replication_summary,
           "replication-reading": replication_reading,
           "replication-full": replication_full, "diagnostic": diagnostic, "muse-command": muse_command,
-          "muse-results": muse_results, "muse-replication": muse_replication, "muse-parity": muse_parity}
+          "muse-results": muse_results, "muse-replication": muse_replication, "muse-parity": muse_parity,
+          "baseline-parity": baseline_parity, "baseline-curves": baseline_curves_against_one_point}
 
 
 def render_text(text: str) -> str:

@@ -107,9 +107,11 @@ def test_compare_refuses_files_that_are_not_study_results(capsys, tmp_path):
     assert f"{evaluation}: not a study result" in err
 
 
-def replication(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "perta_lightning.study.replication", str(folder)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def replication(folder: Path, module: str = "perta_lightning") -> subprocess.CompletedProcess:
+    """``perta replication FOLDER`` (or, with ``module``, ``python -m <module> FOLDER``)."""
+    command = [sys.executable, "-m", module, *(["replication"] if module == "perta_lightning" else []), str(folder)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_replication_table_of_a_folder_that_holds_no_study(tmp_path):
@@ -134,3 +136,8 @@ def test_a_config_naming_a_moved_class_is_refused_naming_the_new_path(capsys, tm
     err = refused(["test", "--config", config, "--data.source.path", tiny_benchmark], capsys)
     assert (f"{config}: class_path perta_lightning.evaluate.TofuEvaluator has moved to "
             "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator") in err
+
+
+def test_the_old_replication_module_names_the_command_that_replaced_it(tmp_path):
+    run = replication(tmp_path, module="perta_lightning.replication")
+    assert run.returncode == 2 and "perta replication STUDY_DIR" in run.stderr and run.stderr.count("\n") == 1
