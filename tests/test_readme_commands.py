@@ -28,7 +28,8 @@ TIMEOUT = 600
 TINY_RUN = ("--preset tiny --preset_overrides '{pretrain_epochs: 1, finetune_epochs: 1, reinforce_epochs: 1, "
             "unlearn_epochs: 1}' --search.initial '[1.0]' --search.rounds 0")
 TINY_STUDY = (f"{TINY_RUN} --validation_seeds '[]' --test_seeds '[0]' --forget_splits '[forget10]' "
-              "--candidates '[{statistic: fisher}]' --proposed '[]' --baselines '[grad_diff]' --jobs 1")
+              "--candidates '[{statistic: fisher}]' --proposed '[]' --baselines '[grad_diff]' "
+              "--baseline_candidates '[]' --jobs 1")
 TINY_MUSE = TINY_RUN.replace("--preset tiny", "--preset muse_tiny")
 
 #: Lines run with overrides: (the start of the line as written, the overrides added at its end).
@@ -37,7 +38,7 @@ RUN: list[tuple[str, str]] = [
     ("perta study --config configs/demo/study.yaml", TINY_STUDY),  # the main job's command (scripts/demo.sh)
     ("perta study --config configs/demo/muse_study.yaml",
      f"{TINY_MUSE} --validation_seeds '[]' --test_seeds '[0]' --candidates '[{{statistic: fisher}}]' "
-     "--baselines '[]' --jobs 1"),
+     "--baselines '[]' --baseline_candidates '[]' --jobs 1"),
     ("perta pipeline --config configs/demo/muse_pipeline.yaml",
      f"{TINY_MUSE} --variants '[{{statistic: fisher}}]' --baselines '[]'"),
     ("perta data muse-synthetic", ""),
