@@ -80,3 +80,14 @@ def test_eval_files_errors_name_the_key(capsys, tmp_path):
               "--output", str(tmp_path / "p")])
     assert "eval_files[real_authors_perturbed]: no such file" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_the_tradeoff_plot_takes_any_number_of_methods(tmp_path):
+    """A validation seed of the replication plots twenty methods (candidates, variants, baseline settings)."""
+    from perta_lightning.benchmarks.registry import benchmark
+    from perta_lightning.study.split_report import plot_tradeoff
+
+    rows = [{"method": f"method_{i}", "alpha": float(a), "forget_quality": 0.1 * a, "model_utility": 0.5}
+            for i in range(20) for a in (1, 2)]
+    plot_tradeoff(rows, tmp_path / "tradeoff.png", benchmark("tofu").axes)
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

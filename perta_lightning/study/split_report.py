@@ -118,7 +118,8 @@ def plot_tradeoff(table: list[dict[str, Any]], path: Path, axes: Axes) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 5))
     methods = list(dict.fromkeys(row["method"] for row in table))
-    markers = dict(zip(methods, "o*sD^v<>ph+x"))
+    shapes = "o*sD^v<>ph+xd"
+    markers = {method: shapes[index % len(shapes)] for index, method in enumerate(methods)}  # as many as methods
     for method in methods:
         points = [row for row in table if row["method"] == method]
         axis.plot([row[axes.utility_key] for row in points], [max(row[axes.forget_key], 1e-30) for row in points],
