@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fast tests on the declared minimum versions: create (or reuse) .venv-min, install every core dependency
 # at exactly its `>=` floor in pyproject.toml, install perta-lightning without its dependencies, run pytest.
-# CI runs this after the main suite. Extra arguments go to pytest.
+# CI runs this after the main suite. Extra arguments go to pytest. Left out beside the GPU, slow and multi-process
+# tests: the multi-seed study and the README's commands as written (minutes each; the main suite runs them).
 #
 # torch is the exception: its floor (2.6) exists on PyPI only as CUDA builds (~3 GB with their libraries),
 # so this job keeps the CPU build the main suite uses. MIN_TORCH=2.6.0 installs the floor instead.
@@ -39,4 +40,4 @@ python -m pip check
 python -c "import datasets, matplotlib.pyplot, rouge_score.rouge_scorer, scipy.stats"  # the lazily imported ones
 python -m pip list 2>/dev/null | grep -iE "^(torch|lightning|transformers|torchmetrics|datasets|safetensors|jsonargparse|tokenizers|scipy|rouge.score|matplotlib|tqdm|huggingface.hub|numpy) "
 exec python -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not distributed" \
-  --ignore=tests/test_study.py "$@"
+  --ignore=tests/test_study.py --ignore=tests/test_readme_commands.py "$@"
