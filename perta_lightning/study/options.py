@@ -136,7 +136,9 @@ class PertaVariant:
     num_examples: int | None = None
     transform: Literal["none", "rank", "excess"] = "none"
 
-    def __post_init__(self) -> None:
+    def check(self) -> PertaVariant:
+        """Refuse, in one line naming the value, a setting the weight rule cannot take (called before any stage: a
+        check in ``__post_init__`` would reach the user wrapped in jsonargparse's parse error)."""
         from perta_lightning.errors import PertaValueError
 
         if not (math.isfinite(self.beta) and self.beta >= 0):
@@ -149,6 +151,7 @@ class PertaVariant:
         if self.transform == "rank" and (self.beta != 1.0 or self.power != 1.0):
             raise PertaValueError(f"PertaVariant: transform 'rank' sets w itself; beta and power must be 1, got "
                                   f"beta={self.beta}, power={self.power}")
+        return self
 
     def importance_key(self, default_examples: int | None) -> tuple:
         """What decides the raw importance files this variant starts from (variants sharing it share them)."""
@@ -201,7 +204,8 @@ class AlphaSearch:
     ratio: float = 1.5
     alpha_max: float = 256.0
 
-    def __post_init__(self) -> None:
+    def check(self) -> AlphaSearch:
+        """Refuse, in one line naming the key, levels and α a search cannot use (called before any stage)."""
         from perta_lightning.errors import PertaValueError
 
         if not self.levels:
@@ -219,6 +223,7 @@ class AlphaSearch:
             raise PertaValueError(f"search.ratio must be > 1, got {self.ratio}")
         if not self.alpha_max >= max(self.initial):
             raise PertaValueError(f"search.alpha_max {self.alpha_max} is below search.initial {self.initial}")
+        return self
 
 
 def check_seeds(key: str, seeds: list[int]) -> None:
@@ -304,7 +309,8 @@ class BaselineVariant:
     lr: float | None = None
     beta: float | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> BaselineVariant:
+        """Refuse, in one line naming the value, a setting the method cannot take (called before any stage)."""
         from perta_lightning.errors import PertaValueError
 
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -313,6 +319,7 @@ class BaselineVariant:
             raise PertaValueError(f"BaselineVariant: beta is NPO's and SimNPO's, not {self.method}'s")
         if self.beta is not None and not self.beta > 0:
             raise PertaValueError(f"BaselineVariant: beta must be > 0, got {self.beta}")
+        return self
 
     @property
     def label(self) -> str:
@@ -408,9 +415,9 @@ class RunOptions:
         eval_files = None if self.eval_files is None else {
             split: str(Path(path).resolve()) for split, path in self.eval_files.items()}  # resumable from elsewhere
         return Run(chosen, resolve_preset(self.preset, self.preset_overrides), chosen.forget_splits(self.forget_splits),
-                   [b if isinstance(b, BaselineVariant) else BaselineVariant(b)
+                   [(b if isinstance(b, BaselineVariant) else BaselineVariant(b)).check()
                     for b in (self.baselines if self.baselines is not None else DEFAULT_BASELINES)],
-                   self.search or AlphaSearch(levels=list(chosen.default_levels)), source, eval_files,
+                   (self.search or AlphaSearch(levels=list(chosen.default_levels))).check(), source, eval_files,
                    self.base_model, Runtime(self.accelerator, self.devices, self.precision), self.baseline_points)
 
 

@@ -139,6 +139,8 @@ def pipeline(
     """
     check_seeds("seed", [seed])
     check_not_empty("variants", variants)
+    for variant in variants or []:
+        variant.check()
     run = options.resolve()
     run_seed(Path(output), seed, run, list(variants or DEFAULT_VARIANTS), run.baselines, include_tv)
     return Path(output)

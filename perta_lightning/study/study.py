@@ -224,8 +224,8 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
         raise PertaValueError("test_seeds is empty")
     if jobs < 1:
         raise PertaValueError(f"jobs must be at least 1, got {jobs}")
-    candidates = list(candidates or DEFAULT_CANDIDATES)
-    proposed = list(proposed or [])
+    candidates = [c.check() for c in candidates or DEFAULT_CANDIDATES]
+    proposed = [v.check() for v in proposed or []]
     clash = {v.label for v in proposed} & {c.label for c in candidates}
     if clash:
         raise PertaValueError(f"proposed variants {sorted(clash)} are also candidates")
@@ -233,7 +233,7 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
     methods = [b.method for b in run.baselines]
     if len(set(methods)) != len(methods):
         raise PertaValueError(f"baselines: a method is given twice ({methods}); compare settings with baseline_candidates")
-    given = list(baseline_candidates or [])
+    given = [b.check() for b in baseline_candidates or []]
     stray = sorted({b.method for b in given} - set(methods))
     if stray:
         raise PertaValueError(f"baseline_candidates: methods {stray} are not among baselines {methods}")
