@@ -18,6 +18,7 @@ import torch
 
 from perta_lightning.benchmarks.base import Benchmark, Evaluation
 from perta_lightning.stages import Product, Stage, StageRunner, stage_seed
+from perta_lightning.study.commands import fit_config, launch, optimizer_config, trainer_config
 from perta_lightning.study.options import Runtime
 
 
@@ -68,57 +69,6 @@ def fit(module: Any, source: Any, tokenizer: str, splits: list[str], epochs: int
                         enable_checkpointing=False, callbacks=[progress_bar()], enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, data)
-
-
-def _optimizer_config(lr: float) -> dict[str, Any]:
-    """:func:`_adamw` as a config block."""
-    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.01}}
-
-
-def _trainer_config(runtime: Runtime, **options: Any) -> dict[str, Any]:
-    return {"accelerator": runtime.accelerator, "devices": runtime.devices, "precision": runtime.precision,
-            "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-            "enable_progress_bar": False, **options}
-
-
-def _fit_config(model_class: str, model_args: dict[str, Any], source: Any, tokenizer: str, splits: list[str],
-                epochs: int, batch_size: int, runtime: Runtime, seed: int, paired_split: str | None = None,
-                max_length: int | None = None) -> dict[str, Any]:
-    """The ``perta fit`` config of a training stage: what :func:`fit` runs in this process."""
-    from dataclasses import asdict
-
-    from perta_lightning.data.formatting import PromptFormat
-
-    prompt = PromptFormat(tokenizer=tokenizer) if max_length is None else PromptFormat(tokenizer, max_length)
-    return {"seed_everything": seed,
-            "trainer": _trainer_config(runtime, max_epochs=epochs, limit_val_batches=0),
-            "model": {"class_path": model_class, "init_args": model_args},
-            "data": {"class_path": "perta_lightning.data.datamodule.TofuDataModule",
-                     "init_args": {"source": asdict(source), "prompt": asdict(prompt), "train_split": list(splits),
-                                   "paired_split": paired_split, "batch_size": batch_size}}}
-
-
-def launch(runner: StageRunner, name: str, subcommand: str, config: dict[str, Any]) -> None:
-    """Run a stage as ``perta <subcommand> --config <file>``: its own process tree, on every device its config
-    names (Lightning's launcher starts the other ranks by re-running that command line). The config is kept in
-    ``stages/commands/`` and the command's output in a log beside it; a failure is one error naming the log."""
-    import json
-    import subprocess
-
-    from perta_lightning.errors import PertaError
-    from perta_lightning.io import atomic_write_text
-
-    folder = runner.root / "stages" / "commands"
-    stem = name.replace("/", "__")
-    config_file, log = folder / f"{stem}.json", folder / f"{stem}.log"
-    atomic_write_text(config_file, json.dumps(config, indent=2, default=str))
-    with open(log, "w") as handle:
-        done = subprocess.run([sys.executable, "-m", "perta_lightning", subcommand, "--config", str(config_file)],
-                              stdout=handle, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise PertaError(f"stage {name}: perta {subcommand} on {config['trainer']['devices']} devices failed "
-                         f"(exit status {done.returncode}; log {log}): {' / '.join(tail)}")
 
 
 @dataclass(eq=False)
@@ -253,10 +203,10 @@ class Pretrain(Stage):
         out, tokenizer = runner.root / self.name, runner.path(Product(self.data, "tokenizer"))
         seed = stage_seed(runner.seed, self.name)
         if self.runtime.devices > 1:
-            launch(runner, self.name, "fit", _fit_config(
+            launch(runner, self.name, "fit", fit_config(
                 "perta_lightning.modules.finetune.CausalLMModule",
                 {"model_config": self.model_config, "tokenizer": str(tokenizer), "output_dir": str(out), "seed": seed,
-                 "optimizer": _optimizer_config(self.lr)},
+                 "optimizer": optimizer_config(self.lr)},
                 Data(self.data).source(runner), str(tokenizer), list(self.splits), self.epochs, self.batch_size,
                 self.runtime, seed, max_length=self.max_length))
             return {"model": out}
@@ -309,9 +259,9 @@ class FineTune(Stage):
 
         init, out = runner.path(Product(self.init)), runner.root / self.name
         if self.runtime.devices > 1:
-            launch(runner, self.name, "fit", _fit_config(
+            launch(runner, self.name, "fit", fit_config(
                 "perta_lightning.modules.finetune.CausalLMModule",
-                {"model": str(init), "output_dir": str(out), "optimizer": _optimizer_config(self.lr)},
+                {"model": str(init), "output_dir": str(out), "optimizer": optimizer_config(self.lr)},
                 self.data.source(runner), str(init), self.splits, self.epochs, self.batch_size, self.runtime,
                 stage_seed(runner.seed, self.name), max_length=self.max_length))
             return {"model": out}
@@ -374,9 +324,9 @@ class Unlearn(Stage):
         products = {f"epoch_{k}": out / f"epoch_{k}" for k in self.save_epochs}
         args = {"method": self.method, "save_epochs": self.save_epochs, "epoch_dir": str(out), **self.options}
         if self.runtime.devices > 1:
-            launch(runner, self.name, "fit", _fit_config(
+            launch(runner, self.name, "fit", fit_config(
                 "perta_lightning.modules.baselines.UnlearningModule",
-                {"model": str(target), **args, "optimizer": _optimizer_config(self.lr)},
+                {"model": str(target), **args, "optimizer": optimizer_config(self.lr)},
                 self.data.source(runner), str(target), [self.forget_split], self.epochs, self.batch_size, self.runtime,
                 stage_seed(runner.seed, self.name), paired_split=self.retain_split, max_length=self.max_length))
             return products
@@ -450,7 +400,7 @@ class Importance(Stage):
         seed = stage_seed(runner.seed, self.name)
         launch(runner, self.name, "importance", {
             "seed_everything": seed,
-            "trainer": {**importance_trainer_defaults(), **_trainer_config(self.runtime, precision="32-true")},
+            "trainer": {**importance_trainer_defaults(), **trainer_config(self.runtime, precision="32-true")},
             "model": {"class_path": "perta_lightning.modules.importance.ImportanceModule",
                       "init_args": {"model": str(runner.path(Product(self.model))), "output_dir": str(out),
                                     "statistic": self.statistic, "granularity": self.granularity, "overwrite": True}},
@@ -614,7 +564,7 @@ class Evaluate(Stage):
             config = self.evaluation.command(str(runner.path(self.model)), self.data.source(runner), str(out),
                                              reference, self.runtime.eval_dtype)
             launch(runner, self.name, "test", {"seed_everything": 0,
-                                              "trainer": _trainer_config(self.runtime, precision="32-true"), **config})
+                                              "trainer": trainer_config(self.runtime, precision="32-true"), **config})
             return {"eval": out}
         self.evaluation.run(str(runner.path(self.model)), self.data.source(runner), str(out), reference,
                             self.runtime.accelerator, self.runtime.devices, self.runtime.eval_dtype)
