@@ -321,7 +321,7 @@ def test_knowmem_questions_are_the_boxed_facts_and_shots_are_not(splits):
     for qa, corpus in (("knowmem/forget_qa", "raw/forget"), ("knowmem/retain_qa", "raw/retain2")):
         boxes = [row["text"] for row in splits[corpus][8:]]
         for row in splits[qa]:
-            assert sum(knowmem_prompt(row["question"]) + " " + row["answer"] + "\n\n" in box for box in boxes) == 1
+            assert sum(knowmem_prompt(row["question"]) + row["answer"] + "\n\n" in box for box in boxes) == 1
         every_box = "".join(boxes)
         for shot in splits[f"{qa}_icl"]:
             assert shot["question"] not in every_box

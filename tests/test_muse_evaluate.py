@@ -95,10 +95,13 @@ def test_batched_work_equals_one_example_at_a_time(muse_run):
         out = out.tolist()
         if tokenizer.eos_token_id in out:
             out = out[: out.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(out, skip_special_tokens=True).strip()
-        ends = [text.find(stop) for stop in ("\n\n", "\nQuestion", "Question:") if stop in text]
-        text = text[: min(ends)].strip() if ends else text
-        assert examples["knowmem_forget"]["generation"][index] == text, index
+        # as MUSE's get_rouge_qa.py and open-unlearning's eval_text_similarity: decode with the clean-up of
+        # spaces (transformers 4 applied it to BPE tokenizers too), cut at each stop string in turn, strip
+        tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+        text = tokenizer.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        for stop in ("\n\n", "\nQuestion", "Question:"):
+            text = text.split(stop)[0]
+        assert examples["knowmem_forget"]["generation"][index] == text.strip(), index
     for index, row in enumerate(source.rows("privleak/holdout")):
         ids = torch.tensor([tokenizer(row["text"])["input_ids"][:256]])
         with torch.no_grad():
@@ -125,6 +128,44 @@ def test_knowmem_answers_end_at_open_unlearnings_stop_strings():
     assert cut_at_stop("Ana Paper\nQuestion: x") == "Ana Paper"
     assert cut_at_stop("a new\nlibrary Question: y") == "a new\nlibrary"  # a single line break is kept, as there
     assert cut_at_stop("nothing to cut ") == "nothing to cut"
+    # cut, then strip, as the references: an answer that opens with a blank line is empty (stripping first, as
+    # this project did before, scored "62" here)
+    assert cut_at_stop("\n\n62\n\nQuestion: How old") == ""
+
+
+def test_generations_are_cleaned_up_as_transformers_4_decoded_them(muse_run):
+    """MUSE and open-unlearning decode with ``clean_up_tokenization_spaces=True``, which transformers 5 ignores
+    for BPE tokenizers; the scored text is the clean-up transformers 4 applied."""
+    from transformers import AutoTokenizer
+
+    from perta_lightning.benchmarks.evaluator import reference_generation_text
+
+    tokenizer = AutoTokenizer.from_pretrained(muse_run["model"])
+    ids = tokenizer("I do n't know , Ana 's book .\n\nQuestion: x", add_special_tokens=False)["input_ids"]
+    assert reference_generation_text(tokenizer, ids + [-1, -1], ("\n\n",)) == "I don't know, Ana's book."
+    assert reference_generation_text(tokenizer, ids) == "I don't know, Ana's book.\n\nQuestion: x"
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # transformers 4
+    assert reference_generation_text(tokenizer, ids) == tokenizer.decode(ids, clean_up_tokenization_spaces=True)
+
+
+def test_knowledge_prompt_ends_with_muses_cue_unless_asked_otherwise(muse_run):
+    from perta_lightning.benchmarks.muse.benchmark import MuseBenchmark
+    from perta_lightning.benchmarks.muse.evaluation import MuseEvalDataModule
+    from perta_lightning.study.options import PRESETS
+
+    row = {"question": "Who?", "answer": "Ana"}
+    assert knowmem_prompt("When?", [row]) == "Question: Who?\nAnswer: Ana\n\nQuestion: When?\nAnswer: "
+    assert knowmem_prompt("When?", answer_cue="Answer:") == "Question: When?\nAnswer:"
+    settings = muse_run["result"]["settings"]
+    assert settings["answer_cue"] == "Answer: " and settings["text"].startswith("decode, clean up")
+    with pytest.raises(PertaValueError, match="answer_cue"):
+        MuseEvalDataModule(muse_run["source"], answer_cue=" ")
+    # a pretrained model on MUSE's own data is asked as MUSE asks; a model trained from scratch on the synthetic
+    # corpus, in the format its fact boxes taught it
+    bench, preset = MuseBenchmark(), next(iter(PRESETS.values()))
+    plan = bench.split_plan("forget", preset)
+    assert bench.evaluation(plan, preset, source_given=True).answer_cue == "Answer: "
+    assert bench.evaluation(plan, preset, source_given=False).answer_cue == "Answer:"
 
 
 def test_forget_score_by_hand():

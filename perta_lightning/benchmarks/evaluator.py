@@ -28,6 +28,25 @@ def generation_text(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
 
 
+def text_before(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to the first occurrence of any of ``stops`` (all of it when none occurs)."""
+    return text[:min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
+
+
+def reference_generation_text(tokenizer: Any, ids: list[int], stops: tuple[str, ...] = ()) -> str:
+    """The text of generated token ids (``-1`` marks padding) as MUSE's code and open-unlearning's
+    ``eval_text_similarity`` score it: decoded with special tokens skipped and spaces cleaned up
+    (``clean_up_tokenization_spaces=True``: `` .`` → ``.``, `` n't`` → ``n't``, ...), cut at the first stop
+    string, then stripped.
+
+    Both references ran on transformers 4, which applied the clean-up for every tokenizer; transformers 5 skips it
+    for BPE tokenizers (GPT-2's, Llama's, SmolLM2's) with a warning, so it is applied here by the tokenizer's own
+    ``clean_up_tokenization``. Cutting before stripping matters for a generation that opens with a blank line: it
+    is cut to nothing, as the references score it."""
+    text = tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text_before(tokenizer.clean_up_tokenization(text), stops).strip()
+
+
 def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
     """Refuse to write an evaluation that missed examples: a ``StopIteration`` escaping a step ends Lightning's
     loop as if the data had run out, and the file would silently hold part of each set."""

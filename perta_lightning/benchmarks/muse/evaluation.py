@@ -5,8 +5,9 @@ Sets, in dataloader order:
 * ``verbmem``: ``verbmem/forget`` prompts (the first tokens of forget excerpts), to be continued greedily and
   compared with the true continuation ``gt``;
 * ``knowmem_forget`` / ``knowmem_retain``: ``knowmem/forget_qa`` / ``knowmem/retain_qa`` questions, asked as
-  ``Question: q\\nAnswer: `` after the few-shot examples of the matching ``*_qa_icl`` split (MUSE's in-context
-  prompt; none when that split is absent), to be answered greedily;
+  ``Question: q\\nAnswer: `` (MUSE's cue, its trailing space included; ``answer_cue``) after the few-shot
+  examples of the matching ``*_qa_icl`` split (MUSE's in-context prompt; none when that split is absent), to be
+  answered greedily;
 * ``privleak_forget`` / ``privleak_holdout``: ``privleak/forget`` and ``privleak/holdout`` texts, scored token by
   token for the membership-inference attack.
 
@@ -44,15 +45,19 @@ MUSE_EVAL_SETS: dict[str, tuple[str, str]] = {
 }
 
 
-def knowmem_prompt(question: str, examples: list[dict[str, Any]] = ()) -> str:
-    """MUSE's knowledge prompt: each in-context example as ``Question: q\\nAnswer: a\\n\\n``, then
-    ``Question: q\\nAnswer:``.
+#: How MUSE's code and open-unlearning end a knowledge prompt: ``Answer: ``, with its trailing space.
+ANSWER_CUE = "Answer: "
 
-    MUSE's prompt ends with ``Answer: ``; the trailing space is left out here because byte-level BPE tokenizers
-    (GPT-2's, the synthetic runs') fold a space into the word after it, so a prompt ending in a bare space asks
-    for a token the model never saw there. The generation is stripped before scoring, as in MUSE."""
+
+def knowmem_prompt(question: str, examples: list[dict[str, Any]] = (), answer_cue: str = ANSWER_CUE) -> str:
+    """MUSE's knowledge prompt: each in-context example as ``Question: q\\nAnswer: a\\n\\n``, then
+    ``Question: q\\n`` and the answer cue.
+
+    The cue is MUSE's ``Answer: `` unless asked otherwise. A model trained from scratch with a byte-level BPE
+    tokenizer (the synthetic runs') never saw a bare space before an answer (the space is folded into the answer's
+    first token), and after ``Answer: `` it answers nonsense: the synthetic studies ask with ``Answer:``."""
     shots = "".join(f"Question: {row['question']}\nAnswer: {row['answer']}\n\n" for row in examples)
-    return f"{shots}Question: {question}\nAnswer:"
+    return f"{shots}Question: {question}\n{answer_cue}"
 
 
 class MuseEvalSet(Dataset):
@@ -60,7 +65,7 @@ class MuseEvalSet(Dataset):
 
     def __init__(self, name: str, rows: list[dict[str, Any]], tokenizer: Any, where: str, *,
                  icl: list[dict[str, Any]] = (), prompt_tokens: int | None = None,
-                 text_max_length: int = 256) -> None:
+                 text_max_length: int = 256, answer_cue: str = ANSWER_CUE) -> None:
         self.name, self.rows = name, rows
         self.kind = MUSE_EVAL_SETS[name][1]
         self.items: list[dict[str, Any]] = []
@@ -76,7 +81,7 @@ class MuseEvalSet(Dataset):
                 if prompt_tokens is not None and len(ids) > prompt_tokens:  # keep the tokens nearest the gt
                     ids = ids[-prompt_tokens:]
             else:
-                ids = _text_ids(tokenizer, knowmem_prompt(row["question"], icl))
+                ids = _text_ids(tokenizer, knowmem_prompt(row["question"], icl, answer_cue))
             self.items.append({"prompt_ids": ids, "index": index})
 
     def __len__(self) -> int:
@@ -118,12 +123,15 @@ class MuseEvalDataModule(LightningDataModule):
             MUSE gives it to the model.
         text_max_length: PrivLeak texts are cut to this many tokens.
         use_icl: put the ``*_qa_icl`` few-shot examples before each knowledge question, as MUSE does.
+        answer_cue: what ends a knowledge prompt after the question's line (MUSE: ``"Answer: "``).
     """
 
     def __init__(self, source: MuseSource, tokenizer: str | None = None, max_examples: int | None = None,
                  batch_size: int = 8, prompt_tokens: int | None = None, text_max_length: int = 256,
-                 use_icl: bool = True) -> None:
+                 use_icl: bool = True, answer_cue: str = ANSWER_CUE) -> None:
         super().__init__()
+        if not answer_cue.strip():
+            raise PertaValueError(f"answer_cue must hold a word the model can answer after, got {answer_cue!r}")
         for key, value in (("batch_size", batch_size), ("prompt_tokens", prompt_tokens),
                            ("text_max_length", text_max_length)):
             if value is not None and value <= 0:
@@ -165,7 +173,8 @@ class MuseEvalDataModule(LightningDataModule):
             rows = self.source.rows(split)[: hp.max_examples]
             icl = self._icl(split) if kind == "knowledge" else []
             self.sets[name] = MuseEvalSet(name, rows, self.tokenizer, self.source.describe(split), icl=icl,
-                                          prompt_tokens=hp.prompt_tokens, text_max_length=hp.text_max_length)
+                                          prompt_tokens=hp.prompt_tokens, text_max_length=hp.text_max_length,
+                                          answer_cue=hp.answer_cue)
 
     def test_dataloader(self) -> list[DataLoader]:
         pad = self.tokenizer.pad_token_id

@@ -30,8 +30,9 @@ import torch
 from perta_lightning.benchmarks.evaluator import (
     Evaluator,
     check_every_example_seen,
-    generation_text,
+    reference_generation_text,
     run_evaluation,
+    text_before,
 )
 from perta_lightning.benchmarks.metrics import IndexedValues
 from perta_lightning.benchmarks.muse.evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
@@ -46,12 +47,15 @@ VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS = 128, 32
 #: Where a KnowMem answer ends: open-unlearning's stop strings (``configs/eval/muse_metrics/*_knowmem_ROUGE.yaml``
 #: at d3d7cf9), the prompt's answers being followed by a blank line and the next question.
 KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
+#: How a generation becomes the scored text (:func:`~perta_lightning.benchmarks.evaluator.reference_generation_text`),
+#: recorded in each file and in the study's stage keys, so an evaluation made the earlier way (stripped before the
+#: cut, no clean-up of spaces) is recomputed rather than mixed in.
+TEXT_FORMAT = "decode, clean up spaces, cut at the stops, strip"
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...] = KNOWMEM_STOP) -> str:
-    """``text`` up to the first of ``stops``, stripped."""
-    end = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
-    return text[:end].strip()
+    """``text`` up to the first of ``stops``, then stripped (in that order, as the references do)."""
+    return text_before(text, stops).strip()
 
 
 def attack_scores(attack: str, logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
@@ -108,8 +112,8 @@ class MuseEvaluator(Evaluator):
             self.retain_record = load_muse_evaluation(self.hparams.retain_result)
 
     def _text(self, name: str, ids: torch.Tensor) -> str:
-        text = generation_text(self.tokenizer, ids.tolist())
-        return cut_at_stop(text) if name.startswith("knowmem") else text
+        stops = KNOWMEM_STOP if MUSE_EVAL_SETS[name][1] == "knowledge" else ()
+        return reference_generation_text(self.tokenizer, ids.tolist(), stops)
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -171,6 +175,7 @@ class MuseEvaluator(Evaluator):
             "splits": dict(datamodule.splits),
             "settings": {"verbmem_max_new_tokens": hp.verbmem_max_new_tokens,
                          "knowmem_max_new_tokens": hp.knowmem_max_new_tokens, "knowmem_stop": list(KNOWMEM_STOP),
+                         "answer_cue": datamodule.hparams.answer_cue, "text": TEXT_FORMAT,
                          "attack": hp.attack,
                          "mink_k": hp.mink_k, "torch_dtype": hp.torch_dtype, "world_size": self.trainer.world_size,
                          "max_examples": datamodule.hparams.max_examples,
