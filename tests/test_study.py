@@ -73,10 +73,53 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
     # the proposed variant goes to the test seeds only if it beats the chosen candidate on validation
     accepted = scores[PROPOSED[0].label] > scores[best.label]
     assert result["validation"]["proposed"][0]["accepted"] is accepted
+    # one validation seed: every resample of it makes the same choice
+    assert result["validation"]["stability"] == {
+        "fisher": {c.label: float(c == best) for c in CANDIDATES},
+        "grad_diff": {b.label: float(b == chosen_baseline) for b in BASELINE_CANDIDATES}}
+    assert "How stable the choice is" in (tiny_study / "study.md").read_text()
     test_report = json.loads((tiny_study / "test" / "seed_0" / "forget10" / "report.json").read_text())
     expected = {"retain", "target", chosen_baseline.label, "tv", best.label, best.at("base").label}
     assert {r["method"] for r in test_report["rows"]} == expected | ({PROPOSED[0].label} if accepted else set())
     assert not (tiny_study / "test" / "seed_7").exists()
+
+
+def _exact_stability(per_split, labels):
+    """The naive twin of choice_stability: every ordered resample of the seeds, each as likely as the others."""
+    import itertools
+
+    seeds = sorted(next(iter(per_split.values())))
+    wins = dict.fromkeys(labels, 0)
+    draws = list(itertools.product(seeds, repeat=len(seeds)))
+    for drawn in draws:
+        score = {label: sum(sum(by_seed[s][label] for s in drawn) / len(drawn) for by_seed in per_split.values())
+                 for label in labels}
+        best = labels[0]
+        for label in labels[1:]:
+            best = label if score[label] > score[best] else best
+        wins[best] += 1
+    return {label: count / len(draws) for label, count in wins.items()}
+
+
+def test_choice_stability_against_every_resample():
+    from perta_lightning.study.study import choice_stability
+
+    # by hand: x wins on seed 1 (1 vs 0), y on seed 2 (0.5 vs 0); resamples {1,1} → x, {2,2} → y, {1,2} (twice as
+    # likely) → x (0.5 vs 0.25): x 3/4, y 1/4
+    one = {"a": {1: {"x": 1.0, "y": 0.0}, 2: {"x": 0.0, "y": 0.5}}}
+    shares = choice_stability(one, {"g": ["x", "y"]}, resamples=4000)
+    assert shares["g"] == pytest.approx({"x": 0.75, "y": 0.25}, abs=0.03)
+    assert _exact_stability(one, ["x", "y"]) == {"x": 0.75, "y": 0.25}
+    # ties go to the first listed, as the choice itself
+    assert choice_stability({"a": {1: {"x": 0.5, "y": 0.5}}}, {"g": ["x", "y"]}, resamples=50)["g"] == {"x": 1, "y": 0}
+    # three seeds, two splits scored on the same resample, three labels
+    two = {"a": {1: {"x": 0.9, "y": 0.1, "z": 0.5}, 2: {"x": 0.1, "y": 0.7, "z": 0.4},
+                 3: {"x": 0.3, "y": 0.2, "z": 0.45}},
+           "b": {1: {"x": 0.2, "y": 0.9, "z": 0.5}, 2: {"x": 0.8, "y": 0.1, "z": 0.5},
+                 3: {"x": 0.6, "y": 0.6, "z": 0.5}}}
+    exact = _exact_stability(two, ["x", "y", "z"])
+    assert sorted(exact.values())[-1] < 1  # a contested choice
+    assert choice_stability(two, {"g": ["x", "y", "z"]}, resamples=4000)["g"] == pytest.approx(exact, abs=0.03)
 
 
 def test_the_aggregate_is_finite_and_follows_the_seeds(tiny_study):

@@ -30,7 +30,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ class Choice:
     scores: dict[str, dict[str, float]]
     decisions: dict[str, dict[str, Any]]
     baselines: dict[str, BaselineVariant]
+    stability: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 #: One phase's results: per seed, its reports (one per forget split).
@@ -132,6 +133,36 @@ def validation_scores(reports: dict[int, SplitReport], labels: list[str]) -> dic
         values = [value or 0.0 for report in reports.values() for value in report.matched[label]]
         scores[label] = sum(values) / len(values)
     return scores
+
+
+#: How many resamples of the validation seeds :func:`choice_stability` draws.
+STABILITY_RESAMPLES = 1000
+
+
+def seed_scores(reports: dict[int, SplitReport], labels: list[str]) -> dict[int, dict[str, float]]:
+    """Per seed, :func:`validation_scores` of that seed alone (its mean utility at the levels, 0 where not
+    reached): every seed has a value at every level, so the mean over seeds is :func:`validation_scores`."""
+    return {seed: validation_scores({seed: report}, labels) for seed, report in reports.items()}
+
+
+def choice_stability(per_split: dict[str, dict[int, dict[str, float]]], groups: dict[str, list[str]],
+                     resamples: int = STABILITY_RESAMPLES, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How often each label of each group would have been chosen had the validation seeds been others like them:
+    the share of bootstrap resamples of the seeds (with replacement; the same resample for every split) in which
+    the label's score (mean over splits of the mean over the resampled seeds) is the group's highest, ties going
+    to the first listed as in :func:`choose`. ``per_split`` is split → :func:`seed_scores`."""
+    import random
+
+    seeds = sorted(next(iter(per_split.values())))
+    rng = random.Random(seed)
+    wins = {group: dict.fromkeys(labels, 0) for group, labels in groups.items()}
+    for _ in range(resamples):
+        drawn = [rng.choice(seeds) for _ in seeds]
+        for group, labels in groups.items():
+            score = {label: sum(sum(by_seed[s][label] for s in drawn) / len(drawn) for by_seed in per_split.values())
+                     for label in labels}
+            wins[group][max(labels, key=score.__getitem__)] += 1
+    return {group: {label: count / resamples for label, count in counts.items()} for group, counts in wins.items()}
 
 
 def aggregate(reports: dict[int, SplitReport], families: dict[str, str], levels: list[float]) -> dict[str, Any]:
@@ -275,7 +306,11 @@ def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice, Reports]:
     for method in plan.baseline_methods:
         if method not in single:  # ties: the first listed
             baselines[method] = max(plan.baseline_pool(method), key=lambda b: scores[b.label]["mean"])
-    return Choice(chosen, scores, decisions, baselines), reports
+    groups = {statistic: [c.label for c in plan.candidates if c.statistic == statistic] for statistic in chosen}
+    groups |= {method: [b.label for b in plan.baseline_pool(method)]
+               for method in plan.baseline_methods if method not in single}
+    by_seed = {split: seed_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
+    return Choice(chosen, scores, decisions, baselines, choice_stability(by_seed, groups)), reports
 
 
 def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list[PertaVariant]]:
@@ -332,7 +367,8 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
                        "proposed": [asdict(v) | {"label": v.label} | choice.decisions[v.label] for v in plan.proposed],
                        "scores": choice.scores, "chosen": {s: choice.chosen[s].label for s in plan.statistics},
                        "baseline_candidates": [asdict(b) | {"label": b.label} for b in plan.baseline_candidates],
-                       "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods}},
+                       "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods},
+                       "stability": choice.stability, "stability_resamples": STABILITY_RESAMPLES},
         "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
                  "forget_examples": {split: _forget_examples(_of_split(test, split), out / "test")
                                      for split in run.forget_splits}},

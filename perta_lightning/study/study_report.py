@@ -73,6 +73,13 @@ def study_markdown(result: dict[str, Any]) -> str:
         for label, score in sorted(validation["scores"].items(), key=lambda item: -item[1]["mean"]):
             lines.append(f"| {label} | {score['mean']:.3f} |")
         lines.append("")
+        if validation.get("stability"):
+            lines += [f"How stable the choice is: the share of {validation['stability_resamples']} resamples of the "
+                      "validation seeds (with replacement) in which each setting scores highest.", ""]
+            lines += [f"- {group}: " + ", ".join(f"`{label}` {share:.0%}" for label, share in
+                                                 sorted(shares.items(), key=lambda item: -item[1]))
+                      for group, shares in validation["stability"].items()]
+            lines.append("")
     return "\n".join(lines)
 
 
