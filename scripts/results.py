@@ -198,11 +198,31 @@ def _claim1_baseline_rows(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["comparison"]: r for r in table["rows"] if r["claim"] == "1" and "TV" not in r["comparison"].split(" vs ")[1]}
 
 
+def _signed(value: float) -> str:
+    """``value`` to three decimals with its sign, a rounded zero as ``+0.000`` whatever its float sign."""
+    text = f"{value:+.3f}"
+    return "+0.000" if text == "-0.000" else text
+
+
 def _estimate(row: dict[str, Any] | None) -> str:
     if row is None:
         return "– (not run)"
-    interval = "" if row["interval"] is None else f" [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
-    return f"{row['estimate']:+.3f}{interval}, {row['wins']}–{row['losses']}: {row['verdict']}"
+    interval = "" if row["interval"] is None else f" [{_signed(row['interval'][0])}, {_signed(row['interval'][1])}]"
+    return f"{_signed(row['estimate'])}{interval}, {row['wins']}–{row['losses']}: {row['verdict']}"
+
+
+def _yardstick(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How far the comparisons that did not change moved between the two runs (PerTA against TV): what the
+    baselines' rows would move by with no change to the baselines at all."""
+    pick = lambda table: {r["comparison"]: r for r in table["rows"] if r["claim"] == "1"  # noqa: E731
+                          and r["comparison"].endswith(" vs TV")}
+    before, after = pick(old), pick(new)
+    moves = [f"{c} {_signed(before[c]['estimate'])} → {_signed(after[c]['estimate'])}" for c in before if c in after]
+    cpus = (old["machine"].get("cpu_model"), new["machine"].get("cpu_model"))
+    where = (f"The one-point run was made on {cpus[0]}, this one on {cpus[1]}, whose float kernels train other "
+             "models from the same seeds" if cpus[0] != cpus[1] else "Both runs were made on the same kind of CPU")
+    return (f" {where}: PerTA's own side moved as well, as its comparisons with TV show ({'; '.join(moves)}), "
+            "methods this work did not touch." if moves else "")
 
 
 def baseline_curves_against_one_point() -> str:
@@ -211,18 +231,30 @@ def baseline_curves_against_one_point() -> str:
     lines = []
     for name, title, old_file in (("replication", "TOFU, the replication preset", "replication.json"),
                                   ("muse", "MUSE, the synthetic news study", "muse_replication.json")):
-        old = _claim1_baseline_rows(json.loads((RESULTS / "one_point_baselines" / old_file).read_text()))
-        new = _claim1_baseline_rows(_load(name, "replication.json"))
+        old_table, new_table = json.loads((RESULTS / "one_point_baselines" / old_file).read_text()), _load(
+            name, "replication.json")
+        old, new = _claim1_baseline_rows(old_table), _claim1_baseline_rows(new_table)
         lines += [f"**{title}**: PerTA's edge in the utility kept at matched forgetting, pooled over splits, mean "
                   "over test seeds [95 % interval], wins–losses: verdict.", "",
-                  "| comparison | one point per baseline | a curve per baseline | verdict changed |", "|---|---|---|---|"]
+                  "| comparison | one point per baseline | a curve per baseline | edge moved by | verdict changed |",
+                  "|---|---|---|---|---|"]
+        changes, fresh = [], []
         for comparison in list(dict.fromkeys([*old, *new])):
             before, after = old.get(comparison), new.get(comparison)
             changed = "new method" if before is None else ("–" if after is None else
                                                            ("no" if before["verdict"] == after["verdict"] else
                                                             f"**{before['verdict']} → {after['verdict']}**"))
-            lines.append(f"| {comparison} | {_estimate(before)} | {_estimate(after)} | {changed} |")
-        lines.append("")
+            moved = "–" if before is None or after is None else _signed(after["estimate"] - before["estimate"])
+            lines.append(f"| {comparison} | {_estimate(before)} | {_estimate(after)} | {moved} | {changed} |")
+            if changed.startswith("**"):
+                changes.append(f"{comparison} ({changed.strip('*')}, the edge moved by {moved})")
+            elif before is None and after is not None:
+                fresh.append(f"{comparison} *{after['verdict']}*")
+        compared = sum(1 for c in old if c in new)
+        lines += ["", f"Verdicts changed by the curves: {len(changes)} of the {compared} comparisons judged before"
+                  + (": " + "; ".join(changes) if changes else "") + "."
+                  + (" Against the new methods: " + ", ".join(fresh) + "." if fresh else "")
+                  + _yardstick(old_table, new_table), ""]
     return "\n".join(lines).strip() + "\n"
 
 

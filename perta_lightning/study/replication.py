@@ -268,6 +268,8 @@ def machine_line(table: dict[str, Any]) -> str:
     if run:
         line += (f"; this invocation took {_duration(run['wall_seconds'])} wall, peak memory "
                  f"{run['peak_rss_gib']:.1f} GiB (largest process)")
+        if run.get("stage_seconds"):  # a resumed study's invocation skipped the stages done before it
+            line += f"; its stages took {_duration(run['stage_seconds'])} in all (every invocation, summed over processes)"
     return line + "."
 
 
