@@ -217,12 +217,12 @@ def _yardstick(old: dict[str, Any], new: dict[str, Any]) -> str:
     pick = lambda table: {r["comparison"]: r for r in table["rows"] if r["claim"] == "1"  # noqa: E731
                           and r["comparison"].endswith(" vs TV")}
     before, after = pick(old), pick(new)
-    moves = [f"{c} {_signed(before[c]['estimate'])} → {_signed(after[c]['estimate'])}" for c in before if c in after]
+    moves = [f"{c} from {_signed(before[c]['estimate'])} to {_signed(after[c]['estimate'])}" for c in before if c in after]
     cpus = (old["machine"].get("cpu_model"), new["machine"].get("cpu_model"))
     where = (f"The one-point run was made on {cpus[0]}, this one on {cpus[1]}, whose float kernels train other "
              "models from the same seeds" if cpus[0] != cpus[1] else "Both runs were made on the same kind of CPU")
-    return (f" {where}: PerTA's own side moved as well, as its comparisons with TV show ({'; '.join(moves)}), "
-            "methods this work did not touch." if moves else "")
+    return (f" {where}. For scale, PerTA's comparisons with TV (methods this work did not touch): "
+            f"{'; '.join(moves)}." if moves else "")
 
 
 def baseline_curves_against_one_point() -> str:
