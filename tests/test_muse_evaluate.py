@@ -17,6 +17,9 @@ from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import muse_metrics as M
 from tests.tiny import write_tiny_model
 
+#: transformers 4's clean-up of decoded text (``clean_up_tokenization``), written out for the naive twin.
+TRANSFORMERS_4_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 SPEC = MuseSyntheticSpec(num_articles=5, num_retain_articles=5, num_holdout_articles=6, num_background_articles=2,
                          questions_per_article=2, icl_questions=2, seed=3)
 
@@ -97,8 +100,9 @@ def test_batched_work_equals_one_example_at_a_time(muse_run):
             out = out[: out.index(tokenizer.eos_token_id)]
         # as MUSE's get_rouge_qa.py and open-unlearning's eval_text_similarity: decode with the clean-up of
         # spaces (transformers 4 applied it to BPE tokenizers too), cut at each stop string in turn, strip
-        tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
-        text = tokenizer.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        text = tokenizer.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for before, after in TRANSFORMERS_4_CLEAN_UP:
+            text = text.replace(before, after)
         for stop in ("\n\n", "\nQuestion", "Question:"):
             text = text.split(stop)[0]
         assert examples["knowmem_forget"]["generation"][index] == text.strip(), index
@@ -138,14 +142,16 @@ def test_generations_are_cleaned_up_as_transformers_4_decoded_them(muse_run):
     for BPE tokenizers; the scored text is the clean-up transformers 4 applied."""
     from transformers import AutoTokenizer
 
-    from perta_lightning.benchmarks.evaluator import reference_generation_text
+    from perta_lightning.benchmarks.evaluator import clean_up_tokenization_spaces, reference_generation_text
 
     tokenizer = AutoTokenizer.from_pretrained(muse_run["model"])
     ids = tokenizer("I do n't know , Ana 's book .\n\nQuestion: x", add_special_tokens=False)["input_ids"]
     assert reference_generation_text(tokenizer, ids + [-1, -1], ("\n\n",)) == "I don't know, Ana's book."
     assert reference_generation_text(tokenizer, ids) == "I don't know, Ana's book.\n\nQuestion: x"
-    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # transformers 4
-    assert reference_generation_text(tokenizer, ids) == tokenizer.decode(ids, clean_up_tokenization_spaces=True)
+    every = " . ? ! , ' x do n't I 'm it 's we 've you 're"
+    assert clean_up_tokenization_spaces(every) == ".?!,'x don't I'm it's we've you're"
+    if hasattr(tokenizer, "clean_up_tokenization"):  # transformers' own, where its release has it
+        assert clean_up_tokenization_spaces(every) == tokenizer.clean_up_tokenization(every)
 
 
 def test_knowledge_prompt_ends_with_muses_cue_unless_asked_otherwise(muse_run):

@@ -33,6 +33,19 @@ def text_before(text: str, stops: tuple[str, ...]) -> str:
     return text[:min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
 
 
+#: The clean-up transformers 4 applied on ``decode(..., clean_up_tokenization_spaces=True)``: a space before
+#: punctuation and English contractions removed (``PreTrainedTokenizerBase.clean_up_tokenization``).
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization_spaces(text: str) -> str:
+    """``text`` with the replacements of :data:`CLEAN_UP` applied in order."""
+    for before, after in CLEAN_UP:
+        text = text.replace(before, after)
+    return text
+
+
 def reference_generation_text(tokenizer: Any, ids: list[int], stops: tuple[str, ...] = ()) -> str:
     """The text of generated token ids (``-1`` marks padding) as MUSE's code and open-unlearning's
     ``eval_text_similarity`` score it: decoded with special tokens skipped and spaces cleaned up
@@ -40,11 +53,11 @@ def reference_generation_text(tokenizer: Any, ids: list[int], stops: tuple[str, 
     string, then stripped.
 
     Both references ran on transformers 4, which applied the clean-up for every tokenizer; transformers 5 skips it
-    for BPE tokenizers (GPT-2's, Llama's, SmolLM2's) with a warning, so it is applied here by the tokenizer's own
-    ``clean_up_tokenization``. Cutting before stripping matters for a generation that opens with a blank line: it
+    for BPE tokenizers (GPT-2's, Llama's, SmolLM2's) with a warning, and its first releases have no
+    ``clean_up_tokenization`` to call, so it is applied here (:func:`clean_up_tokenization_spaces`). Cutting before stripping matters for a generation that opens with a blank line: it
     is cut to nothing, as the references score it."""
     text = tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text_before(tokenizer.clean_up_tokenization(text), stops).strip()
+    return text_before(clean_up_tokenization_spaces(text), stops).strip()
 
 
 def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
