@@ -214,9 +214,10 @@ def _estimate(row: dict[str, Any] | None) -> str:
 def _yardstick(old: dict[str, Any], new: dict[str, Any]) -> str:
     """How far the comparisons that did not change moved between the two runs (PerTA against TV): what the
     baselines' rows would move by with no change to the baselines at all."""
-    pick = lambda table: {r["comparison"]: r for r in table["rows"] if r["claim"] == "1"  # noqa: E731
-                          and r["comparison"].endswith(" vs TV")}
-    before, after = pick(old), pick(new)
+    def against_tv(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {r["comparison"]: r for r in table["rows"] if r["claim"] == "1" and r["comparison"].endswith(" vs TV")}
+
+    before, after = against_tv(old), against_tv(new)
     moves = [f"{c} from {_signed(before[c]['estimate'])} to {_signed(after[c]['estimate'])}" for c in before if c in after]
     cpus = (old["machine"].get("cpu_model"), new["machine"].get("cpu_model"))
     where = (f"The one-point run was made on {cpus[0]}, this one on {cpus[1]}, whose float kernels train other "

@@ -126,7 +126,12 @@ def test_summary_forget_score_and_privleak_of_the_retain_model(muse_run):
 
 
 def test_knowmem_answers_end_at_open_unlearnings_stop_strings():
-    from perta_lightning.benchmarks.muse.evaluator import cut_at_stop
+    from functools import partial
+
+    from perta_lightning.benchmarks.evaluator import cut_at_stop
+    from perta_lightning.benchmarks.muse.evaluator import KNOWMEM_STOP
+
+    cut_at_stop = partial(cut_at_stop, stops=KNOWMEM_STOP)
 
     assert cut_at_stop(" 62\n\nQuestion: How old") == "62"
     assert cut_at_stop("Ana Paper\nQuestion: x") == "Ana Paper"

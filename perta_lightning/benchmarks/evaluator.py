@@ -28,9 +28,10 @@ def generation_text(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
 
 
-def text_before(text: str, stops: tuple[str, ...]) -> str:
-    """``text`` up to the first occurrence of any of ``stops`` (all of it when none occurs)."""
-    return text[:min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to the first occurrence of any of ``stops`` (all of it when none occurs), then stripped: in that
+    order, as the references do."""
+    return text[:min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))].strip()
 
 
 #: The clean-up transformers 4 applied on ``decode(..., clean_up_tokenization_spaces=True)``: a space before
@@ -54,10 +55,11 @@ def reference_generation_text(tokenizer: Any, ids: list[int], stops: tuple[str, 
 
     Both references ran on transformers 4, which applied the clean-up for every tokenizer; transformers 5 skips it
     for BPE tokenizers (GPT-2's, Llama's, SmolLM2's) with a warning, and its first releases have no
-    ``clean_up_tokenization`` to call, so it is applied here (:func:`clean_up_tokenization_spaces`). Cutting before stripping matters for a generation that opens with a blank line: it
-    is cut to nothing, as the references score it."""
+    ``clean_up_tokenization`` to call, so it is applied here (:func:`clean_up_tokenization_spaces`). Cutting
+    before stripping matters for a generation that opens with a blank line: it is cut to nothing, as the
+    references score it."""
     text = tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text_before(clean_up_tokenization_spaces(text), stops).strip()
+    return cut_at_stop(clean_up_tokenization_spaces(text), stops)
 
 
 def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ class MuseEvaluation(Evaluation):
     knowmem_max_new_tokens: int
     text_max_length: int
     use_icl: bool
-    answer_cue: str = "Answer: "
+    answer_cue: str
     batch_size: int = 32
 
     verb = "MUSE-evaluate"
@@ -148,8 +148,10 @@ class MuseBenchmark(Benchmark):
         # the space is part of the answer's first token: shots about other articles and the bare space only derail
         # it (KnowMem on D_r of a synthetic demo θ_full, 40 questions: 0.56 as asked here, 0.20 with the shots,
         # 0.05 with MUSE's cue)
+        from perta_lightning.benchmarks.muse.evaluation import ANSWER_CUE
+
         return MuseEvaluation(preset.eval_max_new_tokens, preset.knowmem_max_new_tokens, preset.context_length,
-                              use_icl=source_given, answer_cue="Answer: " if source_given else "Answer:")
+                              use_icl=source_given, answer_cue=ANSWER_CUE if source_given else ANSWER_CUE.rstrip())
 
     def is_evaluation(self, path: str | Path) -> bool:
         from perta_lightning.benchmarks.muse.summary import is_muse_evaluation

@@ -32,7 +32,6 @@ from perta_lightning.benchmarks.evaluator import (
     check_every_example_seen,
     reference_generation_text,
     run_evaluation,
-    text_before,
 )
 from perta_lightning.benchmarks.metrics import IndexedValues
 from perta_lightning.benchmarks.muse.evaluation import MUSE_EVAL_SETS, MuseEvalDataModule
@@ -51,11 +50,6 @@ KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
 #: recorded in each file and in the study's stage keys, so an evaluation made the earlier way (stripped before the
 #: cut, no clean-up of spaces) is recomputed rather than mixed in.
 TEXT_FORMAT = "decode, clean up spaces, cut at the stops, strip"
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...] = KNOWMEM_STOP) -> str:
-    """``text`` up to the first of ``stops``, then stripped (in that order, as the references do)."""
-    return text_before(text, stops).strip()
 
 
 def attack_scores(attack: str, logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
