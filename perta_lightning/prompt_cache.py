@@ -12,6 +12,12 @@ the tokens. Causal attention means the prompt's keys and values do not depend on
    next-token layout of :mod:`perta_lightning.functional.losses`, restricted to the answer.
 
 The same prefix cache then seeds generation, which only has to run the last prompt token before decoding.
+
+**A prefix every prompt shares** (a chat template's system turn: 24 of SmolLM2's ~40 prompt tokens; MUSE's
+few-shot questions) is encoded once. :func:`pad_after_shared_prefix` lays a batch out as
+``[shared prefix][padding][rest of the prompt]``, so the shared tokens sit in the same columns of every row;
+:func:`encode_prefix` runs those columns for one row, repeats that cache along the batch, and runs only the rest.
+Padding in the middle is masked like padding on the left, and positions count unmasked tokens only.
 Positions follow Hugging Face ``generate``: ``cumsum(mask) - 1`` over the left-padded prompt, so row ``b``
 sees the same positions as its unpadded sequence, and the numbers equal a one-sequence-at-a-time pass up to
 float rounding of the masked attention.
@@ -37,13 +43,58 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_after_shared_prefix(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask ``(B, P)`` of ``prompts``, each row ``[shared prefix][padding][rest]``: the longest
+    prefix all prompts share (at most one token short of the shortest, so that every row ends in a token of its
+    own) first, then the row's padding, then the rest of its prompt, which ends in column ``P - 1``. With no
+    shared prefix this is left padding."""
+    shortest = min(len(p) for p in prompts)
+    shared = 0
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        rest = len(prompt) - shared
+        ids[row, :shared], ids[row, width - rest:] = torch.as_tensor(prompt[:shared]), torch.as_tensor(prompt[shared:])
+        mask[row, :shared], mask[row, width - rest:] = 1, 1
+    return ids, mask
+
+
+def shared_columns(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """How many leading columns hold the same unmasked token in every row."""
+    same = (prompt_ids == prompt_ids[:1]).all(0) & prompt_mask.bool().all(0)
+    return int(same.long().cumprod(0).sum())
+
+
 def encode_prefix(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
-    """Key/value cache of the left-padded prompts ``(B, P)`` without their last column ``(B, P - 1)``."""
+    """Key/value cache of the prompts ``(B, P)``, padded on the left or after a shared prefix
+    (:func:`pad_after_shared_prefix`), without their last column ``(B, P - 1)``. Leading columns that every row
+    shares (:func:`shared_columns`) are encoded for one row and repeated along the batch."""
     if prompt_ids.shape[1] < 2 or not bool(prompt_mask[:, -1].all()):
-        raise ValueError(f"prompts must be left padded and at least 2 tokens long, got shape {tuple(prompt_ids.shape)}")
-    out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                position_ids=prompt_positions(prompt_mask)[:, :-1], use_cache=True, logits_to_keep=1)
-    cache = getattr(out, CACHE_ARG)
+        raise ValueError(f"prompts must end in column P - 1 (padded on the left or after a shared prefix) and be at "
+                         f"least 2 tokens long, got shape {tuple(prompt_ids.shape)}")
+    width, rows = prompt_ids.shape[1] - 1, prompt_ids.shape[0]
+    positions = prompt_positions(prompt_mask)
+    shared = min(shared_columns(prompt_ids, prompt_mask), width) if rows > 1 else 0
+    cache = None
+    if shared:
+        out = model(input_ids=prompt_ids[:1, :shared], attention_mask=prompt_mask[:1, :shared],
+                    position_ids=positions[:1, :shared], use_cache=True, logits_to_keep=1)
+        layers = _full_attention(model, getattr(out, CACHE_ARG)).layers
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                             for layer in layers])
+    if shared < width:
+        out = model(input_ids=prompt_ids[:, shared:width], attention_mask=prompt_mask[:, :width],
+                    position_ids=positions[:, shared:width], use_cache=True, logits_to_keep=1,
+                    **({} if cache is None else {CACHE_ARG: cache}))
+        cache = _full_attention(model, getattr(out, CACHE_ARG))
+    return cache
+
+
+def _full_attention(model: torch.nn.Module, cache: DynamicCache) -> DynamicCache:
+    """``cache``, refused when a layer is a sliding window's (its keys cannot be shared across answers)."""
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
     if sliding:
         raise NotImplementedError(f"{type(model).__name__}: sliding-window cache layers {sliding} cannot be shared "
@@ -151,3 +202,25 @@ def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch
 def block_labels(answer_labels: torch.Tensor) -> torch.Tensor:
     """Labels ``(N, 1 + A)`` aligned with :func:`score_answers`' input block: ``-100`` for the prompt token."""
     return torch.nn.functional.pad(answer_labels, (1, 0), value=IGNORE_INDEX)
+
+
+def accept_drafts(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  drafts: list[list[int]], width: int) -> list[list[int]]:
+    """Per prompt, the first tokens of its greedy continuation that one pass over ``[last prompt token] ++ draft``
+    settles: with ``g[t]`` the argmax after block token ``t``, the draft's leading tokens ``d[t] == g[t]`` and then
+    ``g`` at the first mismatch (or after the whole draft), at most ``width`` tokens. A row with an empty draft gets
+    its first greedy token. ``prefix`` (from :func:`encode_prefix`) is left unchanged."""
+    drafts = [list(d[: width - 1]) for d in drafts]
+    rows = torch.arange(len(drafts), device=prompt_ids.device)
+    longest = max(1, max(len(d) for d in drafts))
+    ids = torch.zeros((len(drafts), longest), dtype=torch.long, device=prompt_ids.device)
+    mask = torch.zeros_like(ids)
+    for row, draft in enumerate(drafts):
+        ids[row, : len(draft)] = torch.as_tensor(draft, dtype=torch.long)
+        mask[row, : len(draft)] = 1
+    greedy = _score_block(model, prefix, prompt_ids, prompt_mask, ids, mask, rows).argmax(-1).tolist()
+    out = []
+    for draft, guess in zip(drafts, greedy):
+        accepted = next((t for t, token in enumerate(draft) if guess[t] != token), len(draft))
+        out.append(guess[: accepted + 1])
+    return out

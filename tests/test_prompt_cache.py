@@ -6,7 +6,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from perta_lightning.data.formatting import pad_batch
 from perta_lightning.functional.losses import example_nll
-from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answers
+from perta_lightning.prompt_cache import (
+    CACHE_ARG,
+    block_labels,
+    encode_prefix,
+    pad_after_shared_prefix,
+    score_answers,
+    shared_columns,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,7 @@ def test_cached_scores_equal_full_sequences(model, groups, min_group):
 
 def test_prompts_must_be_left_padded(model):
     ids, mask = pad_batch([[5, 6], [7, 8, 9]], 0, side="right"), pad_batch([[1, 1], [1, 1, 1]], 0, side="right")
-    with pytest.raises(ValueError, match="left padded"):
+    with pytest.raises(ValueError, match="end in column P - 1"):
         encode_prefix(model, ids, mask)
 
 
@@ -72,3 +79,43 @@ def test_token_scores_equal_those_of_the_whole_logits(model, groups, min_group):
     torch.testing.assert_close(nll[mask], token_nll(logits, labels)[mask], rtol=0, atol=1e-5)
     assert torch.equal(hits[mask], (logits[:, :-1].argmax(-1) == labels[:, 1:])[mask])
     assert not hits[~mask].any() and not nll[~mask].any()
+
+
+def test_padding_goes_after_the_shared_prefix():
+    """Hand-built layouts: the shared prefix first, then each row's padding, then the rest; a prompt that is all
+    prefix keeps its last token in the last column; nothing shared is left padding."""
+    ids, mask = pad_after_shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], 0)
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5], [1, 2, 0, 3]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 0, 1]]
+    assert shared_columns(ids, mask) == 2
+    ids, mask = pad_after_shared_prefix([[7, 8], [7, 8, 9]], 0)  # [7, 8] is all prefix: only 7 is shared
+    assert ids.tolist() == [[7, 0, 8], [7, 8, 9]] and shared_columns(ids, mask) == 1
+    ids, mask = pad_after_shared_prefix([[5, 6], [7, 8, 9]], 0)
+    assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert shared_columns(ids, mask) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompts", [
+    [[3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 10, 11], [3, 4, 5, 12, 13, 14]],  # a shared prefix, then different lengths
+    [[3, 4, 5, 6], [3, 4, 5, 6]],  # identical prompts: all but the last token shared
+])
+def test_shared_prefix_scores_and_generations_equal_single_prompts(model, prompts):
+    """With the shared prefix encoded once for the batch, answers score as on every prompt alone, and greedy
+    generation from that cache equals greedy generation of each prompt alone."""
+    answers = [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1]][: len(prompts)]
+    example = torch.arange(len(prompts))
+    prompt_ids, prompt_mask = pad_after_shared_prefix(prompts, 0)
+    assert shared_columns(prompt_ids, prompt_mask) >= 3
+    answer_ids, answer_mask = pad_batch(answers, 0), pad_batch([[1] * len(a) for a in answers], 0)
+    prefix = encode_prefix(model, prompt_ids, prompt_mask)
+    logits = score_answers(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example, groups=1)
+    for n, answer in enumerate(answers):
+        full = model(input_ids=torch.tensor([prompts[n] + answer])).logits[0, len(prompts[n]) - 1 : -1]
+        assert torch.allclose(logits[n, : len(answer)], full, atol=1e-5), n
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **{CACHE_ARG: prefix}, max_new_tokens=6,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)[:, prompt_ids.shape[1]:]
+    for n, prompt in enumerate(prompts):
+        alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(prompt):]
+        assert out[n].tolist() == alone.tolist(), n

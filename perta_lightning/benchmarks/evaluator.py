@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.distributed import check_modules_visible
 from perta_lightning.io import atomic_write_text
-from perta_lightning.prompt_cache import CACHE_ARG
+from perta_lightning.prompt_cache import CACHE_ARG, accept_drafts, encode_prefix
 
 
 def generation_text(tokenizer: Any, ids: list[int]) -> str:
@@ -62,6 +62,22 @@ def reference_generation_text(tokenizer: Any, ids: list[int], stops: tuple[str, 
     return cut_at_stop(clean_up_tokenization_spaces(text), stops)
 
 
+def _before_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+def _right_aligned(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask ``(R, K)`` of token lists padded on the left (``K`` = 0 when every list is empty)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, tokens in enumerate(rows):
+        if tokens:
+            ids[index, width - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
+            mask[index, width - len(tokens):] = 1
+    return ids, mask
+
+
 def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
     """Refuse to write an evaluation that missed examples: a ``StopIteration`` escaping a step ends Lightning's
     loop as if the data had run out, and the file would silently hold part of each set."""
@@ -92,19 +108,44 @@ class Evaluator(LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int,
-                 prefix: DynamicCache | None = None) -> torch.Tensor:
+                 prefix: DynamicCache | None = None, drafts: list[list[int]] | None = None) -> torch.Tensor:
         """Greedy continuations ``(B, width)``, cut before EOS and padded with -1.
 
-        ``prefix``: the prompts' cache without their last token (:func:`~perta_lightning.prompt_cache.encode_prefix`);
-        it is extended in place."""
-        cache = {} if prefix is None else {CACHE_ARG: prefix}
+        ``prefix``: the prompts' cache without their last token (:func:`~perta_lightning.prompt_cache.encode_prefix`,
+        which encodes a prefix that every prompt shares once); computed here when not given, and left unchanged.
+        ``drafts``: a guessed continuation per prompt; the tokens of it that greedy decoding would produce are
+        settled in one pass (:func:`~perta_lightning.prompt_cache.accept_drafts`), and only the rows they do not
+        finish are decoded on. The result is greedy decoding's either way (up to float rounding of a block pass
+        against token-by-token passes, as between batch sizes)."""
+        if prefix is None:
+            prefix = encode_prefix(self.model, prompt_ids, prompt_mask)
+        eos = self.tokenizer.eos_token_id
+        settled = [[] for _ in range(prompt_ids.shape[0])]
+        if drafts is not None:  # at least the first greedy token of every row
+            settled = accept_drafts(self.model, prefix, prompt_ids, prompt_mask, drafts, width)
+        known = [_before_eos(tokens, eos) for tokens in settled]
+        ids = torch.full((prompt_ids.shape[0], width), -1, dtype=torch.long, device=prompt_ids.device)
+        for row, tokens in enumerate(known):
+            ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        open_rows = [row for row, tokens in enumerate(settled) if len(tokens) < width and eos not in tokens]
+        if not open_rows:
+            return ids
+        rows = torch.as_tensor(open_rows, device=prompt_ids.device)
+        # [prompt][padding][known tokens]: each open row continues after its known tokens
+        tail_ids, tail_mask = _right_aligned([known[row] for row in open_rows], self.tokenizer.pad_token_id)
+        input_ids = torch.cat([prompt_ids[rows], tail_ids.to(prompt_ids.device)], dim=1)
+        mask = torch.cat([prompt_mask[rows], tail_mask.to(prompt_mask.device)], dim=1)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                                             for layer in prefix.layers])
+        done = min(len(known[row]) for row in open_rows)
         out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, **cache, max_new_tokens=width, do_sample=False,
-            use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )[:, prompt_ids.shape[1]:]
-        after_eos = (out == self.tokenizer.eos_token_id).long().cumsum(dim=1) > 0
-        ids = torch.full((out.shape[0], width), -1, dtype=torch.long, device=out.device)
-        ids[:, : out.shape[1]] = out.masked_fill(after_eos, -1)
+            input_ids=input_ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=width - done,
+            do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+        )[:, input_ids.shape[1]:]
+        for index, row in enumerate(open_rows):
+            start = len(known[row])
+            tokens = _before_eos(out[index, : width - start].tolist(), eos)
+            ids[row, start : start + len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         return ids
 
     def write_result(self, barrier: str) -> None:

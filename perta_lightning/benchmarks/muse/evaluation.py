@@ -32,8 +32,9 @@ from perta_lightning.benchmarks.muse.splits import (
     PRIVLEAK_HOLDOUT,
     VERBMEM,
 )
-from perta_lightning.data.formatting import IGNORE_INDEX, collate_examples, load_tokenizer, pad_batch
+from perta_lightning.data.formatting import IGNORE_INDEX, collate_examples, load_tokenizer
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.prompt_cache import pad_after_shared_prefix
 
 #: The evaluation sets: name -> (split, kind).
 MUSE_EVAL_SETS: dict[str, tuple[str, str]] = {
@@ -96,13 +97,14 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def collate_muse(items: list[dict[str, Any]], pad_token_id: int, name: str) -> dict[str, Any]:
-    """A batch of one set: left-padded prompts for generation, or right-padded texts with labels."""
+    """A batch of one set: prompts for generation, padded after the prefix they share (KnowMem's few-shot
+    questions; :func:`~perta_lightning.prompt_cache.pad_after_shared_prefix`), or right-padded texts with labels."""
     import torch
 
     if "prompt_ids" in items[0]:
         ids = [item["prompt_ids"] for item in items]
-        batch = {"prompt_ids": pad_batch(ids, pad_token_id, "left"),
-                 "prompt_mask": pad_batch([[1] * len(x) for x in ids], 0, "left"),
+        prompt_ids, prompt_mask = pad_after_shared_prefix(ids, pad_token_id)
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                  "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
     else:
         batch = collate_examples(items, pad_token_id)

@@ -8,7 +8,8 @@ Sets, in dataloader order, as :mod:`perta_lightning.benchmarks.tofu.sets` descri
   the set has them (forget, retain), then ``B * K`` perturbed answers (example-major: rows of example ``b``
   are ``b*K .. b*K+K-1`` of that part); labels are the tokens, -100 on padding;
 * ``answer_example``: ``(N,)`` the example (batch row) each answer belongs to;
-* ``prompt_ids`` / ``prompt_mask``: the questions alone, left padded. The evaluator encodes them once, scores
+* ``prompt_ids`` / ``prompt_mask``: the questions alone, padded after the prefix they all share (a chat
+  template's system turn; :func:`~perta_lightning.prompt_cache.pad_after_shared_prefix`). The evaluator encodes them once, scores
   every answer against their key/value cache (:mod:`perta_lightning.prompt_cache`) and generates from it;
 * ``index`` (row in the set), ``eval_set`` (the set's name), ``num_perturbed`` and ``has_paraphrase``.
 """
@@ -33,6 +34,7 @@ from perta_lightning.data.formatting import (
     run_model_dir,
 )
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.prompt_cache import pad_after_shared_prefix
 
 
 def load_eval_tokenizer(path: str) -> Any:
@@ -102,8 +104,7 @@ def collate_eval(items: list[dict[str, Any]], pad_token_id: int, name: str, has_
         "answer_mask": pad_batch([[1] * len(a) for a in answers], 0, side="right"),
         "answer_labels": pad_batch(answers, IGNORE_INDEX, side="right"),
         "answer_example": torch.tensor([b for b, _ in order], dtype=torch.long),
-        "prompt_ids": pad_batch(prompts, pad_token_id, side="left"),
-        "prompt_mask": pad_batch([[1] * len(p) for p in prompts], 0, side="left"),
+        **dict(zip(("prompt_ids", "prompt_mask"), pad_after_shared_prefix(prompts, pad_token_id))),
         "eval_set": name,
         "num_perturbed": num_perturbed,
         "has_paraphrase": has_paraphrase,

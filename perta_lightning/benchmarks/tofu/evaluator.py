@@ -89,6 +89,9 @@ class TofuEvaluator(Evaluator):
         max_new_tokens: greedy generation length for ROUGE; 200 by default, open-unlearning's TOFU setting.
         mink_k: fraction of lowest-probability answer tokens in the Min-K% MIA score.
         torch_dtype: dtype the weights are loaded in.
+        answer_drafts: settle the tokens of each gold answer that greedy decoding would repeat in one pass before
+            decoding on (:meth:`~perta_lightning.benchmarks.evaluator.Evaluator.generate`): the same generations,
+            faster on models that learnt the answers; off, every token is decoded one pass at a time.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class TofuEvaluator(Evaluator):
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         mink_k: float = 0.4,
         torch_dtype: str = "float32",
+        answer_drafts: bool = True,
     ) -> None:
         super().__init__()
         if max_new_tokens <= 0:
@@ -154,7 +158,10 @@ class TofuEvaluator(Evaluator):
             self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
-            ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix)
+            drafts = None
+            if self.hparams.answer_drafts:  # the gold answers (EOS included), which a fine-tuned model often repeats
+                drafts = [row[keep].tolist() for row, keep in zip(batch["answer_ids"][:size], batch["answer_mask"][:size].bool())]
+            ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix, drafts)
             rows = self.trainer.datamodule.sets[name].rows
             texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
             values["generated_ids"] = ids
@@ -254,6 +261,7 @@ def evaluate_model(
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
+    answer_drafts: bool = True,
     **data_options: Any,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` in-process with a Lightning ``Trainer``; return (and optionally write) the result.
@@ -263,5 +271,5 @@ def evaluate_model(
     """
     datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
-    module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype)
+    module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype, answer_drafts)
     return run_evaluation(module, datamodule, accelerator, devices, strategy)
