@@ -89,3 +89,38 @@ def test_model_directory_without_tokenizer_is_refused(tiny, tmp_path):
             shutil.copy(file, bare / file.name)
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         evaluate_model(str(bare), TofuSource(path=str(data)), accelerator="cpu")
+
+
+def test_a_screening_gives_the_full_evaluations_forget_quality(tiny, tmp_path):
+    """TOFU's screening (the forget set alone, scored, nothing generated) gives the same forget truth ratios, hence
+    the same Forget Quality, as the full evaluation of the same model; MUSE has no screening."""
+    from perta_lightning.benchmarks.registry import benchmark
+    from perta_lightning.study.options import resolve_preset
+    from tests.tiny import write_tiny_model
+
+    root, data, model, _ = tiny
+    other = write_tiny_model(tmp_path / "other", data / "tokenizer", seed=1, output_scale=20.0, hidden_size=32,
+                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=512, bos_token_id=None)
+    tofu, preset, source = benchmark("tofu"), resolve_preset("tiny", {"eval_max_new_tokens": 4}), TofuSource(path=str(data))
+    plan = tofu.split_plan("forget10", preset)
+    full, screening = tofu.evaluation(plan, preset, True), tofu.screening(plan, preset, True)
+    assert screening.settings() != full.settings() and screening.work_key == "screens"
+    reference = tmp_path / "retain.json"
+    full.run(str(model), source, str(reference), None, "cpu", 1, "float32")
+    full.run(str(other), source, str(tmp_path / "full.json"), str(reference), "cpu", 1, "float32")
+    screening.run(str(other), source, str(tmp_path / "screen.json"), str(reference), "cpu", 1, "float32")
+    evaluated, screened = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("full", "screen"))
+    assert screened["splits"] == {"forget": "forget10_perturbed"} and set(screened["examples"]) == {"forget"}
+    assert screened["settings"]["generate"] is False and evaluated["settings"]["generate"] is True
+    assert "generation" not in screened["examples"]["forget"] and "forget_rouge" not in screened["aggregates"]
+    assert screened["aggregates"]["model_utility"] is None
+    assert screened["examples"]["forget"]["truth_ratio"] == pytest.approx(
+        evaluated["examples"]["forget"]["truth_ratio"], rel=1e-9)
+    quality = evaluated["aggregates"]["forget_quality"]
+    assert quality is not None and quality < 1.0  # another model: a Forget Quality that says something
+    assert screened["aggregates"]["forget_quality"] == pytest.approx(quality, rel=1e-9)
+    assert summarize(tmp_path / "screen.json", reference)["forget_quality"] == pytest.approx(
+        summarize(tmp_path / "full.json", reference)["forget_quality"], rel=1e-9)
+    muse = benchmark("muse")
+    assert muse.screening(muse.split_plan("forget", resolve_preset("muse_tiny")), resolve_preset("muse_tiny"), False) is None

@@ -282,8 +282,9 @@ def test_the_replication_table_follows_the_study(tiny_study):
     names = ["forget10/models/reinforced", *{str(Path(r["model_dir"]).parent) if "/alpha_" in r["model_dir"]
                                              else r["model_dir"] for r in report["rows"] if r["method"] == label},
              *[r["eval_file"].removesuffix(".json") for r in report["rows"] if r["method"] == label],
-             str(Path(report["importance"][label]["forget"]).parent)]
-    seconds = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in names)
+             str(Path(report["importance"][label]["forget"]).parent),
+             *report["search_stages"][label]]  # its merges and screenings (a round may have no row)
+    seconds = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in dict.fromkeys(names))
     # a baseline: its training run and the evaluation of every point of its curve
     baseline_label = families["grad_diff"]["label"]
     baseline = sum(StageRecord.load(root / RECORD_DIR / f"{name}.json").seconds for name in

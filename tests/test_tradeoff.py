@@ -135,3 +135,27 @@ def test_a_curve_of_one_point_is_the_single_model_comparison():
     rows[1]["alpha"] = 5.0
     curve = utilities_at_levels(method_curves(rows, "f", "u")["grad_diff"], [0.01, 0.1, 0.5])
     assert single == curve == [0.8, 0.6, None]
+
+
+def test_can_be_selected_is_reaching_the_lowest_level():
+    from perta_lightning.functional.tradeoff import can_be_selected
+
+    levels = [0.05, 0.01, 0.3]
+    assert can_be_selected(0.01, levels) and can_be_selected(0.5, levels)
+    assert not can_be_selected(0.0099, levels)
+    assert can_be_selected(None, levels) and can_be_selected(math.nan, levels)  # unknown: evaluate in full
+    # a point below every level is never picked by the matched rule, whatever its utility
+    target = CurvePoint(0.0, 0.001, 0.5)
+    below = CurvePoint(1.0, 0.009, 0.99)
+    assert utilities_at_levels([target, below], levels) == [None, None, None]
+
+
+def test_a_screened_only_point_brackets_as_not_collapsed():
+    """The one way the screened search differs from the full one: a model that collapsed without reaching a level
+    brackets it when evaluated in full; screened only (collapse unknown), the search steps on past it."""
+    target = CurvePoint(0.0, 0.001, 0.5)
+    reached = CurvePoint(1.0, 0.02, 0.4)
+    collapsed = CurvePoint(4.0, 0.001, 0.1, collapsed=True)
+    screened = CurvePoint(4.0, 0.001, math.nan, collapsed=False)
+    assert next_alphas([target, reached, collapsed], [0.1], ratio=1.5) == [2.0]  # bisect below the collapse
+    assert next_alphas([target, reached, screened], [0.1], ratio=1.5) == [16.0]  # step on

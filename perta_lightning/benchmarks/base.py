@@ -10,6 +10,8 @@ what differs:
   train θ0, θ_full and θ_retain, which are forgotten and which are kept while unlearning;
 * its **evaluation** (:meth:`Benchmark.evaluation`, an :class:`Evaluation` the evaluation stage runs) and its
   **summary** of an evaluation file against the retain model's (:meth:`Benchmark.summarize`);
+* optionally a **screening** (:meth:`Benchmark.screening`): a cheaper evaluation that gives the forgetting axis
+  alone, exactly as the full one would, with which the α search decides which models to evaluate in full;
 * its two comparison **axes** (:class:`Axes`: the forgetting reached and the utility kept, their keys in
   summaries and report rows, and their names in reports) and its default levels along the first;
 * its **report** rows and texts (:meth:`Benchmark.report_row`, :attr:`Benchmark.report_intro`), and what it adds
@@ -79,6 +81,8 @@ class Evaluation(ABC):
 
     #: what the evaluation stage's line says it does (``evaluate``, ``MUSE-evaluate``).
     verb: ClassVar[str] = "evaluate"
+    #: what one run counts as in its stage record's work: ``evaluations``, or ``screens`` for a screening.
+    work_key: ClassVar[str] = "evaluations"
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
@@ -169,6 +173,15 @@ class Benchmark(ABC):
     @abstractmethod
     def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> Evaluation:
         """The evaluation of every model of one forget split."""
+
+    def screening(self, plan: SplitPlan, preset: Any, source_given: bool) -> Evaluation | None:
+        """A cheaper evaluation of one forget split's models that gives the forgetting axis alone, exactly as
+        :meth:`evaluation` gives it (the same per-example values, to float noise), or ``None`` (the default): the
+        benchmark cannot tell its forgetting without the full evaluation, and every α is evaluated in full.
+
+        :meth:`summarize` of a screening's file against the retain model's full evaluation gives the forgetting
+        axis under ``axes.forget_key``; its other keys may be ``None``."""
+        return None
 
     @abstractmethod
     def is_evaluation(self, path: str | Path) -> bool:

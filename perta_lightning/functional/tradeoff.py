@@ -20,6 +20,14 @@ reaches ℓ or has collapsed, and ``α_lo`` the largest evaluated α > 0 below i
 steps outwards by ``step`` (×4 up from the largest α, ÷4 down from the smallest); then it bisects in log α,
 proposing √(α_lo·α_hi), until α_hi/α_lo ≤ ``ratio``.
 
+**Screening.** Where the forgetting value of a model can be had cheaply (TOFU's Forget Quality from the forget
+set's truth ratios alone), the search screens each α first and evaluates in full only the models that
+``can_be_selected``: the matched rule picks a point at level ℓ only if its FQ ≥ ℓ, so a model whose FQ is below
+every level is never in the table, whatever its MU. Such a screened-only point still brackets levels with its
+FQ, but its collapse is unknown and it is taken as not collapsed: the one way the screened search can differ
+from the full one is a model that collapses without reaching a level, which brackets that level in the full
+search and not in the screened one (the search then steps on).
+
 **Across seeds.** ``paired_differences`` gives, per seed, MU(method) − MU(reference) at each level where
 both reach it; ``summarize_differences`` reports the mean, a seeded bootstrap interval of the mean, and a
 two-sided sign test.
@@ -98,6 +106,16 @@ def bracket(points: Sequence[CurvePoint], level: float) -> tuple[float | None, f
     hi = next((p.alpha for p in curve if _reaches(p, level)), None)
     below = [p.alpha for p in curve if hi is None or p.alpha < hi]
     return (below[-1] if below else None), hi
+
+
+def can_be_selected(forget_quality: float | None, levels: Sequence[float]) -> bool:
+    """Whether a model of forgetting value ``forget_quality`` can be picked by ``utility_at_level`` at one of
+    ``levels`` (FQ ≥ min(levels)), so that its full evaluation can change the matched table. Unknown (``None``
+    or NaN) counts as yes. A level the target model reaches still counts: a merge reaching it with a higher MU
+    than the target's is picked there."""
+    if forget_quality is None or math.isnan(forget_quality):
+        return True
+    return forget_quality >= min(levels)
 
 
 def next_alphas(points: Sequence[CurvePoint], levels: Sequence[float], *, ratio: float = 1.2,

@@ -3,7 +3,8 @@
 A method is charged everything it needs beyond the target model, as if it ran alone (stages two methods
 share are charged to each):
 
-* TV: the reinforced model θ_r, every merge round of its α search and every evaluation of the search;
+* TV: the reinforced model θ_r, every merge round of its α search and every evaluation and screening of the
+  search (the report's ``search_stages`` name the merges and screenings, its rows the evaluations);
 * a PerTA variant: the same, plus its importance stages (and the stage that transforms them, if any);
 * a training-based baseline: its one training run and the evaluation of every point of its curve (the models it
   kept along the way), as the α search's evaluations count for TV and PerTA.
@@ -22,7 +23,7 @@ from typing import Any
 
 from perta_lightning.stages import RECORD_DIR
 
-COUNTS = ("forward", "backward", "bytes_read", "bytes_written", "evaluations")
+COUNTS = ("forward", "backward", "bytes_read", "bytes_written", "evaluations", "screens")
 
 
 def _record(root: Path, name: str) -> dict[str, Any]:
@@ -38,6 +39,8 @@ def _record(root: Path, name: str) -> dict[str, Any]:
 def _kind(name: str) -> str:
     if "/eval/" in name:
         return "evaluation"
+    if "/screen/" in name:
+        return "screening"
     if "/importance/" in name:
         return "importance"
     if name.endswith("/models/reinforced"):
@@ -85,7 +88,8 @@ def method_costs(root: str | Path, report: dict[str, Any]) -> dict[str, dict[str
         else:
             # a round's models lie in round_<k>/alpha_<α>/, or in round_<k>/ itself when it merged one α
             merges = sorted({re.sub(r"(/round_\d+)/.*$", r"\1", row["model_dir"]) for row in rows})
-            names = [f"{split}/models/reinforced", *merges, *evaluations]
+            searched = report.get("search_stages", {}).get(method, [])  # merges and screenings (none in old reports)
+            names = list(dict.fromkeys([f"{split}/models/reinforced", *merges, *searched, *evaluations]))
             if method in report.get("importance", {}):
                 importance = Path(report["importance"][method]["forget"]).parent.as_posix()
                 names += _importance_stages(root, importance)

@@ -15,7 +15,8 @@ Each stage writes one artifact under the seed's run folder (``<split>`` is the p
 8. ``<split>/eval/retain``, ``<split>/eval/target`` and each baseline point's evaluation
    (``<split>/eval/<baseline>/epoch_<k>``), by the benchmark's evaluation.
 
-The α searches' merges and evaluations are added as the search goes (:mod:`perta_lightning.study.pipeline`).
+The α searches' merges, screenings (``<split>/screen/<method>/alpha_<α>``, where the benchmark screens) and
+evaluations are added as the search goes (:mod:`perta_lightning.study.pipeline`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SeedGraph:
 
     ``importance``: the importance stage each variant's merges read, by :meth:`PertaVariant.files_key`;
     ``baselines``: each baseline's label, training stage and the evaluation of each point of its curve, by the
-    epochs trained."""
+    epochs trained; ``screening``: the benchmark's screening (``None``: it has none)."""
 
     plan: SplitPlan
     stages: list[Stage]
@@ -63,11 +64,19 @@ class SeedGraph:
     baselines: list[tuple[str, Unlearn, list[tuple[int, Evaluate]]]]
     eval_data: Data
     evaluation: Evaluation
+    screening: Evaluation | None = None
 
     def evaluate(self, name: str, model: Product) -> Evaluate:
         """The evaluation of a further model (a merge of the α search), against θ_retain's."""
         return Evaluate(name, model, self.eval_data, self.evaluation, reference=self.reference,
                         runtime=self.reference.runtime)
+
+    def screen(self, name: str, model: Product) -> Evaluate:
+        """The screening of a further model (its forgetting axis alone), against θ_retain's full evaluation."""
+        if self.screening is None:
+            raise ValueError(f"{name}: this benchmark has no screening")
+        return Evaluate(name, model, self.eval_data, self.screening, reference=self.reference,
+                        runtime=self.reference.runtime, cost=0.05)
 
     def importance_of(self, variant: PertaVariant, default_examples: int | None) -> Stage:
         return self.importance[variant.files_key(default_examples)]
@@ -125,4 +134,5 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
               *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,
               *(evaluate for curve in curves for _, evaluate in curve)]
     return SeedGraph(plan, stages, full, reinforced, importance, reference, target,
-                     [(b.label, u, curve) for b, u, curve in zip(baselines, unlearned, curves)], eval_data, evaluation)
+                     [(b.label, u, curve) for b, u, curve in zip(baselines, unlearned, curves)], eval_data, evaluation,
+                     bench.screening(plan, p, source_given=run.source is not None))

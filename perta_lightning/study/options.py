@@ -196,6 +196,13 @@ class AlphaSearch:
         rounds: further rounds at most (each merges its α in one pass and evaluates them).
         ratio: stop refining a level once α_hi / α_lo is at most this.
         alpha_max: never search above this α.
+        screen: where the benchmark can screen (TOFU: Forget Quality from the forget set alone, nothing generated),
+            screen each α first and evaluate in full only a model whose forgetting reaches the lowest level (the
+            others can never enter the matched table); screened-only points bracket levels as not collapsed
+            (see :mod:`perta_lightning.functional.tradeoff`). ``False`` (the default): every α is evaluated in full.
+            It pays where generation dominates an evaluation (a real model: ``configs/smollm2``); on the small
+            models trained from scratch a screening's fixed cost outweighs the generation it saves
+            (``bench/RESULTS.md``).
     """
 
     levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3])
@@ -203,6 +210,7 @@ class AlphaSearch:
     rounds: int = 4
     ratio: float = 1.5
     alpha_max: float = 256.0
+    screen: bool = False
 
     def check(self) -> AlphaSearch:
         """Refuse, in one line naming the key, levels and α a search cannot use (called before any stage)."""
@@ -262,12 +270,16 @@ class ResultRow:
 
 @dataclass
 class SplitResult:
-    """Every evaluated model of one forget split of one seed, and how many evaluations each search took."""
+    """Every evaluated model of one forget split of one seed, how many full evaluations and screenings each
+    method's search (or curve) took, and the merge and screening stages of each search (what its cost charges
+    beside its rows' stages)."""
 
     forget_split: str
     root: Path
     rows: list[ResultRow]
     search_evaluations: dict[str, int]
+    search_screens: dict[str, int] = field(default_factory=dict)
+    search_stages: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """``perta pipeline``: one seed of the PerTA study, end to end, resumable, on any benchmark.
 
 For each forget split the seed's graph (:mod:`perta_lightning.study.graph`) is run, then each merge method (TV
-and each PerTA variant) searches α: rounds of ``<split>/models/<method>/round_<k>`` merges and
-``<split>/eval/<method>/alpha_<α>`` evaluations, until each level of the forgetting axis is bracketed
-(:func:`perta_lightning.functional.tradeoff.next_alphas`). Then ``<split>/report.json``, ``report.md``,
+and each PerTA variant) searches α: rounds of ``<split>/models/<method>/round_<k>`` merges,
+``<split>/screen/<method>/alpha_<α>`` screenings where the benchmark has one (``search.screen``), and
+``<split>/eval/<method>/alpha_<α>`` evaluations of the models that can enter the matched table, until each
+level of the forgetting axis is bracketed (:func:`perta_lightning.functional.tradeoff.next_alphas`). Then ``<split>/report.json``, ``report.md``,
 ``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` are written.
 
 Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta_lightning.stages`).
@@ -11,9 +12,11 @@ Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, next_alphas
+from perta_lightning.functional.tradeoff import CurvePoint, can_be_selected, is_collapsed, next_alphas
 from perta_lightning.stages import Product, Progress, StageRunner
 from perta_lightning.study.graph import SeedGraph, seed_graph
 from perta_lightning.study.options import (
@@ -39,10 +42,25 @@ def _curve_point(run: Run, eval_file: Path, reference_file: Path, alpha: float, 
     return CurvePoint(alpha, forget, utility, is_collapsed(utility, target.model_utility))
 
 
+@dataclass
+class SearchResult:
+    """One method's α search: its rows (the models evaluated in full), how many α were screened, and the names
+    of its merge and screening stages (what its cost charges beside its rows' evaluations)."""
+
+    rows: list[ResultRow]
+    screens: int
+    stages: list[str]
+
+
 def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family: str, variant: PertaVariant | None,
-            target: CurvePoint) -> tuple[list[ResultRow], int]:
-    """Rounds of merge + evaluate for one method until each level is bracketed; its rows and evaluations."""
-    search, split = run.search, graph.plan.name
+            target: CurvePoint) -> SearchResult:
+    """Rounds of merge + screen + evaluate for one method until each level is bracketed.
+
+    With ``search.screen`` and a benchmark that screens, each α is screened first and evaluated in full only when
+    its forgetting value can put it in the matched table (:func:`can_be_selected`); a screened-only point
+    brackets levels with that value, as not collapsed (:mod:`perta_lightning.functional.tradeoff`)."""
+    search, split, axes = run.search, graph.plan.name, run.benchmark.axes
+    screening = search.screen and graph.screening is not None
     importance = None if variant is None else graph.importance_of(variant, run.preset.importance_examples)
     reinforce_seconds = runner.records[graph.reinforced.name].seconds
     importance_stages = [] if importance is None else [importance]
@@ -52,26 +70,40 @@ def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family
     reference_file = runner.path(Product(graph.reference, "eval"))
     points: list[CurvePoint] = [target]
     rows: list[ResultRow] = []
+    stages: list[str] = []
+    screens = 0
     alphas = sorted(set(search.initial))
     for round_index in range(search.rounds + 1):
         if not alphas:
             break
         merge = Merge(f"{split}/models/{method}/round_{round_index}", graph.full, graph.reinforced, alphas, importance,
                       variant.beta if variant else 1.0, variant.power if variant else 1.0)
-        evals = [graph.evaluate(f"{split}/eval/{method}/alpha_{alpha:g}", Product(merge, alpha_key(alpha)))
-                 for alpha in alphas]
-        runner.progress.plan([merge, *evals])
+        models = [Product(merge, alpha_key(alpha)) for alpha in alphas]
+        first = [graph.screen(f"{split}/screen/{method}/alpha_{alpha:g}", model) if screening else
+                 graph.evaluate(f"{split}/eval/{method}/alpha_{alpha:g}", model) for alpha, model in zip(alphas, models)]
+        runner.progress.plan([merge, *first])
         merge_seconds = runner.run(merge).seconds
-        for alpha, evaluation in zip(alphas, evals):
-            runner.run(evaluation)
-            eval_file = runner.path(Product(evaluation, "eval"))
+        stages.append(merge.name)
+        for alpha, model, stage in zip(alphas, models, first):
+            runner.run(stage)
+            if screening:
+                screens += 1
+                stages.append(stage.name)
+                forget = run.benchmark.summarize(runner.path(Product(stage, "eval")), reference_file)[axes.forget_key]
+                if not can_be_selected(forget, search.levels):
+                    points.append(CurvePoint(alpha, forget, math.nan, collapsed=False))  # its utility is unknown
+                    continue
+                stage = graph.evaluate(f"{split}/eval/{method}/alpha_{alpha:g}", model)
+                runner.progress.plan([stage])
+                runner.run(stage)
+            eval_file = runner.path(Product(stage, "eval"))
             points.append(_curve_point(run, eval_file, reference_file, alpha, target))
-            rows.append(ResultRow(method, family, alpha, runner.path(Product(merge, alpha_key(alpha))), eval_file,
-                                  reference_file, reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
+            rows.append(ResultRow(method, family, alpha, runner.path(model), eval_file, reference_file,
+                                  reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
         evaluated = {p.alpha for p in points}
         alphas = [a for a in next_alphas(points, search.levels, ratio=search.ratio, alpha_max=search.alpha_max)
                   if a not in evaluated]
-    return rows, len(points) - 1
+    return SearchResult(rows, screens, stages)
 
 
 def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants: list[PertaVariant],
@@ -86,7 +118,9 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
     rows = [ResultRow("retain", "reference", None, runner.path(Product(graph.reference.model.stage)), reference_file,
                       reference_file),
             ResultRow("target", "reference", None, runner.path(Product(graph.full)), target_file, reference_file)]
-    counts = {}
+    counts: dict[str, int] = {}
+    screens: dict[str, int] = {}
+    search_stages: dict[str, list[str]] = {}
     for label, unlearn, curve in graph.baselines:  # the points of each baseline's curve, by the epochs trained
         seconds = runner.records[unlearn.name].seconds
         for epoch, evaluation in curve:
@@ -100,10 +134,11 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
     per_method = len(run.search.initial) + run.search.rounds
     runner.progress.expect(len(methods) * (2 * per_method), len(methods) * per_method * 0.4)
     for method, family, variant in methods:
-        method_rows, counts[method] = _search(runner, run, graph, method, family, variant, target)
-        rows += method_rows
+        searched = _search(runner, run, graph, method, family, variant, target)
+        rows += searched.rows
+        counts[method], screens[method], search_stages[method] = len(searched.rows), searched.screens, searched.stages
     runner.progress.settle()
-    result = SplitResult(graph.plan.name, output / graph.plan.name, rows, counts)
+    result = SplitResult(graph.plan.name, output / graph.plan.name, rows, counts, screens, search_stages)
     used = {v.label: graph.importance_of(v, run.preset.importance_examples) for v in variants}
     return write_report(result, run.benchmark, variants, run.search, used, runner, graph.reinforced)
 

@@ -95,7 +95,7 @@ def _seed_costs(splits: dict[str, Any], family: str, key: str, without_search: b
                 continue
             value = cost[key]
             if without_search and key == "seconds":
-                value -= cost["seconds_by_kind"].get("evaluation", 0.0)
+                value -= cost["seconds_by_kind"].get("evaluation", 0.0) + cost["seconds_by_kind"].get("screening", 0.0)
             totals[int(seed)] = totals.get(int(seed), 0.0) + value
     return {seed: value for seed, value in totals.items() if seed not in missing}
 

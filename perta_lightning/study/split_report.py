@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from perta_lightning.study.weights import WeightFiles, weights_by_layer_type
 @dataclass
 class SplitReport:
     """What one forget split of one seed found, as its ``report.json`` holds it: every evaluated model's row, the
-    utility each method keeps at each level (``None``: not reached), the evaluations of each search, the cost of
-    each method, and the weight files of each PerTA variant."""
+    utility each method keeps at each level (``None``: not reached), the full evaluations of each search (and
+    baseline curve), the cost of each method, the weight files of each PerTA variant, and the screenings of each
+    search (α whose forgetting alone was measured; only those that can enter the matched table are also
+    evaluated in full and are rows)."""
 
     forget_split: str
     rows: list[dict[str, Any]]
@@ -41,6 +43,7 @@ class SplitReport:
     search_evaluations: dict[str, int]
     costs: dict[str, dict[str, Any]]
     weights: dict[str, WeightFiles]
+    search_screens: dict[str, int] = field(default_factory=dict)
 
 
 def build_rows(rows: list[ResultRow], root: Path, benchmark: Benchmark) -> list[dict[str, Any]]:
@@ -84,9 +87,11 @@ def _fmt(value: Any) -> str:
 
 
 def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
-             settings: dict[str, Any], search_evaluations: dict[str, int], benchmark: Benchmark) -> str:
+             settings: dict[str, Any], search_evaluations: dict[str, int], benchmark: Benchmark,
+             search_screens: dict[str, int] | None = None) -> str:
     """``report.md``: the utility each method keeps at each level, then every evaluated model."""
     ax = benchmark.axes
+    screens = {method: count for method, count in (search_screens or {}).items() if count}
     extra = benchmark.markdown_columns if benchmark.markdown_columns is not None else benchmark.report_columns
     columns = tuple(dict.fromkeys(("method", "alpha", ax.forget_key, ax.utility_key, *extra, "unlearn_seconds",
                                    "collapsed")))
@@ -97,12 +102,16 @@ def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[s
              f"## {ax.utility_name} at matched {ax.forget_name}", "",
              f"The best non-collapsed model whose {ax.forget_name} reaches the level; – where none does. A "
              "method's evaluations: the α search's probes (TV, PerTA), or the points along a baseline's training "
-             "(its α column: the epochs it trained).", "",
-             "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations |",
-             "|---|" + "---|" * (len(levels) + 1)]
+             "(its α column: the epochs it trained)."
+             + (f" Screenings: the α whose {ax.forget_name} alone was measured first; only those reaching the lowest "
+                "level were evaluated in full." if screens else ""), "",
+             "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " | evaluations |"
+             + (" screenings |" if screens else ""),
+             "|---|" + "---|" * (len(levels) + 1 + bool(screens))]
     for method, values in at_levels.items():
         lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in values)
-                     + f" | {search_evaluations.get(method, 1)} |")
+                     + f" | {search_evaluations.get(method, 1)} |"
+                     + (f" {screens.get(method, 0)} |" if screens else ""))
     names = benchmark.column_names
     lines += ["", "## Every evaluated model", "",
               "| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
@@ -177,15 +186,17 @@ def write_report(result: SplitResult, benchmark: Benchmark, variants: list[Perta
              for (label, w), v in zip(weights.items(), variants)}
     out = result.root
     data = {"settings": settings, "rows": table, "matched": at_levels, "importance": files,
-            "search_evaluations": result.search_evaluations}
+            "search_evaluations": result.search_evaluations, "search_screens": result.search_screens,
+            "search_stages": result.search_stages}
     data["costs"] = method_costs(runner.root, data)
     atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
-                                                  result.search_evaluations, benchmark))
+                                                  result.search_evaluations, benchmark, result.search_screens))
     plot_tradeoff(table, out / "tradeoff.png", benchmark.axes)
     if variants:
         first = weights[variants[0].label]
         plot_weights(weights_by_layer_type(first), out / "weights.png",
                      f"PerTA weights by layer type ({variants[0].label})")
         diagnose_split(out, runner.seed, table, benchmark, weights, runner.path(Product(reinforced)))
-    return SplitReport(result.forget_split, table, at_levels, result.search_evaluations, data["costs"], weights)
+    return SplitReport(result.forget_split, table, at_levels, result.search_evaluations, data["costs"], weights,
+                       result.search_screens)

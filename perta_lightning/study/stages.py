@@ -571,5 +571,6 @@ class Evaluate(Stage):
         return {"eval": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:
-        """One evaluation: every evaluation set scored and generated once (the same work for every model)."""
-        return {"evaluations": 1.0}
+        """One evaluation (every evaluation set scored and generated once, the same work for every model), or one
+        screening (the benchmark's cheaper evaluation of its forgetting axis alone), as the evaluation says."""
+        return {self.evaluation.work_key: 1.0}

@@ -184,6 +184,7 @@ def aggregate(reports: dict[int, SplitReport], families: dict[str, str], levels:
             "at_levels": at_levels,
             "vs_tv": [asdict(summarize_differences(d, seed=index)) for index, d in enumerate(differences)],
             "evaluations": {str(seed): report.search_evaluations.get(label, 1) for seed, report in reports.items()},
+            "screens": {str(seed): report.search_screens.get(label, 0) for seed, report in reports.items()},
             "costs": {str(seed): report.costs.get(label) for seed, report in reports.items()},
         }
     return out

@@ -69,6 +69,45 @@ class TofuEvaluation(Evaluation):
         }
 
 
+#: the data module's options of the sets a screening leaves out (each given as ``None``: the set is skipped).
+SCREEN_LEFT_OUT = ("retain_split", "real_authors_split", "world_facts_split", "holdout_split")
+
+
+@dataclass(frozen=True)
+class TofuScreening(Evaluation):
+    """TOFU's screening of one forget split's models: the forget set alone, every answer, paraphrase and perturbed
+    answer scored, nothing generated. Forget Quality needs only the forget set's truth ratios, so its value is the
+    full evaluation's (:class:`TofuEvaluation`, whose ``batch_size`` it must share so that the forget set's batches,
+    and hence its NLLs, are the same); the file has no ROUGE, no other set and no Model Utility."""
+
+    verb = "screen"
+    work_key = "screens"
+    forget_split: str
+    batch_size: int = 32
+
+    def settings(self) -> dict[str, Any]:
+        return {"forget": self.forget_split, "sets": ["forget"], "generate": False, "batch_size": self.batch_size}
+
+    def run(self, model_dir: str, source: Any, output_json: str, retain_result: str | None, accelerator: str,
+            devices: int, torch_dtype: str) -> dict[str, Any]:
+        from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
+
+        return evaluate_model(model_dir, source, forget_split=f"{self.forget_split}_perturbed", output_json=output_json,
+                              retain_result=retain_result, batch_size=self.batch_size, generate=False,
+                              accelerator=accelerator, devices=devices, torch_dtype=torch_dtype, **dict.fromkeys(SCREEN_LEFT_OUT))
+
+    def command(self, model_dir: str, source: Any, output_json: str, retain_result: str | None,
+                torch_dtype: str) -> dict[str, Any]:
+        return {
+            "model": {"class_path": "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator",
+                      "init_args": {"model": model_dir, "output_json": output_json, "retain_result": retain_result,
+                                    "generate": False, "torch_dtype": torch_dtype}},
+            "data": {"class_path": "perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule",
+                     "init_args": {"source": asdict(source), "forget_split": f"{self.forget_split}_perturbed",
+                                   "batch_size": self.batch_size, **dict.fromkeys(SCREEN_LEFT_OUT)}},
+        }
+
+
 class TofuBenchmark(Benchmark):
     """TOFU: see the module docstring."""
 
@@ -122,6 +161,10 @@ class TofuBenchmark(Benchmark):
 
     def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> TofuEvaluation:
         return TofuEvaluation(plan.name, preset.eval_max_new_tokens)
+
+    def screening(self, plan: SplitPlan, preset: Any, source_given: bool) -> TofuScreening:
+        """Forget Quality from the forget set's truth ratios alone (:class:`TofuScreening`)."""
+        return TofuScreening(plan.name, self.evaluation(plan, preset, source_given).batch_size)
 
     def is_evaluation(self, path: str | Path) -> bool:
         from perta_lightning.benchmarks.tofu.summary import FORMAT

@@ -61,14 +61,15 @@ def _json_numbers(values: torch.Tensor) -> list[Any]:
     return [_json_numbers(row) if row.dim() else (row.item() if bool(row.isfinite()) else None) for row in values]
 
 
-def _example_columns(name: str) -> tuple[str, ...]:
-    """The per-example columns the evaluator keeps for set ``name`` (the JSON's ``examples`` hold them)."""
+def _example_columns(name: str, generate: bool = True) -> tuple[str, ...]:
+    """The per-example columns the evaluator keeps for set ``name`` (the JSON's ``examples`` hold them); without
+    ``generate``, no generation and no ROUGE."""
     spec = EVAL_SET_BY_NAME[name]
     columns = ["answer_nll"]
     if spec.has_paraphrase:
         columns.append("paraphrased_nll")
     if spec.scored:
-        columns += ["perturbed_nll", "rouge_l_recall", "generated_ids"]
+        columns += ["perturbed_nll", "rouge_l_recall", "generated_ids"] if generate else ["perturbed_nll"]
     if spec.extraction_strength:
         columns.append("extraction_strength")
     if spec.min_k:
@@ -89,6 +90,8 @@ class TofuEvaluator(Evaluator):
         max_new_tokens: greedy generation length for ROUGE; 200 by default, open-unlearning's TOFU setting.
         mink_k: fraction of lowest-probability answer tokens in the Min-K% MIA score.
         torch_dtype: dtype the weights are loaded in.
+        generate: generate greedily and score ROUGE (``False``: every answer is scored, nothing is generated, and
+            the file has no ROUGE or generations: a screening, whose Forget Quality is the full evaluation's).
         answer_drafts: settle the tokens of each gold answer that greedy decoding would repeat in one pass before
             decoding on (:meth:`~perta_lightning.benchmarks.evaluator.Evaluator.generate`): the same generations,
             faster on models that learnt the answers; off, every token is decoded one pass at a time.
@@ -102,6 +105,7 @@ class TofuEvaluator(Evaluator):
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         mink_k: float = 0.4,
         torch_dtype: str = "float32",
+        generate: bool = True,
         answer_drafts: bool = True,
     ) -> None:
         super().__init__()
@@ -125,9 +129,9 @@ class TofuEvaluator(Evaluator):
         datamodule.setup(stage)
         for name in datamodule.sets:
             if name not in self.examples:
-                self.examples[name] = IndexedValues(_example_columns(name))
+                self.examples[name] = IndexedValues(_example_columns(name, self.hparams.generate))
                 if EVAL_SET_BY_NAME[name].scored:
-                    self.set_metrics[name] = TofuSetMetrics(EVAL_SET_BY_NAME[name])
+                    self.set_metrics[name] = TofuSetMetrics(EVAL_SET_BY_NAME[name], rouge=self.hparams.generate)
         if self.hparams.retain_result is not None:
             forget_rows = datamodule.sets["forget"].rows
             self.retain_record = load_evaluation(self.hparams.retain_result)
@@ -158,16 +162,19 @@ class TofuEvaluator(Evaluator):
             self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
-            drafts = None
-            if self.hparams.answer_drafts:  # the gold answers (EOS included), which a fine-tuned model often repeats
-                drafts = [row[keep].tolist() for row, keep in zip(batch["answer_ids"][:size], batch["answer_mask"][:size].bool())]
-            ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix, drafts)
-            rows = self.trainer.datamodule.sets[name].rows
-            texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
-            values["generated_ids"] = ids
-            values["rouge_l_recall"] = F.rouge_l_recall(texts, [rows[i]["answer"] for i in index.tolist()]).to(self.device)
+            if self.hparams.generate:
+                drafts = None
+                if self.hparams.answer_drafts:  # the gold answers (EOS included), which a fine-tuned model often repeats
+                    drafts = [row[keep].tolist() for row, keep in
+                              zip(batch["answer_ids"][:size], batch["answer_mask"][:size].bool())]
+                ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix, drafts)
+                rows = self.trainer.datamodule.sets[name].rows
+                texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
+                values["generated_ids"] = ids
+                values["rouge_l_recall"] = F.rouge_l_recall(
+                    texts, [rows[i]["answer"] for i in index.tolist()]).to(self.device)
             self.set_metrics[name].update(
-                index, values["answer_nll"], values["perturbed_nll"], values["rouge_l_recall"],
+                index, values["answer_nll"], values["perturbed_nll"], values.get("rouge_l_recall"),
                 paraphrased_nll=values.get("paraphrased_nll"), extraction_strength=values.get("extraction_strength"))
             # Lightning computes (and syncs) logged metrics at the epoch's end. Logged here, each set's scores
             # belong to its own dataloader, so the results table's "DataLoader <i>" column holds only rows
@@ -205,7 +212,9 @@ class TofuEvaluator(Evaluator):
                     column[key] = _json_numbers(tensor)
             if spec.scored:
                 column["answer"] = [rows[i]["answer"] for i in index]
-                column["generation"] = [generation_text(self.tokenizer, ids.tolist()) for ids in values["generated_ids"]]
+                if "generated_ids" in values:
+                    column["generation"] = [generation_text(self.tokenizer, ids.tolist())
+                                            for ids in values["generated_ids"]]
                 correct = values["paraphrased_nll" if spec.truth_ratio_correct == "paraphrased_answer" else "answer_nll"]
                 if spec.normalised_probability:
                     probability = F.probability_with_options(values["answer_nll"], values["perturbed_nll"])
@@ -236,7 +245,8 @@ class TofuEvaluator(Evaluator):
             "retain_result": self.hparams.retain_result,
             "splits": {name: split for name, split in datamodule.splits.items() if name in datamodule.sets},
             "settings": {
-                "max_new_tokens": self.hparams.max_new_tokens, "mink_k": self.hparams.mink_k,
+                "max_new_tokens": self.hparams.max_new_tokens, "generate": self.hparams.generate,
+                "mink_k": self.hparams.mink_k,
                 "torch_dtype": self.hparams.torch_dtype, "world_size": self.trainer.world_size,
                 "max_examples": datamodule.hparams.max_examples, "batch_size": datamodule.hparams.batch_size,
             },
@@ -258,6 +268,7 @@ def evaluate_model(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     mink_k: float = 0.4,
     torch_dtype: str = "float32",
+    generate: bool = True,
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
@@ -271,5 +282,6 @@ def evaluate_model(
     """
     datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
-    module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype, answer_drafts)
+    module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype, generate,
+                           answer_drafts)
     return run_evaluation(module, datamodule, accelerator, devices, strategy)

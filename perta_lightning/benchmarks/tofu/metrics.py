@@ -78,17 +78,19 @@ class TofuSetMetrics(MetricCollection):
     """The aggregate metrics of one scored evaluation set; ``compute()`` gives ``{"<set>_<metric>": tensor}``.
 
     ``probability`` (normalised or not), ``truth_ratio`` and ``rouge``, plus ``extraction_strength`` where
-    the set has it, all as ``spec`` (:mod:`perta_lightning.benchmarks.tofu.sets`) describes the set.
+    the set has it, all as ``spec`` (:mod:`perta_lightning.benchmarks.tofu.sets`) describes the set. Without
+    ``rouge`` (an evaluation that generates nothing: a screening of the forget set) there is no ROUGE score.
     """
 
-    def __init__(self, spec: EvalSetSpec) -> None:
+    def __init__(self, spec: EvalSetSpec, rouge: bool = True) -> None:
         if not spec.scored:
             raise ValueError(f"evaluation set {spec.name!r} has no probability, truth ratio or ROUGE")
         metrics: dict[str, Metric] = {
             "probability": ProbabilityWithOptions() if spec.normalised_probability else AnswerProbability(),
             "truth_ratio": TruthRatio(closer_to_one=spec.truth_ratio_closer_to_one),
-            "rouge": MeanOfValues(),
         }
+        if rouge:
+            metrics["rouge"] = MeanOfValues()
         if spec.extraction_strength:
             metrics["extraction_strength"] = MeanOfValues()
         super().__init__(metrics, prefix=f"{spec.name}_", compute_groups=False)
@@ -99,21 +101,26 @@ class TofuSetMetrics(MetricCollection):
         index: torch.Tensor,
         answer_nll: torch.Tensor,
         perturbed_nll: torch.Tensor,
-        rouge: torch.Tensor,
+        rouge: torch.Tensor | None,
         paraphrased_nll: torch.Tensor | None = None,
         extraction_strength: torch.Tensor | None = None,
     ) -> None:
         """Per-example values of one batch: mean NLLs ``(B,)`` (``perturbed_nll``: ``(B, K)``), ROUGE-L recall and
-        extraction strength ``(B,)``. ``paraphrased_nll`` is required when the set's truth ratio uses it."""
+        extraction strength ``(B,)``. ``paraphrased_nll`` is required when the set's truth ratio uses it; ``rouge``
+        is ``None`` exactly when the collection was built without ROUGE."""
         correct = {"answer": answer_nll, "paraphrased_answer": paraphrased_nll}[self.spec.truth_ratio_correct]
         if correct is None or (self.spec.extraction_strength and extraction_strength is None):
             raise ValueError(f"{self.spec.name}: update needs {self.spec.truth_ratio_correct} NLLs"
                              + (" and extraction strength" if self.spec.extraction_strength else ""))
+        if (rouge is None) == ("rouge" in self):
+            raise ValueError(f"{self.spec.name}: update needs ROUGE values exactly when the metrics were built with "
+                             f"ROUGE (built with it: {'rouge' in self}, given: {rouge is not None})")
         if self.spec.normalised_probability:
             self["probability"].update(index, answer_nll, perturbed_nll)
         else:
             self["probability"].update(index, answer_nll)
         self["truth_ratio"].update(index, correct, perturbed_nll)
-        self["rouge"].update(index, rouge)
+        if rouge is not None:
+            self["rouge"].update(index, rouge)
         if self.spec.extraction_strength:
             self["extraction_strength"].update(index, extraction_strength)
