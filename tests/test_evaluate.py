@@ -124,3 +124,21 @@ def test_a_screening_gives_the_full_evaluations_forget_quality(tiny, tmp_path):
         summarize(tmp_path / "full.json", reference)["forget_quality"], rel=1e-9)
     muse = benchmark("muse")
     assert muse.screening(muse.split_plan("forget", resolve_preset("muse_tiny")), resolve_preset("muse_tiny"), False) is None
+
+
+def test_drafts_change_no_number(tiny, tmp_path):
+    """Decoding one token per pass, or from the gold answers (the fixture), or from another evaluation's generations
+    (the fixture's own, so every draft is right): the same generations and per-example values."""
+    root, data, model, batched = tiny
+    common = dict(max_examples=5, batch_size=3, max_new_tokens=8, accelerator="cpu")
+    plain = evaluate_model(str(model), TofuSource(path=str(data)), answer_drafts=False, **common)
+    drafted = evaluate_model(str(model), TofuSource(path=str(data)), draft_result=str(root / "eval.json"), **common)
+    for name, columns in plain["examples"].items():
+        for result in (batched, drafted):
+            assert result["examples"][name]["generation" if "generation" in columns else "index"] == \
+                columns["generation" if "generation" in columns else "index"], name
+            for key in ("answer_nll", "rouge_l_recall", "truth_ratio"):
+                if key in columns:
+                    assert result["examples"][name][key] == pytest.approx(columns[key], abs=1e-6), (name, key)
+    with pytest.raises(ValueError, match="draft_result .*missing.json"):
+        evaluate_model(str(model), TofuSource(path=str(data)), draft_result=str(tmp_path / "missing.json"), **common)

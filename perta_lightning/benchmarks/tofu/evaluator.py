@@ -21,7 +21,9 @@ columns and their aggregation rules are those of :mod:`perta_lightning.benchmark
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,16 @@ __all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model"]
 
 #: Greedy generation length for ROUGE, as open-unlearning's TOFU generation settings (``max_new_tokens: 200``).
 DEFAULT_MAX_NEW_TOKENS = 200
+
+
+def load_generations(path: str) -> dict[str, dict[int, str]]:
+    """Per set, example index → generation, of an evaluation file that has generations (ours)."""
+    try:
+        examples = json.loads(Path(path).read_text())["examples"]
+        return {name: dict(zip(values["index"], values["generation"])) for name, values in examples.items()
+                if "generation" in values}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PertaValueError(f"draft_result {path}: not an evaluation file with generations ({error})") from None
 
 
 def _json_numbers(values: torch.Tensor) -> list[Any]:
@@ -95,6 +107,9 @@ class TofuEvaluator(Evaluator):
         answer_drafts: settle the tokens of each gold answer that greedy decoding would repeat in one pass before
             decoding on (:meth:`~perta_lightning.benchmarks.evaluator.Evaluator.generate`): the same generations,
             faster on models that learnt the answers; off, every token is decoded one pass at a time.
+        draft_result: an evaluation file of another model on the same sets (the target's, for a model unlearnt
+            from it) whose generations are the guesses instead of the gold answers, where it has one for the
+            question; again only speed changes.
     """
 
     def __init__(
@@ -107,6 +122,7 @@ class TofuEvaluator(Evaluator):
         torch_dtype: str = "float32",
         generate: bool = True,
         answer_drafts: bool = True,
+        draft_result: str | None = None,
     ) -> None:
         super().__init__()
         if max_new_tokens <= 0:
@@ -118,6 +134,7 @@ class TofuEvaluator(Evaluator):
         self.set_metrics = torch.nn.ModuleDict()
         self.mia = MinKMiaAUC()
         self.retain_record = None
+        self.draft_texts: dict[str, dict[int, str]] = {}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -132,6 +149,8 @@ class TofuEvaluator(Evaluator):
                 self.examples[name] = IndexedValues(_example_columns(name, self.hparams.generate))
                 if EVAL_SET_BY_NAME[name].scored:
                     self.set_metrics[name] = TofuSetMetrics(EVAL_SET_BY_NAME[name], rouge=self.hparams.generate)
+        if self.hparams.draft_result is not None and not self.draft_texts:
+            self.draft_texts = load_generations(self.hparams.draft_result)
         if self.hparams.retain_result is not None:
             forget_rows = datamodule.sets["forget"].rows
             self.retain_record = load_evaluation(self.hparams.retain_result)
@@ -163,10 +182,7 @@ class TofuEvaluator(Evaluator):
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
             if self.hparams.generate:
-                drafts = None
-                if self.hparams.answer_drafts:  # the gold answers (EOS included), which a fine-tuned model often repeats
-                    drafts = [row[keep].tolist() for row, keep in
-                              zip(batch["answer_ids"][:size], batch["answer_mask"][:size].bool())]
+                drafts = self.drafts(name, index, batch) if self.hparams.answer_drafts else None
                 ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix, drafts)
                 rows = self.trainer.datamodule.sets[name].rows
                 texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
@@ -183,6 +199,19 @@ class TofuEvaluator(Evaluator):
         if spec.min_k and not spec.scored:
             self.log("mia_min_k_auc", self.mia)
         self.examples[name].update(index, **values)
+
+    def drafts(self, name: str, index: torch.Tensor, batch: dict[str, Any]) -> list[list[int]]:
+        """A guessed continuation per row: ``draft_result``'s generation for the question (then EOS) where it has
+        one, else the gold answer (EOS included), which a fine-tuned model often repeats."""
+        other = self.draft_texts.get(name, {})
+        out = []
+        for row, example in enumerate(index.tolist()):
+            if example in other:
+                out.append(self.tokenizer(other[example], add_special_tokens=False)["input_ids"]
+                           + [self.tokenizer.eos_token_id])
+            else:
+                out.append(batch["answer_ids"][row][batch["answer_mask"][row].bool()].tolist())
+        return out
 
     def on_test_epoch_end(self) -> None:
         # every rank computes every metric in the same order: each compute() is a collective
@@ -273,6 +302,7 @@ def evaluate_model(
     devices: int | str = 1,
     strategy: str = "auto",
     answer_drafts: bool = True,
+    draft_result: str | None = None,
     **data_options: Any,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` in-process with a Lightning ``Trainer``; return (and optionally write) the result.
@@ -283,5 +313,5 @@ def evaluate_model(
     datamodule = TofuEvalDataModule(source, forget_split=forget_split, holdout_split=holdout_split,
                                     max_examples=max_examples, batch_size=batch_size, **data_options)
     module = TofuEvaluator(model_dir, output_json, retain_result, max_new_tokens, mink_k, torch_dtype, generate,
-                           answer_drafts)
+                           answer_drafts, draft_result)
     return run_evaluation(module, datamodule, accelerator, devices, strategy)
