@@ -159,3 +159,54 @@ def test_a_screened_only_point_brackets_as_not_collapsed():
     screened = CurvePoint(4.0, 0.001, math.nan, collapsed=False)
     assert next_alphas([target, reached, collapsed], [0.1], ratio=1.5) == [2.0]  # bisect below the collapse
     assert next_alphas([target, reached, screened], [0.1], ratio=1.5) == [16.0]  # step on
+
+
+def _area_naive(points, low, high, steps=20000):
+    """The mean of the matched utility over a fine log grid (midpoints)."""
+    import math
+
+    from perta_lightning.functional.tradeoff import utility_at_level
+
+    total = 0.0
+    for i in range(steps):
+        level = math.exp(math.log(low) + (i + 0.5) / steps * math.log(high / low))
+        best = utility_at_level(points, level)
+        total += 0.0 if best is None else best.model_utility
+    return total / steps
+
+
+def test_utility_area_by_hand_and_against_a_fine_grid():
+    """U is 0.5 up to 0.02, 0.4 up to 0.1, 0.3 up to 0.5 and 0 above: over two decades of ℓ the mean is
+    (0.5 log 2 + 0.4 log 5 + 0.3 log 5) / log 100; a collapsed point and a NaN forgetting never count."""
+    import math
+
+    from perta_lightning.functional.tradeoff import CurvePoint, utility_area
+
+    points = [CurvePoint(0.0, 0.02, 0.5), CurvePoint(1.0, 0.1, 0.4), CurvePoint(2.0, 0.5, 0.3),
+              CurvePoint(4.0, 0.9, 0.01, collapsed=True), CurvePoint(8.0, math.nan, 0.9)]
+    expected = (0.5 * math.log(2) + 0.4 * math.log(5) + 0.3 * math.log(5)) / math.log(100)
+    assert utility_area(points, 0.01, 1.0) == pytest.approx(expected, rel=1e-12)
+    assert utility_area(points, 0.01, 1.0) == pytest.approx(_area_naive(points, 0.01, 1.0), abs=1e-3)
+    assert utility_area(points, 0.05, 0.3) == pytest.approx(_area_naive(points, 0.05, 0.3), abs=1e-3)
+    assert utility_area(points, 0.2, 0.2) == 0.3  # one level: the matched utility there
+    assert utility_area([CurvePoint(0.0, 0.001, 0.5)], 0.01, 0.3) == 0.0  # no level reached
+    with pytest.raises(ValueError, match="low <= high"):
+        utility_area(points, 0.3, 0.1)
+
+
+def test_utility_area_moves_little_when_a_point_just_misses_a_level():
+    """A point whose forgetting slips from just above the top level to just below it: the mean at the levels drops
+    by that level's whole utility share, the area by a sliver."""
+    from perta_lightning.functional.tradeoff import CurvePoint, utilities_at_levels, utility_area
+
+    levels = [0.05, 0.1, 0.3]
+
+    def curve(top):
+        return [CurvePoint(0.0, 0.01, 0.6), CurvePoint(1.0, 0.12, 0.5), CurvePoint(2.0, top, 0.45)]
+
+    def at_levels(points):
+        return sum(u or 0.0 for u in utilities_at_levels(points, levels)) / len(levels)
+
+    above, below = curve(0.31), curve(0.29)
+    assert at_levels(above) - at_levels(below) == pytest.approx(0.45 / 3)
+    assert 0 < utility_area(above, 0.05, 0.3) - utility_area(below, 0.05, 0.3) < 0.02
