@@ -22,6 +22,11 @@
 The chosen settings travel as typed values from the validation step to the test step, and each seed's results as
 the :class:`~perta_lightning.study.split_report.SplitReport` its run returns. Each seed is an ordinary resumable
 pipeline run under ``<output>/<validation|test>/seed_<s>/``.
+
+**In parts** (:mod:`perta_lightning.study.parts`): with ``parts``, each seed that finishes writes
+``<parts>/<phase>_seed_<s>.json``, and a seed whose file is there is read, not run; ``run_seeds`` says which seeds
+this invocation may run. The aggregate is written once every seed is in (the test seeds run once every validation
+seed is); until then the invocation says which seeds are missing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,6 +52,15 @@ from perta_lightning.study.options import (
     RunOptions,
     check_not_empty,
     check_seeds,
+)
+from perta_lightning.study.parts import (
+    SeedPart,
+    part_path,
+    read_part,
+    seed_part,
+    study_settings,
+    test_phase_settings,
+    write_part,
 )
 from perta_lightning.study.split_report import SplitReport
 
@@ -71,6 +86,8 @@ class StudyPlan:
     jobs: int
     rules: ReplicationRules
     baseline_candidates: list[BaselineVariant]
+    run_seeds: list[int] | None = None
+    parts: Path | None = None
 
     @property
     def statistics(self) -> list[str]:
@@ -82,6 +99,9 @@ class StudyPlan:
 
     def baseline_pool(self, method: str) -> list[BaselineVariant]:
         return [b for b in self.baseline_candidates if b.method == method]
+
+    def may_run(self, seed: int) -> bool:
+        return self.run_seeds is None or seed in self.run_seeds
 
 
 @dataclass(frozen=True)
@@ -99,27 +119,78 @@ class Choice:
 #: One phase's results: per seed, its reports (one per forget split).
 Reports = dict[int, list[SplitReport]]
 
+#: What a seed's job hands back: its reports, its wall seconds, and the machine and kernels it ran on.
+SeedRun = tuple[list[SplitReport], float, dict[str, Any]]
 
-def _seed_job(job: dict[str, Any]) -> list[SplitReport]:
+
+@dataclass
+class Phase:
+    """One phase's seeds (in the study's order): the part of each seed that is in, run here or read from
+    ``parts``, and the seeds left for another invocation."""
+
+    name: str
+    seeds: list[int]
+    parts: dict[int, SeedPart]
+    missing: list[int]
+
+    @property
+    def reports(self) -> Reports:
+        return {seed: self.parts[seed].reports for seed in self.seeds if seed in self.parts}
+
+
+def _seed_job(job: dict[str, Any]) -> SeedRun:
     """One seed's pipeline in a worker process (``jobs`` > 1) or in this one."""
     import torch
 
+    from perta_lightning.provenance import machine_info
     from perta_lightning.study.pipeline import run_seed
 
     threads = job.pop("threads", None)
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")
-    return run_seed(**job)
+    started = time.perf_counter()
+    reports = run_seed(**job)
+    return reports, time.perf_counter() - started, machine_info()
 
 
-def _run_seeds(jobs: list[dict[str, Any]], workers: int) -> Reports:
+def _run_seeds(jobs: list[dict[str, Any]], workers: int, finished: Callable[[int, SeedRun], None]) -> None:
+    """Run the jobs, ``workers`` at once; hand each seed to ``finished`` as soon as it is done."""
     if workers <= 1:
-        return {job["seed"]: _seed_job(dict(job)) for job in jobs}
+        for job in jobs:
+            finished(job["seed"], _seed_job(dict(job)))
+        return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {job["seed"]: pool.submit(_seed_job, dict(job, threads=threads)) for job in jobs}
-        return {seed: future.result() for seed, future in futures.items()}
+        futures = {pool.submit(_seed_job, dict(job, threads=threads)): job["seed"] for job in jobs}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+
+
+def gather_phase(plan: StudyPlan, out: Path, phase: str, seeds: list[int], variants: list[PertaVariant],
+                 baselines: list[BaselineVariant], settings: dict[str, Any]) -> Phase:
+    """Each seed of a phase: read from its part file when ``parts`` holds one (refused when made under other
+    settings), else run when ``run_seeds`` allows (its part then written as soon as it finishes), else missing."""
+    folder = out / phase
+    found: dict[int, SeedPart] = {}
+    if plan.parts is not None:
+        for seed in seeds:
+            path = part_path(plan.parts, phase, seed)
+            if path.exists():
+                found[seed] = read_part(path, phase, seed, settings, folder / f"seed_{seed}")
+
+    def finished(seed: int, result: SeedRun) -> None:
+        reports, wall_seconds, machine = result
+        part = seed_part(phase, seed, reports, folder / f"seed_{seed}", wall_seconds, machine, settings)
+        if plan.parts is not None:
+            path = write_part(plan.parts, part, folder / f"seed_{seed}")
+            print(f"[perta study] {phase} seed {seed}: part written to {path}", flush=True)
+        found[seed] = part
+
+    to_run = [seed for seed in seeds if seed not in found and plan.may_run(seed)]
+    _run_seeds(_jobs(plan, folder, to_run, variants, baselines, phase), plan.jobs, finished)
+    return Phase(phase, list(seeds), {seed: found[seed] for seed in seeds if seed in found},
+                 [seed for seed in seeds if seed not in found])
 
 
 def _of_split(reports: Reports, split: str) -> dict[int, SplitReport]:
@@ -190,14 +261,11 @@ def aggregate(reports: dict[int, SplitReport], families: dict[str, str], levels:
     return out
 
 
-def _forget_examples(reports: dict[int, SplitReport], folder: Path) -> int | None:
+def _forget_examples(parts: dict[int, SeedPart], split: str) -> int | None:
     """How many forget examples the forgetting axis compares (from a θ_retain evaluation of these seeds)."""
-    for seed, report in sorted(reports.items()):
-        row = next(r for r in report.rows if r["method"] == "retain")
-        try:
-            return len(json.loads((folder / f"seed_{seed}" / row["eval_file"]).read_text())["examples"]["forget"]["index"])
-        except (OSError, ValueError, KeyError):
-            continue
+    for seed in sorted(parts):
+        if parts[seed].forget_examples.get(split) is not None:
+            return parts[seed].forget_examples[split]
     return None
 
 
@@ -209,15 +277,23 @@ def _models(reports: Reports) -> dict[str, Any]:
         for seed, per_split in reports.items()}
 
 
-def _stage_seconds(folder: Path) -> float:
-    """Seconds of every stage record under ``folder`` (what the study's work cost, however often resumed)."""
-    total = 0.0
-    for path in folder.glob("*/seed_*/stages/**/*.json"):
-        try:
-            total += json.loads(path.read_text())["seconds"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return total
+def _parts_record(plan: StudyPlan, *phases: Phase) -> dict[str, Any]:
+    """``study.json``'s ``parts``: per phase and seed, the machine, kernels, versions and commit it ran on."""
+    record: dict[str, Any] = {"folder": None if plan.parts is None else str(plan.parts)}
+    for phase in phases:
+        record[phase.name] = {str(seed): part.provenance() for seed, part in phase.parts.items()}
+    return record
+
+
+def missing_message(plan: StudyPlan, phase: Phase) -> str:
+    """What an invocation that leaves seeds of ``phase`` missing says: which, and how to go on."""
+    where = f"in {plan.parts}" if plan.parts is not None else "done in this invocation"
+    line = (f"{len(phase.parts)} of {len(phase.seeds)} {phase.name} seeds are {where}; run seeds {phase.missing} "
+            f"(run_seeds{', here or elsewhere into the same parts folder' if plan.parts is not None else ''}) and "
+            "run again to aggregate")
+    if phase.name == "validation":
+        line += "; the test seeds need the validation choice, so no test seed ran"
+    return line + ". No study.json written."
 
 
 def choose(candidates: list[PertaVariant], proposed: list[PertaVariant], scores: dict[str, dict[str, float]]
@@ -242,12 +318,21 @@ def choose(candidates: list[PertaVariant], proposed: list[PertaVariant], scores:
 def check_study(options: RunOptions, validation_seeds: list[int] | None, test_seeds: list[int] | None,
                 candidates: list[PertaVariant] | None, proposed: list[PertaVariant] | None, importance_at_base: bool,
                 jobs: int, rules: ReplicationRules | None,
-                baseline_candidates: list[BaselineVariant] | None = None) -> StudyPlan:
+                baseline_candidates: list[BaselineVariant] | None = None, run_seeds: list[int] | None = None,
+                parts: str | None = None) -> StudyPlan:
     """Step 1: every option checked (and the run's options resolved) before any stage starts."""
     validation_seeds = list(validation_seeds if validation_seeds is not None else [100, 101])
     test_seeds = list(test_seeds if test_seeds is not None else [0, 1, 2])
     check_seeds("validation_seeds", validation_seeds)
     check_seeds("test_seeds", test_seeds)
+    if run_seeds is not None:
+        check_seeds("run_seeds", run_seeds)
+        stray = [seed for seed in run_seeds if seed not in validation_seeds + test_seeds]
+        if stray:
+            raise PertaValueError(f"run_seeds: {stray} are not seeds of this study (validation_seeds "
+                                  f"{validation_seeds}, test_seeds {test_seeds})")
+    if parts is not None and Path(parts).exists() and not Path(parts).is_dir():
+        raise PertaValueError(f"parts: {parts} is a file, not a folder of study parts")
     check_not_empty("candidates", candidates)
     if set(validation_seeds) & set(test_seeds):
         raise PertaValueError(f"validation_seeds {validation_seeds} and test_seeds {test_seeds} overlap: a "
@@ -276,7 +361,8 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
     if any(len([b for b in pool if b.method == m]) > 1 for m in methods) and not validation_seeds:
         raise PertaValueError("baseline_candidates: choosing a baseline's setting needs validation_seeds")
     return StudyPlan(options, run, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs,
-                     rules or ReplicationRules(), pool)
+                     rules or ReplicationRules(), pool, None if run_seeds is None else list(run_seeds),
+                     None if parts is None else Path(parts))
 
 
 def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaVariant], baselines: list[str],
@@ -285,19 +371,22 @@ def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaV
                  prefix=f"[{phase} seed {seed}] ") for seed in seeds]
 
 
-def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice, Reports]:
+def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice | None, Phase]:
     """Step 2: run the validation seeds and choose PerTA's settings, and each baseline's where it has several
-    candidates, on them (by the same score: :func:`validation_scores`)."""
+    candidates, on them (by the same score: :func:`validation_scores`); no choice while a validation seed is
+    missing."""
     single = {m: plan.baseline_pool(m)[0] for m in plan.baseline_methods if len(plan.baseline_pool(m)) == 1}
     if not plan.validation_seeds:
         chosen = {s: next(c for c in plan.candidates if c.statistic == s) for s in plan.statistics}
         decisions = {v.label: {"score": None, "against": None, "against_score": None, "accepted": True}
                      for v in plan.proposed}
-        return Choice(chosen, {}, decisions, single), {}
+        return Choice(chosen, {}, decisions, single), Phase("validation", [], {}, [])
     pool = plan.candidates + plan.proposed
     contested = [b for m in plan.baseline_methods if m not in single for b in plan.baseline_pool(m)]
-    reports = _run_seeds(_jobs(plan, out / "validation", plan.validation_seeds, pool, contested, "validation"),
-                         plan.jobs)
+    phase = gather_phase(plan, out, "validation", plan.validation_seeds, pool, contested, study_settings(plan))
+    if phase.missing:
+        return None, phase
+    reports = phase.reports
     labels = [c.label for c in pool] + [b.label for b in contested]
     per_split = {split: validation_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
     scores = {label: {"mean": sum(s[label] for s in per_split.values()) / len(per_split),
@@ -311,7 +400,7 @@ def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice, Reports]:
     groups |= {method: [b.label for b in plan.baseline_pool(method)]
                for method in plan.baseline_methods if method not in single}
     by_seed = {split: seed_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
-    return Choice(chosen, scores, decisions, baselines, choice_stability(by_seed, groups)), reports
+    return Choice(chosen, scores, decisions, baselines, choice_stability(by_seed, groups)), phase
 
 
 def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list[PertaVariant]]:
@@ -331,14 +420,15 @@ def test_families(plan: StudyPlan, choice: Choice) -> tuple[dict[str, str], list
     return families, variants
 
 
-def run_test_seeds(plan: StudyPlan, choice: Choice, out: Path) -> tuple[dict[str, str], Reports]:
+def run_test_seeds(plan: StudyPlan, choice: Choice, out: Path) -> tuple[dict[str, str], Phase]:
     """Step 3: run the test seeds with the chosen settings, TV and the baselines."""
     families, variants = test_families(plan, choice)
     baselines = [choice.baselines[m] for m in plan.baseline_methods]
-    return families, _run_seeds(_jobs(plan, out / "test", plan.test_seeds, variants, baselines, "test"), plan.jobs)
+    settings = test_phase_settings(study_settings(plan), families, variants, baselines)
+    return families, gather_phase(plan, out, "test", plan.test_seeds, variants, baselines, settings)
 
 
-def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], validation: Reports, test: Reports,
+def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], validation: Phase, test: Phase,
                 out: Path, started: float) -> dict[str, Any]:
     """Step 4: aggregate the test seeds and write ``study.json``, ``study.md``, ``study.png``, ``replication.json``
     and ``REPLICATION.md``."""
@@ -352,7 +442,7 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
     levels = list(run.search.levels)
     test_splits, tables = {}, {}
     for split in run.forget_splits:
-        reports = _of_split(test, split)
+        reports = _of_split(test.reports, split)
         test_splits[split] = aggregate(reports, families, levels)
         for name, table in run.benchmark.study_tables({seed: r.rows for seed, r in reports.items()}, families,
                                                       levels).items():
@@ -371,20 +461,23 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
                        "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods},
                        "stability": choice.stability, "stability_resamples": STABILITY_RESAMPLES},
         "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
-                 "forget_examples": {split: _forget_examples(_of_split(test, split), out / "test")
-                                     for split in run.forget_splits}},
+                 "forget_examples": {split: _forget_examples(test.parts, split) for split in run.forget_splits}},
         "machine": machine_info(),
-        "models": {"validation": _models(validation), "test": _models(test)},
+        "models": {"validation": _models(validation.reports), "test": _models(test.reports)},
+        "parts": _parts_record(plan, validation, test),
     }
     threads = torch.get_num_threads() if plan.jobs <= 1 else max(1, (os.cpu_count() or 1) // plan.jobs)
     result["invocation"] = {"wall_seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib(),
-                            "stage_seconds": _stage_seconds(out), "torch_threads_per_seed": threads}
+                            "stage_seconds": sum(part.stage_seconds for phase in (validation, test)
+                                                 for part in phase.parts.values()),
+                            "torch_threads_per_seed": threads}
     table = replication(result)
     atomic_write_text(out / "study.json", json.dumps(result, indent=2))
     atomic_write_text(out / "study.md", study_markdown(result))
     atomic_write_text(out / "replication.json", json.dumps(table, indent=2))
     atomic_write_text(out / "REPLICATION.md", replication_markdown(table))
-    plot_study(result, out, out / "study.png")
+    plot_study(result, {seed: {r.forget_split: r.rows for r in reports} for seed, reports in test.reports.items()},
+               out / "study.png")
     return result
 
 
@@ -399,6 +492,8 @@ def study(
     jobs: int = 1,
     rules: ReplicationRules | None = None,
     baseline_candidates: list[BaselineVariant] | None = None,
+    parts: str | None = None,
+    run_seeds: list[int] | None = None,
 ) -> Path:
     """Run the multi-seed PerTA study with held-out choice of PerTA's settings; return the output folder.
 
@@ -421,17 +516,31 @@ def study(
         baseline_candidates: settings of the baselines (learning rate, NPO's or SimNPO's β) compared on the
             validation seeds by the same score as PerTA's; the best of each method goes to the test seeds. A
             method with none is run at the preset's settings.
+        parts: a folder of part files, for a study run in several invocations or on several machines: each seed
+            that finishes writes ``<parts>/<validation|test>_seed_<s>.json`` (its reports, machine, kernels,
+            versions and the digest of the settings it ran under; small enough to commit), and a seed whose file
+            is there is read instead of run. A part made under other settings is refused.
+        run_seeds: the seeds (validation or test) this invocation may run (default: all). The others are read
+            from ``parts`` or left for another invocation; the aggregate is written only when every seed is in,
+            and the test seeds run only when every validation seed is.
     """
     import torch
 
     started = time.perf_counter()
     torch.set_float32_matmul_precision("high")  # as every seed's process sets it (recorded in "machine")
     plan = check_study(options, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs, rules,
-                       baseline_candidates)
+                       baseline_candidates, run_seeds, parts)
     out = Path(output)
     choice, validation = choose_settings(plan, out)
+    if choice is None:
+        print(f"[perta study] {missing_message(plan, validation)}", flush=True)
+        return out
     families, test = run_test_seeds(plan, choice, out)
+    if test.missing:
+        print(f"[perta study] {missing_message(plan, test)}", flush=True)
+        return out
     write_study(plan, choice, families, validation, test, out, started)
+    print(f"[perta study] {out / 'study.md'}", flush=True)
     return out
 
 
@@ -444,5 +553,4 @@ def build_parser() -> Any:
 def cli_main(argv: list[str]) -> None:
     from perta_lightning.arguments import call_with_arguments
 
-    out = call_with_arguments(build_parser(), study, argv, RunOptions)
-    print(f"[perta study] {out / 'study.md'}")
+    call_with_arguments(build_parser(), study, argv, RunOptions)  # it says what it wrote or what is missing

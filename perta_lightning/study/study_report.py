@@ -1,8 +1,8 @@
-"""The multi-seed study's ``study.md`` and ``study.png``, read from the ``study.json`` data alone."""
+"""The multi-seed study's ``study.md`` and ``study.png``, from the ``study.json`` data (and, for the figure, the test
+seeds' rows)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,9 @@ def study_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
-    """Left: every test seed's trade-off curve of every method; right: MU at each level, mean ± std."""
+def plot_study(result: dict[str, Any], rows: dict[int, dict[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Left: every test seed's trade-off curve of every method (``rows``: per test seed and forget split, its
+    report's rows); right: MU at each level, mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,10 +98,9 @@ def plot_study(result: dict[str, Any], folder: Path, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for seed in result["test"]["seeds"]:
-        report = json.loads((folder / "test" / f"seed_{seed}" / split / "report.json").read_text())
         for family, data in families.items():
             points = sorted((row["alpha"] or 0.0, row[ax.forget_key], row[ax.utility_key])
-                             for row in report["rows"] if row["method"] == data["label"])
+                             for row in rows[seed][split] if row["method"] == data["label"])
             if points:
                 left.plot([max(p[1], 1e-12) for p in points], [p[2] for p in points],
                           marker="o" if len(points) == 1 else ".", color=colors[family], alpha=0.6,
