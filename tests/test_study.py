@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from perta_lightning.functional.tradeoff import CurvePoint, utilities_at_levels
+from perta_lightning.functional.tradeoff import CurvePoint, utility_area
 from perta_lightning.stages import RECORD_DIR
 from perta_lightning.study.options import AlphaSearch, BaselineVariant, PertaVariant, RunOptions
 from perta_lightning.study.study import study
@@ -46,6 +46,7 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
     result = json.loads((tiny_study / "study.json").read_text())
     assert result["validation"]["seeds"] == [7] and result["test"]["seeds"] == [0, 1]
     report = json.loads((tiny_study / "validation" / "seed_7" / "forget10" / "report.json").read_text())
+    assert result["validation"]["score_rule"] == "area"
     # recompute each candidate's score from the validation seed's evaluated models
     levels = result["settings"]["levels"]
     scores = {}
@@ -54,8 +55,7 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
         points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])]
         points += [CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"], r["collapsed"])
                    for r in report["rows"] if r["method"] == candidate.label]
-        values = utilities_at_levels(points, levels)
-        scores[candidate.label] = sum(v or 0.0 for v in values) / len(values)
+        scores[candidate.label] = utility_area(points, min(levels), max(levels))  # the default score
         assert result["validation"]["scores"][candidate.label]["mean"] == pytest.approx(scores[candidate.label])
     best = max(CANDIDATES, key=lambda c: scores[c.label])
     assert result["validation"]["chosen"] == {"fisher": best.label}
@@ -65,8 +65,7 @@ def test_the_choice_is_made_on_validation_seeds_only(tiny_study):
         points = [CurvePoint(0.0, target["forget_quality"], target["model_utility"])]
         points += [CurvePoint(r["alpha"], r["forget_quality"], r["model_utility"], r["collapsed"])
                    for r in report["rows"] if r["method"] == baseline.label]
-        values = utilities_at_levels(points, levels)
-        scores[baseline.label] = sum(v or 0.0 for v in values) / len(values)
+        scores[baseline.label] = utility_area(points, min(levels), max(levels))
         assert result["validation"]["scores"][baseline.label]["mean"] == pytest.approx(scores[baseline.label])
     chosen_baseline = max(BASELINE_CANDIDATES, key=lambda b: scores[b.label])
     assert result["validation"]["baselines_chosen"] == {"grad_diff": chosen_baseline.label}
@@ -326,3 +325,24 @@ def test_a_baseline_is_judged_on_its_curve(tiny_study):
         assert result["test"]["splits"]["forget10"]["grad_diff"]["evaluations"][seed] == 2
         cost = report["costs"][label]
         assert cost["evaluations"] == 2 and cost["stages"] == 3  # one training run, two evaluations
+
+
+def test_the_levels_rule_is_kept_and_an_unknown_rule_refused():
+    """``validation_score: levels`` scores by the mean utility at the levels (a level not reached counting 0);
+    any other name is refused before a stage runs."""
+    from perta_lightning.study.split_report import SplitReport
+    from perta_lightning.study.study import validation_scores
+
+    rows = [{"method": "target", "family": "reference", "alpha": None, "forget_quality": 0.01, "model_utility": 0.6,
+             "collapsed": False},
+            {"method": "x", "family": "perta_fisher", "alpha": 1.0, "forget_quality": 0.2, "model_utility": 0.5,
+             "collapsed": False}]
+    report = SplitReport("forget10", rows, {"x": [0.5, None]}, {}, {}, {})
+    assert validation_scores({0: report}, ["x"], "levels") == {"x": 0.25}
+    from perta_lightning.benchmarks.registry import benchmark
+
+    axes = benchmark("tofu").axes
+    area = validation_scores({0: report}, ["x"], "area", [0.1, 0.3], axes)["x"]
+    assert area == pytest.approx(0.5 * math.log(2) / math.log(3))  # U = 0.5 from 0.1 to 0.2, 0 above
+    with pytest.raises(ValueError, match="validation_score must be one of"):
+        study(RUN, output="/nonexistent/never", validation_score="best", **OPTIONS)

@@ -4,8 +4,10 @@
 2. **Validation seeds** run TV and every candidate PerTA variant (``candidates``: β, p, importance at θ0
    or θ_full, Fisher by example or by batch, how many importance examples), each with its α search. For each
    statistic (grad, Fisher) the candidate with the best **validation score** is chosen: the mean, over
-   validation seeds, forget splits and levels, of the utility kept at that level (the matched rule of
-   :mod:`perta_lightning.functional.tradeoff`), counting a level not reached as 0. This project's variants
+   validation seeds and forget splits, of the area under the matched-utility profile between the lowest and
+   the highest level (``validation_score: area``, :func:`~perta_lightning.functional.tradeoff.utility_area`),
+   which moves by a sliver when one search falls just short of a level; ``validation_score: levels`` is the
+   earlier rule, the mean utility at the levels with a level not reached counting 0. This project's variants
    (``proposed``) run beside the candidates; one goes to the test seeds only when its validation score beats
    that of the candidate chosen for its statistic (:func:`choose_settings`).
 3. **Test seeds**, disjoint from the validation seeds, run TV, the chosen variants (with ``importance_at_base``
@@ -41,9 +43,16 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from perta_lightning.benchmarks.base import Axes
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.replication import ReplicationRules
-from perta_lightning.functional.tradeoff import paired_differences, spread, summarize_differences
+from perta_lightning.functional.tradeoff import (
+    method_curves,
+    paired_differences,
+    spread,
+    summarize_differences,
+    utility_area,
+)
 from perta_lightning.io import atomic_write_text
 from perta_lightning.study.options import (
     BaselineVariant,
@@ -88,6 +97,7 @@ class StudyPlan:
     baseline_candidates: list[BaselineVariant]
     run_seeds: list[int] | None = None
     parts: Path | None = None
+    validation_score: str = "area"
 
     @property
     def statistics(self) -> list[str]:
@@ -197,11 +207,22 @@ def _of_split(reports: Reports, split: str) -> dict[int, SplitReport]:
     return {seed: next(r for r in per_split if r.forget_split == split) for seed, per_split in reports.items()}
 
 
-def validation_scores(reports: dict[int, SplitReport], labels: list[str]) -> dict[str, float]:
-    """Mean utility at the levels over seeds (a level not reached counts 0), per variant label."""
+#: The validation scores a study can choose by: the area under the matched-utility profile, or the mean at the levels.
+VALIDATION_SCORES = ("area", "levels")
+
+
+def validation_scores(reports: dict[int, SplitReport], labels: list[str], rule: str = "levels",
+                      levels: list[float] | None = None, axes: Axes | None = None) -> dict[str, float]:
+    """Per variant label, its mean over seeds of: with ``rule == "levels"``, the utility at each level (a level
+    not reached counting 0); with ``"area"``, :func:`~perta_lightning.functional.tradeoff.utility_area` of its
+    curve (the report's rows) between the lowest and the highest of ``levels``."""
     scores = {}
     for label in labels:
-        values = [value or 0.0 for report in reports.values() for value in report.matched[label]]
+        if rule == "area":
+            values = [utility_area(method_curves(report.rows, axes.forget_key, axes.utility_key)[label],
+                                   min(levels), max(levels)) for report in reports.values()]
+        else:
+            values = [value or 0.0 for report in reports.values() for value in report.matched[label]]
         scores[label] = sum(values) / len(values)
     return scores
 
@@ -210,10 +231,11 @@ def validation_scores(reports: dict[int, SplitReport], labels: list[str]) -> dic
 STABILITY_RESAMPLES = 1000
 
 
-def seed_scores(reports: dict[int, SplitReport], labels: list[str]) -> dict[int, dict[str, float]]:
+def seed_scores(reports: dict[int, SplitReport], labels: list[str], rule: str = "levels",
+                levels: list[float] | None = None, axes: Axes | None = None) -> dict[int, dict[str, float]]:
     """Per seed, :func:`validation_scores` of that seed alone (its mean utility at the levels, 0 where not
     reached): every seed has a value at every level, so the mean over seeds is :func:`validation_scores`."""
-    return {seed: validation_scores({seed: report}, labels) for seed, report in reports.items()}
+    return {seed: validation_scores({seed: report}, labels, rule, levels, axes) for seed, report in reports.items()}
 
 
 def choice_stability(per_split: dict[str, dict[int, dict[str, float]]], groups: dict[str, list[str]],
@@ -319,8 +341,10 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
                 candidates: list[PertaVariant] | None, proposed: list[PertaVariant] | None, importance_at_base: bool,
                 jobs: int, rules: ReplicationRules | None,
                 baseline_candidates: list[BaselineVariant] | None = None, run_seeds: list[int] | None = None,
-                parts: str | None = None) -> StudyPlan:
+                parts: str | None = None, validation_score: str = "area") -> StudyPlan:
     """Step 1: every option checked (and the run's options resolved) before any stage starts."""
+    if validation_score not in VALIDATION_SCORES:
+        raise PertaValueError(f"validation_score must be one of {list(VALIDATION_SCORES)}, got {validation_score!r}")
     validation_seeds = list(validation_seeds if validation_seeds is not None else [100, 101])
     test_seeds = list(test_seeds if test_seeds is not None else [0, 1, 2])
     check_seeds("validation_seeds", validation_seeds)
@@ -362,7 +386,7 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
         raise PertaValueError("baseline_candidates: choosing a baseline's setting needs validation_seeds")
     return StudyPlan(options, run, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs,
                      rules or ReplicationRules(), pool, None if run_seeds is None else list(run_seeds),
-                     None if parts is None else Path(parts))
+                     None if parts is None else Path(parts), validation_score)
 
 
 def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaVariant], baselines: list[str],
@@ -388,7 +412,8 @@ def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice | None, Phase]:
         return None, phase
     reports = phase.reports
     labels = [c.label for c in pool] + [b.label for b in contested]
-    per_split = {split: validation_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
+    rule = (plan.validation_score, list(plan.run.search.levels), plan.run.benchmark.axes)
+    per_split = {split: validation_scores(_of_split(reports, split), labels, *rule) for split in plan.run.forget_splits}
     scores = {label: {"mean": sum(s[label] for s in per_split.values()) / len(per_split),
                       **{split: s[label] for split, s in per_split.items()}} for label in labels}
     chosen, decisions = choose(plan.candidates, plan.proposed, scores)
@@ -399,7 +424,7 @@ def choose_settings(plan: StudyPlan, out: Path) -> tuple[Choice | None, Phase]:
     groups = {statistic: [c.label for c in plan.candidates if c.statistic == statistic] for statistic in chosen}
     groups |= {method: [b.label for b in plan.baseline_pool(method)]
                for method in plan.baseline_methods if method not in single}
-    by_seed = {split: seed_scores(_of_split(reports, split), labels) for split in plan.run.forget_splits}
+    by_seed = {split: seed_scores(_of_split(reports, split), labels, *rule) for split in plan.run.forget_splits}
     return Choice(chosen, scores, decisions, baselines, choice_stability(by_seed, groups)), phase
 
 
@@ -459,7 +484,8 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
                        "scores": choice.scores, "chosen": {s: choice.chosen[s].label for s in plan.statistics},
                        "baseline_candidates": [asdict(b) | {"label": b.label} for b in plan.baseline_candidates],
                        "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods},
-                       "stability": choice.stability, "stability_resamples": STABILITY_RESAMPLES},
+                       "stability": choice.stability, "stability_resamples": STABILITY_RESAMPLES,
+                       "score_rule": plan.validation_score},
         "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
                  "forget_examples": {split: _forget_examples(test.parts, split) for split in run.forget_splits}},
         "machine": machine_info(),
@@ -494,6 +520,7 @@ def study(
     baseline_candidates: list[BaselineVariant] | None = None,
     parts: str | None = None,
     run_seeds: list[int] | None = None,
+    validation_score: str = "area",
 ) -> Path:
     """Run the multi-seed PerTA study with held-out choice of PerTA's settings; return the output folder.
 
@@ -523,13 +550,17 @@ def study(
         run_seeds: the seeds (validation or test) this invocation may run (default: all). The others are read
             from ``parts`` or left for another invocation; the aggregate is written only when every seed is in,
             and the test seeds run only when every validation seed is.
+        validation_score: how the validation seeds score a setting: ``area`` (default), the mean over seeds and
+            splits of the area under its matched-utility profile between the lowest and highest level, which a
+            search falling just short of a level moves by a sliver; ``levels``, the mean utility at the levels
+            with a level not reached counting 0 (this project's rule before; one missed level is a whole share).
     """
     import torch
 
     started = time.perf_counter()
     torch.set_float32_matmul_precision("high")  # as every seed's process sets it (recorded in "machine")
     plan = check_study(options, validation_seeds, test_seeds, candidates, proposed, importance_at_base, jobs, rules,
-                       baseline_candidates, run_seeds, parts)
+                       baseline_candidates, run_seeds, parts, validation_score)
     out = Path(output)
     choice, validation = choose_settings(plan, out)
     if choice is None:

@@ -66,9 +66,8 @@ def study_markdown(result: dict[str, Any]) -> str:
         lines += bench.study_markdown(test, split, levels, len(test["seeds"]))
     if validation["seeds"]:
         lines += ["## Validation seeds: the choice of PerTA's settings", "",
-                  f"Score: mean {ax.utility_name} at the levels over the validation seeds and splits, a level not "
-                  "reached counting 0. Chosen: " + ", ".join(f"{s}: `{label}`" for s, label in
-                                                              validation["chosen"].items()) + ".", "",
+                  _score_rule(validation.get("score_rule", "levels"), ax.utility_name, levels) + " Chosen: "
+                  + ", ".join(f"{s}: `{label}`" for s, label in validation["chosen"].items()) + ".", "",
                   "| candidate | score |", "|---|---|"]
         for label, score in sorted(validation["scores"].items(), key=lambda item: -item[1]["mean"]):
             lines.append(f"| {label} | {score['mean']:.3f} |")
@@ -123,3 +122,13 @@ def plot_study(result: dict[str, Any], rows: dict[int, dict[str, list[dict[str, 
     figure.tight_layout()
     atomic_save_figure(figure, path, dpi=110)
     plt.close(figure)
+
+
+def _score_rule(rule: str, utility: str, levels: list[float]) -> str:
+    """How the validation score was computed, in words (``score_rule`` of ``study.json``; older files: ``levels``)."""
+    if rule == "area":
+        return (f"Score: the mean over the validation seeds and splits of the area under the matched {utility} "
+                f"profile from level {min(levels):g} to {max(levels):g} (log scale; {utility} 0 where a level is "
+                "not reached), so a search that falls just short of a level loses a sliver, not the level's share.")
+    return (f"Score: mean {utility} at the levels over the validation seeds and splits, a level not reached "
+            "counting 0.")
