@@ -3,8 +3,9 @@
     PYTHONPATH=. python bench/bench_diagnostic.py --study demo=runs/study --study large=runs/replication \
         [--plot bench/diagnostic.png] [--json bench/results/diagnostic.json]
 
-Reads every ``diagnostic.json`` (written by each seed's pipeline beside its report) and ``report.json`` of
-the test seeds of each study, for the variants the study chose, and summarises per study and split:
+Reads every ``diagnostic.json`` (written by each seed's pipeline beside its report; for a study run in parts,
+the copy in each test seed's part file) of the test seeds of each study, for the variants the study chose, and
+summarises per study and split:
 
 - Spearman's ρ between forget and retain importance (all parameters, and by layer type);
 - the mean weight and the share of ‖τ‖² the weights keep, beside what uniform importance would keep,
@@ -28,6 +29,24 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _beta(result: dict[str, Any], label: str) -> float:
+    """β of a chosen variant, from the study's own list of candidates (and proposed variants)."""
+    variants = result["validation"]["candidates"] + result["validation"].get("proposed", [])
+    return next(v["beta"] for v in variants if v["label"] == label)
+
+
+def _diagnostic(study: Path, result: dict[str, Any], seed: int, split: str) -> dict[str, Any]:
+    """A test seed's ``diagnostic.json``: from its run folder, or from its part file when the study was run in
+    parts elsewhere (``parts.folder`` of ``study.json``, relative to the working directory as the study took it)."""
+    path = study / "test" / f"seed_{seed}" / split / "diagnostic.json"
+    if path.is_file():
+        return _load(path)
+    folder = (result.get("parts") or {}).get("folder")
+    if folder is None:
+        raise FileNotFoundError(f"{path}: no such file, and {study / 'study.json'} names no parts folder")
+    return _load(Path(folder) / f"test_seed_{seed}.json")["splits"][split]["diagnostic"]
+
+
 def summarize(study: Path) -> dict[str, Any]:
     """Per split and chosen statistic: every test seed's ρ, kept share, mean weight and paired edge over TV."""
     result = _load(study / "study.json")
@@ -39,11 +58,10 @@ def summarize(study: Path) -> dict[str, Any]:
                 continue
             label = families[family]["label"]
             seeds = []
+            beta = _beta(result, label)
             for seed in result["test"]["seeds"]:
-                diagnostic = _load(study / "test" / f"seed_{seed}" / split / "diagnostic.json")
+                diagnostic = _diagnostic(study, result, seed, split)
                 variant = diagnostic["variants"][label]
-                report = _load(study / "test" / f"seed_{seed}" / split / "report.json")
-                beta = report["importance"][label]["beta"]
                 mine, tv = families[family]["per_seed"][str(seed)], families["tv"]["per_seed"][str(seed)]
                 pairs = [a - b for a, b in zip(mine, tv) if a is not None and b is not None]
                 seeds.append({"seed": seed, "rank_correlation": variant["rank_correlation"],

