@@ -175,8 +175,8 @@ def test_knowledge_prompt_ends_with_muses_cue_unless_asked_otherwise(muse_run):
     # corpus, in the format its fact boxes taught it
     bench, preset = MuseBenchmark(), next(iter(PRESETS.values()))
     plan = bench.split_plan("forget", preset)
-    assert bench.evaluation(plan, preset, source_given=True).answer_cue == "Answer: "
-    assert bench.evaluation(plan, preset, source_given=False).answer_cue == "Answer:"
+    assert bench.evaluation(plan, preset, pretrained=True).answer_cue == "Answer: "
+    assert bench.evaluation(plan, preset, pretrained=False).answer_cue == "Answer:"
 
 
 def test_forget_score_by_hand():

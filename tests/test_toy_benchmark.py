@@ -95,7 +95,7 @@ class ToyBenchmark(Benchmark):
 
         return TofuSource(path=str(path))  # question/answer rows in <split>.json files
 
-    def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> Evaluation:
+    def evaluation(self, plan: SplitPlan, preset: Any, pretrained: bool) -> Evaluation:
         return ToyEvaluation()
 
     def is_evaluation(self, path: str | Path) -> bool:

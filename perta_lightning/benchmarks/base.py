@@ -173,10 +173,11 @@ class Benchmark(ABC):
     # ---- evaluation
 
     @abstractmethod
-    def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> Evaluation:
-        """The evaluation of every model of one forget split."""
+    def evaluation(self, plan: SplitPlan, preset: Any, pretrained: bool) -> Evaluation:
+        """The evaluation of every model of one forget split; ``pretrained``: θ0 is a pretrained model
+        (``base_model``), not one trained from scratch on the synthetic data."""
 
-    def screening(self, plan: SplitPlan, preset: Any, source_given: bool) -> Evaluation | None:
+    def screening(self, plan: SplitPlan, preset: Any, pretrained: bool) -> Evaluation | None:
         """A cheaper evaluation of one forget split's models that gives the forgetting axis alone, exactly as
         :meth:`evaluation` gives it (the same per-example values, to float noise), or ``None`` (the default): the
         benchmark cannot tell its forgetting without the full evaluation, and every α is evaluated in full.

@@ -124,7 +124,7 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
                          p.unlearn_epochs, b.learning_rate(p), p.batch_size, runtime, max_length=plan.max_length,
                          options=b.options(p), save_epochs=epochs)
                  for b in baselines]
-    evaluation = bench.evaluation(plan, p, source_given=run.source is not None)
+    evaluation = bench.evaluation(plan, p, pretrained=run.base_model is not None)
     reference = Evaluate(f"{at}/eval/retain", Product(retain), eval_data, evaluation, runtime=runtime)
     target = Evaluate(f"{at}/eval/target", Product(full), eval_data, evaluation, reference=reference, runtime=runtime)
     curves = [[(k, Evaluate(f"{at}/eval/{b.label}/epoch_{k}", Product(u, f"epoch_{k}"), eval_data, evaluation,
@@ -135,4 +135,4 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
               *(evaluate for curve in curves for _, evaluate in curve)]
     return SeedGraph(plan, stages, full, reinforced, importance, reference, target,
                      [(b.label, u, curve) for b, u, curve in zip(baselines, unlearned, curves)], eval_data, evaluation,
-                     bench.screening(plan, p, source_given=run.source is not None))
+                     bench.screening(plan, p, pretrained=run.base_model is not None))

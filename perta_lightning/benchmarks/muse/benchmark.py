@@ -142,16 +142,17 @@ class MuseBenchmark(Benchmark):
 
     # ---- evaluation
 
-    def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> MuseEvaluation:
-        # MUSE asks its questions after few-shot examples and a cue with a trailing space, for pretrained models; a
-        # model trained from scratch on the synthetic corpus learnt the question format from its fact boxes, where
+    def evaluation(self, plan: SplitPlan, preset: Any, pretrained: bool) -> MuseEvaluation:
+        # MUSE asks its questions after few-shot examples and a cue with a trailing space, for pretrained models (a
+        # base_model θ0, on the synthetic corpus as on a real one: a SmolLM2 θ0 is asked as MUSE asks); a model
+        # trained from scratch on the synthetic corpus learnt the question format from its fact boxes, where
         # the space is part of the answer's first token: shots about other articles and the bare space only derail
         # it (KnowMem on D_r of a synthetic demo θ_full, 40 questions: 0.56 as asked here, 0.20 with the shots,
         # 0.05 with MUSE's cue)
         from perta_lightning.benchmarks.muse.evaluation import ANSWER_CUE
 
         return MuseEvaluation(preset.eval_max_new_tokens, preset.knowmem_max_new_tokens, preset.context_length,
-                              use_icl=source_given, answer_cue=ANSWER_CUE if source_given else ANSWER_CUE.rstrip())
+                              use_icl=pretrained, answer_cue=ANSWER_CUE if pretrained else ANSWER_CUE.rstrip())
 
     def is_evaluation(self, path: str | Path) -> bool:
         from perta_lightning.benchmarks.muse.summary import is_muse_evaluation

@@ -160,12 +160,12 @@ class TofuBenchmark(Benchmark):
 
     # ---- evaluation
 
-    def evaluation(self, plan: SplitPlan, preset: Any, source_given: bool) -> TofuEvaluation:
+    def evaluation(self, plan: SplitPlan, preset: Any, pretrained: bool) -> TofuEvaluation:
         return TofuEvaluation(plan.name, preset.eval_max_new_tokens)
 
-    def screening(self, plan: SplitPlan, preset: Any, source_given: bool) -> TofuScreening:
+    def screening(self, plan: SplitPlan, preset: Any, pretrained: bool) -> TofuScreening:
         """Forget Quality from the forget set's truth ratios alone (:class:`TofuScreening`)."""
-        return TofuScreening(plan.name, self.evaluation(plan, preset, source_given).batch_size)
+        return TofuScreening(plan.name, self.evaluation(plan, preset, pretrained).batch_size)
 
     def is_evaluation(self, path: str | Path) -> bool:
         from perta_lightning.benchmarks.tofu.summary import FORMAT
