@@ -127,14 +127,14 @@ def test_a_screening_gives_the_full_evaluations_forget_quality(tiny, tmp_path):
 
 
 def test_drafts_change_no_number(tiny, tmp_path):
-    """Decoding one token per pass, or from the gold answers (the fixture), or from another evaluation's generations
-    (the fixture's own, so every draft is right): the same generations and per-example values."""
-    root, data, model, batched = tiny
-    common = dict(max_examples=5, batch_size=3, max_new_tokens=8, accelerator="cpu")
-    plain = evaluate_model(str(model), TofuSource(path=str(data)), answer_drafts=False, **common)
+    """Decoding one token per pass (the fixture), or from the gold answers, or from another evaluation's
+    generations (the fixture's own, so every draft is right): the same generations and per-example values."""
+    root, data, model, plain = tiny
+    common = dict(max_examples=5, batch_size=3, max_new_tokens=8, accelerator="cpu", answer_drafts=True)
+    answers = evaluate_model(str(model), TofuSource(path=str(data)), **common)
     drafted = evaluate_model(str(model), TofuSource(path=str(data)), draft_result=str(root / "eval.json"), **common)
     for name, columns in plain["examples"].items():
-        for result in (batched, drafted):
+        for result in (answers, drafted):
             assert result["examples"][name]["generation" if "generation" in columns else "index"] == \
                 columns["generation" if "generation" in columns else "index"], name
             for key in ("answer_nll", "rouge_l_recall", "truth_ratio"):

@@ -90,14 +90,12 @@ class Evaluation(ABC):
 
     @abstractmethod
     def run(self, model_dir: str, source: Any, output_json: str, retain_result: str | None, accelerator: str,
-            devices: int, torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
-        """Evaluate ``model_dir`` on ``source`` in this process and write ``output_json``. ``draft_result``: another
-        model's evaluation whose generations may serve as guesses that speed up greedy decoding; the result is the
-        same with or without it (an evaluation that has no use for it ignores it)."""
+            devices: int, torch_dtype: str) -> dict[str, Any]:
+        """Evaluate ``model_dir`` on ``source`` in this process and write ``output_json``."""
 
     @abstractmethod
     def command(self, model_dir: str, source: Any, output_json: str, retain_result: str | None,
-                torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+                torch_dtype: str) -> dict[str, Any]:
         """The same evaluation as a ``perta test`` config (``model`` and ``data`` blocks): what a stage launches
         when it runs on several devices."""
 

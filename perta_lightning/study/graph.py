@@ -69,7 +69,7 @@ class SeedGraph:
     def evaluate(self, name: str, model: Product) -> Evaluate:
         """The evaluation of a further model (a merge of the α search), against θ_retain's."""
         return Evaluate(name, model, self.eval_data, self.evaluation, reference=self.reference,
-                        runtime=self.reference.runtime, draft=self.target)
+                        runtime=self.reference.runtime)
 
     def screen(self, name: str, model: Product) -> Evaluate:
         """The screening of a further model (its forgetting axis alone), against θ_retain's full evaluation."""
@@ -128,7 +128,7 @@ def seed_graph(run: Run, seed: int, forget_split: str, variants: list[PertaVaria
     reference = Evaluate(f"{at}/eval/retain", Product(retain), eval_data, evaluation, runtime=runtime)
     target = Evaluate(f"{at}/eval/target", Product(full), eval_data, evaluation, reference=reference, runtime=runtime)
     curves = [[(k, Evaluate(f"{at}/eval/{b.label}/epoch_{k}", Product(u, f"epoch_{k}"), eval_data, evaluation,
-                            reference=reference, runtime=runtime, draft=target)) for k in u.save_epochs]
+                            reference=reference, runtime=runtime)) for k in u.save_epochs]
               for b, u in zip(baselines, unlearned)]
     stages = [*data.stages, base, full, retain, reinforced, *raw.values(),
               *(s for s in importance.values() if isinstance(s, TransformImportance)), *unlearned, reference, target,

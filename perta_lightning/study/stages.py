@@ -540,9 +540,6 @@ class Evaluate(Stage):
     reference: Evaluate | None = None
     runtime: Runtime = field(default_factory=Runtime)
     cost: float = 0.3
-    #: an evaluation whose generations guess this model's (the target's, for a model unlearnt from it): only the
-    #: speed of greedy decoding depends on it, so it is neither an input nor a setting
-    draft: Evaluate | None = None
 
     @property
     def description(self) -> str:
@@ -563,17 +560,14 @@ class Evaluate(Stage):
         out = runner.root / f"{self.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         reference = None if self.reference is None else str(runner.path(Product(self.reference, "eval")))
-        draft = None
-        if self.draft is not None and self.draft.name in runner.records:
-            draft = str(runner.path(Product(self.draft, "eval")))
         if self.runtime.devices > 1:
             config = self.evaluation.command(str(runner.path(self.model)), self.data.source(runner), str(out),
-                                             reference, self.runtime.eval_dtype, draft)
+                                             reference, self.runtime.eval_dtype)
             launch(runner, self.name, "test", {"seed_everything": 0,
                                               "trainer": trainer_config(self.runtime, precision="32-true"), **config})
             return {"eval": out}
         self.evaluation.run(str(runner.path(self.model)), self.data.source(runner), str(out), reference,
-                            self.runtime.accelerator, self.runtime.devices, self.runtime.eval_dtype, draft)
+                            self.runtime.accelerator, self.runtime.devices, self.runtime.eval_dtype)
         return {"eval": out}
 
     def work(self, runner: StageRunner) -> dict[str, float]:

@@ -47,7 +47,7 @@ class MuseEvaluation(Evaluation):
                 "answer_cue": self.answer_cue, "text": TEXT_FORMAT}
 
     def run(self, model_dir: str, source: Any, output_json: str, retain_result: str | None, accelerator: str,
-            devices: int, torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+            devices: int, torch_dtype: str) -> dict[str, Any]:
         from perta_lightning.benchmarks.muse.evaluator import evaluate_muse_model
 
         return evaluate_muse_model(model_dir, source, output_json=output_json, retain_result=retain_result,
@@ -57,7 +57,7 @@ class MuseEvaluation(Evaluation):
                                    use_icl=self.use_icl, answer_cue=self.answer_cue)
 
     def command(self, model_dir: str, source: Any, output_json: str, retain_result: str | None,
-                torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+                torch_dtype: str) -> dict[str, Any]:
         return {
             "model": {"class_path": "perta_lightning.benchmarks.muse.evaluator.MuseEvaluator",
                       "init_args": {"model": model_dir, "output_json": output_json, "retain_result": retain_result,

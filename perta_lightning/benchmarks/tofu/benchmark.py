@@ -47,22 +47,21 @@ class TofuEvaluation(Evaluation):
         return {"forget": self.forget_split, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
 
     def run(self, model_dir: str, source: Any, output_json: str, retain_result: str | None, accelerator: str,
-            devices: int, torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+            devices: int, torch_dtype: str) -> dict[str, Any]:
         from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
 
         return evaluate_model(model_dir, source, forget_split=f"{self.forget_split}_perturbed",
                               holdout_split=holdout_split_for(self.forget_split), output_json=output_json,
                               retain_result=retain_result, max_new_tokens=self.max_new_tokens,
                               batch_size=self.batch_size, accelerator=accelerator, devices=devices,
-                              torch_dtype=torch_dtype, draft_result=draft_result)
+                              torch_dtype=torch_dtype)
 
     def command(self, model_dir: str, source: Any, output_json: str, retain_result: str | None,
-                torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+                torch_dtype: str) -> dict[str, Any]:
         return {
             "model": {"class_path": "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator",
                       "init_args": {"model": model_dir, "output_json": output_json, "retain_result": retain_result,
-                                    "max_new_tokens": self.max_new_tokens, "torch_dtype": torch_dtype,
-                                    "draft_result": draft_result}},
+                                    "max_new_tokens": self.max_new_tokens, "torch_dtype": torch_dtype}},
             "data": {"class_path": "perta_lightning.benchmarks.tofu.evaluation.TofuEvalDataModule",
                      "init_args": {"source": asdict(source), "forget_split": f"{self.forget_split}_perturbed",
                                    "holdout_split": holdout_split_for(self.forget_split),
@@ -90,7 +89,7 @@ class TofuScreening(Evaluation):
         return {"forget": self.forget_split, "sets": ["forget"], "generate": False, "batch_size": self.batch_size}
 
     def run(self, model_dir: str, source: Any, output_json: str, retain_result: str | None, accelerator: str,
-            devices: int, torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+            devices: int, torch_dtype: str) -> dict[str, Any]:
         from perta_lightning.benchmarks.tofu.evaluator import evaluate_model
 
         return evaluate_model(model_dir, source, forget_split=f"{self.forget_split}_perturbed", output_json=output_json,
@@ -98,7 +97,7 @@ class TofuScreening(Evaluation):
                               accelerator=accelerator, devices=devices, torch_dtype=torch_dtype, **dict.fromkeys(SCREEN_LEFT_OUT))
 
     def command(self, model_dir: str, source: Any, output_json: str, retain_result: str | None,
-                torch_dtype: str, draft_result: str | None = None) -> dict[str, Any]:
+                torch_dtype: str) -> dict[str, Any]:
         return {
             "model": {"class_path": "perta_lightning.benchmarks.tofu.evaluator.TofuEvaluator",
                       "init_args": {"model": model_dir, "output_json": output_json, "retain_result": retain_result,

@@ -104,12 +104,14 @@ class TofuEvaluator(Evaluator):
         torch_dtype: dtype the weights are loaded in.
         generate: generate greedily and score ROUGE (``False``: every answer is scored, nothing is generated, and
             the file has no ROUGE or generations: a screening, whose Forget Quality is the full evaluation's).
-        answer_drafts: settle the tokens of each gold answer that greedy decoding would repeat in one pass before
-            decoding on (:meth:`~perta_lightning.benchmarks.evaluator.Evaluator.generate`): the same generations,
-            faster on models that learnt the answers; off, every token is decoded one pass at a time.
-        draft_result: an evaluation file of another model on the same sets (the target's, for a model unlearnt
-            from it) whose generations are the guesses instead of the gold answers, where it has one for the
-            question; again only speed changes.
+        answer_drafts: before decoding, settle in one pass the tokens of a guessed continuation that greedy
+            decoding would produce (:meth:`~perta_lightning.benchmarks.evaluator.Evaluator.generate`): the gold
+            answer, or ``draft_result``'s generation. The same generations either way. Off by default: on a CPU
+            a decode step of SmolLM2 costs little more per row than a block's token (5.3 against 3.2 ms at batch
+            32), so it saved nothing there (``bench/RESULTS.md``), and the block holds ``B × draft × vocabulary``
+            logits; it is meant for accelerators, where a decode step is latency-bound.
+        draft_result: with ``answer_drafts``, an evaluation file of another model on the same sets (the target's,
+            for a model unlearnt from it) whose generations are the guesses where it has one for the question.
     """
 
     def __init__(
@@ -121,7 +123,7 @@ class TofuEvaluator(Evaluator):
         mink_k: float = 0.4,
         torch_dtype: str = "float32",
         generate: bool = True,
-        answer_drafts: bool = True,
+        answer_drafts: bool = False,
         draft_result: str | None = None,
     ) -> None:
         super().__init__()
@@ -301,7 +303,7 @@ def evaluate_model(
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
-    answer_drafts: bool = True,
+    answer_drafts: bool = False,
     draft_result: str | None = None,
     **data_options: Any,
 ) -> dict[str, Any]:
