@@ -158,7 +158,9 @@ def test_one_seed_of_the_replication_config(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(root)))
     assert done.returncode == 0, done.stderr[-3000:]
     part = json.loads((tmp_path / "parts" / "test_seed_500.json").read_text())
-    rows = part["splits"]["forget05"]["rows"]
+    (split,) = part["splits"]
+    rows = split["rows"]
+    assert split["forget_split"] == "forget05"
     assert {r["method"] for r in rows} >= {"retain", "target", "tv", "perta_fisher_b16"}
     assert part["machine"] and part["settings_digest"]
     assert (tmp_path / "run" / "REPLICATION.md").is_file()

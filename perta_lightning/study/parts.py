@@ -237,7 +237,7 @@ def _relative(path: Path, folder: Path) -> str:
 def part_json(part: SeedPart, seed_folder: Path) -> dict[str, Any]:
     """The part file's content; weight files are named relative to the seed's run folder."""
     splits = [{"forget_split": r.forget_split, "rows": r.rows, "matched": r.matched,
-               "search_evaluations": r.search_evaluations, "costs": r.costs,
+               "search_evaluations": r.search_evaluations, "search_screens": r.search_screens, "costs": r.costs,
                "weights": {label: {"forget": _relative(w.forget, seed_folder),
                                    "retain": _relative(w.retain, seed_folder), "beta": w.beta, "power": w.power}
                            for label, w in r.weights.items()},
@@ -286,7 +286,7 @@ def read_part(path: Path, phase: str, seed: int, settings: dict[str, Any], seed_
         weights = {label: WeightFiles(seed_folder / w["forget"], seed_folder / w["retain"], w["beta"], w["power"])
                    for label, w in split["weights"].items()}
         reports.append(SplitReport(name, split["rows"], split["matched"], split["search_evaluations"],
-                                   split["costs"], weights))
+                                   split["costs"], weights, split.get("search_screens", {})))
         forget_examples[name] = split["forget_examples"]
         diagnostics[name] = split["diagnostic"]
     return SeedPart(phase, seed, reports, forget_examples, diagnostics, data["wall_seconds"], data["stage_seconds"],
