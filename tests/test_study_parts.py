@@ -118,7 +118,7 @@ def test_a_part_file_holds_what_the_aggregate_reads(in_parts):
     assert {r["method"] for r in split["rows"]} >= {"retain", "target", "tv", "grad_diff"}
     assert set(split["costs"]) == {r["method"] for r in split["rows"] if r["family"] != "reference"}
     assert set(split["search_evaluations"]) == set(split["costs"])
-    assert split["search_screens"] == {}  # no screening in this study; a screened search's counts travel as well
+    assert not any(split["search_screens"].values())  # no screening here; a screened search's counts travel too
     assert split["diagnostic"]["seed"] == 1
     assert all(not Path(w["forget"]).is_absolute() for w in split["weights"].values())
     assert part["commit"] is None or len(part["commit"].split("+")[0]) == 40
