@@ -12,15 +12,18 @@ the tokens. Causal attention means the prompt's keys and values do not depend on
    next-token layout of :mod:`perta_lightning.functional.losses`, restricted to the answer.
 
 The same prefix cache then seeds generation, which only has to run the last prompt token before decoding.
+Positions follow Hugging Face ``generate``: ``cumsum(mask) - 1`` over the left-padded prompt, so row ``b``
+sees the same positions as its unpadded sequence, and the numbers equal a one-sequence-at-a-time pass up to
+float rounding of the masked attention.
 
 **A prefix every prompt shares** (a chat template's system turn: 24 of SmolLM2's ~40 prompt tokens; MUSE's
 few-shot questions) is encoded once. :func:`pad_after_shared_prefix` lays a batch out as
 ``[shared prefix][padding][rest of the prompt]``, so the shared tokens sit in the same columns of every row;
 :func:`encode_prefix` runs those columns for one row, repeats that cache along the batch, and runs only the rest.
 Padding in the middle is masked like padding on the left, and positions count unmasked tokens only.
-Positions follow Hugging Face ``generate``: ``cumsum(mask) - 1`` over the left-padded prompt, so row ``b``
-sees the same positions as its unpadded sequence, and the numbers equal a one-sequence-at-a-time pass up to
-float rounding of the masked attention.
+
+**Drafts.** :func:`accept_drafts` runs ``[last prompt token] ++ draft`` for a guessed continuation per prompt in
+one pass and keeps the tokens greedy decoding would produce first (speculative decoding's acceptance rule).
 """
 
 from __future__ import annotations
@@ -189,8 +192,7 @@ def _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_m
 def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  answer_ids: torch.Tensor, answer_mask: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
     """:func:`score_answers` for one block of answers, padded to its longest."""
-    cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, example), layer.values.index_select(0, example))
-                                         for layer in prefix.layers])
+    cache = gather_cache(prefix, example)
     ids = torch.cat([prompt_ids[example, -1:], answer_ids], dim=1)
     mask = torch.cat([prompt_mask[example], answer_mask], dim=1)
     start = prompt_mask.long().sum(-1)[example] - 1
@@ -199,28 +201,26 @@ def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch
                  **{CACHE_ARG: cache}).logits
 
 
+def gather_cache(prefix: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A new cache holding ``prefix``'s rows ``rows`` (repeats allowed), ``prefix`` left unchanged."""
+    return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                                        for layer in prefix.layers])
+
+
 def block_labels(answer_labels: torch.Tensor) -> torch.Tensor:
     """Labels ``(N, 1 + A)`` aligned with :func:`score_answers`' input block: ``-100`` for the prompt token."""
     return torch.nn.functional.pad(answer_labels, (1, 0), value=IGNORE_INDEX)
 
 
 def accept_drafts(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  drafts: list[list[int]], width: int) -> list[list[int]]:
+                  draft_ids: torch.Tensor, draft_mask: torch.Tensor, width: int) -> list[list[int]]:
     """Per prompt, the first tokens of its greedy continuation that one pass over ``[last prompt token] ++ draft``
     settles: with ``g[t]`` the argmax after block token ``t``, the draft's leading tokens ``d[t] == g[t]`` and then
-    ``g`` at the first mismatch (or after the whole draft), at most ``width`` tokens. A row with an empty draft gets
-    its first greedy token. ``prefix`` (from :func:`encode_prefix`) is left unchanged."""
-    drafts = [list(d[: width - 1]) for d in drafts]
-    rows = torch.arange(len(drafts), device=prompt_ids.device)
-    longest = max(1, max(len(d) for d in drafts))
-    ids = torch.zeros((len(drafts), longest), dtype=torch.long, device=prompt_ids.device)
-    mask = torch.zeros_like(ids)
-    for row, draft in enumerate(drafts):
-        ids[row, : len(draft)] = torch.as_tensor(draft, dtype=torch.long)
-        mask[row, : len(draft)] = 1
-    greedy = _score_block(model, prefix, prompt_ids, prompt_mask, ids, mask, rows).argmax(-1).tolist()
-    out = []
-    for draft, guess in zip(drafts, greedy):
-        accepted = next((t for t, token in enumerate(draft) if guess[t] != token), len(draft))
-        out.append(guess[: accepted + 1])
-    return out
+    ``g`` at the first mismatch (or after the whole draft), at most ``width`` tokens (the drafts are cut to
+    ``width - 1``). ``draft_ids`` / ``draft_mask``: ``(B, D)`` right padded, ``D`` may be 0; a row with an empty
+    draft gets its first greedy token. ``prefix`` (from :func:`encode_prefix`) is left unchanged."""
+    draft_ids, draft_mask = draft_ids[:, : width - 1], draft_mask[:, : width - 1]
+    rows = torch.arange(draft_ids.shape[0], device=draft_ids.device)
+    greedy = _score_block(model, prefix, prompt_ids, prompt_mask, draft_ids, draft_mask, rows).argmax(-1)
+    accepted = ((greedy[:, :-1] == draft_ids) & draft_mask.bool()).long().cumprod(-1).sum(-1)
+    return [guess[: count + 1] for guess, count in zip(greedy.tolist(), accepted.tolist())]

@@ -4,10 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from perta_lightning.benchmarks.evaluator import Evaluator
+from perta_lightning.data.formatting import pad_batch
 from perta_lightning.prompt_cache import accept_drafts, encode_prefix, pad_after_shared_prefix
+from tests.tiny import random_llama
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 10, 11], [3, 4, 5, 12, 13, 14], [15, 16]]
 WIDTH = 8
@@ -15,10 +16,7 @@ WIDTH = 8
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return random_llama(vocab_size=40, seed=1)
 
 
 def alone(model, prompt, width, eos):
@@ -76,7 +74,8 @@ def test_accepted_tokens_by_hand(model):
     with torch.no_grad():
         prefix = encode_prefix(model, ids, mask)
         drafts = [expected[0][:3] + [(expected[0][3] + 1) % 40, 5], [], expected[2], [(expected[3][0] + 1) % 40]]
-        settled = accept_drafts(model, prefix, ids, mask, drafts, WIDTH)
+        draft_ids, draft_mask = pad_batch(drafts, 0), pad_batch([[1] * len(d) for d in drafts], 0)
+        settled = accept_drafts(model, prefix, ids, mask, draft_ids, draft_mask, WIDTH)
     assert settled[0] == expected[0][:4]  # three accepted, the fourth is greedy's correction
     assert settled[1] == expected[1][:1]  # no draft: the first greedy token
     assert settled[2] == expected[2][:WIDTH]  # capped at width - 1 draft tokens, plus the token after them

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from perta_lightning.data.formatting import pad_batch
 from perta_lightning.functional.losses import example_nll
@@ -14,14 +13,12 @@ from perta_lightning.prompt_cache import (
     score_answers,
     shared_columns,
 )
+from tests.tiny import random_llama
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return random_llama(vocab_size=64, seed=0)
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ as a Hugging Face directory with its tokenizer), used by three set-ups:
 * :func:`make_tiny_assets`: a hand-made TOFU folder (forget10: 7 rows, retain90: 9 rows) with its own
   BPE tokenizer (importance tests, ``bench/bench_importance.py``).
 
+Tests that need a model in memory only, over hand-written token ids, take :func:`random_llama`.
+
 Import it as ``from tests.tiny import ...`` (the repository root is on the path under pytest and for the
 benchmarks). It is a plain module, not a fixture, so that scripts in other processes can use it.
 """
@@ -20,6 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec, write_benchmark
+
+
+def random_llama(vocab_size: int, seed: int) -> Any:
+    """A seeded random Llama in eval mode, in memory (4 heads with 2 key/value heads, so grouped-query attention
+    is exercised), for tests over hand-written token ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
 
 #: The default tiny Llama (about 25 k parameters besides the embeddings).
 TINY_LLAMA = dict(

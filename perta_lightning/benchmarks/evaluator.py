@@ -17,9 +17,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from transformers import DynamicCache
 
 from perta_lightning.checkpoints import load_causal_lm
+from perta_lightning.data.formatting import pad_batch
 from perta_lightning.distributed import check_modules_visible
 from perta_lightning.io import atomic_write_text
-from perta_lightning.prompt_cache import CACHE_ARG, accept_drafts, encode_prefix
+from perta_lightning.prompt_cache import CACHE_ARG, accept_drafts, encode_prefix, gather_cache
 
 
 def generation_text(tokenizer: Any, ids: list[int]) -> str:
@@ -66,16 +67,9 @@ def _before_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
-def _right_aligned(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and mask ``(R, K)`` of token lists padded on the left (``K`` = 0 when every list is empty)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, tokens in enumerate(rows):
-        if tokens:
-            ids[index, width - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
-            mask[index, width - len(tokens):] = 1
-    return ids, mask
+def _ones(rows: list[list[int]]) -> list[list[int]]:
+    """The attention mask of each token list, unpadded (for :func:`~perta_lightning.data.formatting.pad_batch`)."""
+    return [[1] * len(tokens) for tokens in rows]
 
 
 def check_every_example_seen(examples: dict[str, dict[str, torch.Tensor]], sets: dict[str, Any]) -> None:
@@ -122,7 +116,9 @@ class Evaluator(LightningModule):
         eos = self.tokenizer.eos_token_id
         settled = [[] for _ in range(prompt_ids.shape[0])]
         if drafts is not None:  # at least the first greedy token of every row
-            settled = accept_drafts(self.model, prefix, prompt_ids, prompt_mask, drafts, width)
+            draft_ids = pad_batch(drafts, self.tokenizer.pad_token_id).to(prompt_ids.device)
+            draft_mask = pad_batch(_ones(drafts), 0).to(prompt_ids.device)
+            settled = accept_drafts(self.model, prefix, prompt_ids, prompt_mask, draft_ids, draft_mask, width)
         known = [_before_eos(tokens, eos) for tokens in settled]
         ids = torch.full((prompt_ids.shape[0], width), -1, dtype=torch.long, device=prompt_ids.device)
         for row, tokens in enumerate(known):
@@ -132,11 +128,12 @@ class Evaluator(LightningModule):
             return ids
         rows = torch.as_tensor(open_rows, device=prompt_ids.device)
         # [prompt][padding][known tokens]: each open row continues after its known tokens
-        tail_ids, tail_mask = _right_aligned([known[row] for row in open_rows], self.tokenizer.pad_token_id)
+        tails = [known[row] for row in open_rows]
+        tail_ids = pad_batch(tails, self.tokenizer.pad_token_id, side="left")
+        tail_mask = pad_batch(_ones(tails), 0, side="left")
         input_ids = torch.cat([prompt_ids[rows], tail_ids.to(prompt_ids.device)], dim=1)
         mask = torch.cat([prompt_mask[rows], tail_mask.to(prompt_mask.device)], dim=1)
-        cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
-                                             for layer in prefix.layers])
+        cache = gather_cache(prefix, rows)
         done = min(len(known[row]) for row in open_rows)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=width - done,

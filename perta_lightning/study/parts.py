@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from perta_lightning.errors import PertaValueError
 from perta_lightning.io import atomic_write_text
-from perta_lightning.stages import RECORD_DIR
+from perta_lightning.stages import RECORD_DIR, plain
 from perta_lightning.study.split_report import SplitReport
 from perta_lightning.study.weights import WeightFiles
 
@@ -71,24 +71,6 @@ def part_path(folder: str | Path, phase: str, seed: int) -> Path:
     return Path(folder) / f"{phase}_seed_{seed}.json"
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses, paths and tuples as plain JSON values."""
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _json(value: Any) -> Any:
-    """``value`` as it reads back from its JSON (tuples as lists), so settings compare equal to a part's."""
-    return json.loads(json.dumps(value, allow_nan=True))
-
-
 def _file_sha256(path: str) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -104,13 +86,13 @@ def run_settings(options: Any, run: Any) -> dict[str, Any]:
     return {
         "benchmark": run.benchmark.name,
         "preset": options.preset,
-        "preset_fields": _plain(run.preset),
+        "preset_fields": run.preset,
         "forget_splits": list(run.forget_splits),
         "baselines": [asdict(b) | {"label": b.label} for b in run.baselines],
         "baseline_points": run.baseline_points,
-        "search": _plain(run.search),
-        "source": _plain(options.source),
-        "muse_source": _plain(options.muse_source),
+        "search": run.search,
+        "source": options.source,
+        "muse_source": options.muse_source,
         "eval_files": None if run.eval_files is None else {
             split: {"sha256": _file_sha256(path)} for split, path in sorted(run.eval_files.items())},
         "base_model": options.base_model,
@@ -122,21 +104,21 @@ def study_settings(plan: Any) -> dict[str, Any]:
     """What determines a validation seed's results (and, with the choice, a test seed's): the resolved run
     options, the candidates, the proposed variants, the baselines' settings compared, ``importance_at_base``
     and the replication rules."""
-    return _json({
+    return plain({
         "run": run_settings(plan.options, plan.run),
         "candidates": [asdict(c) | {"label": c.label} for c in plan.candidates],
         "proposed": [asdict(v) | {"label": v.label} for v in plan.proposed],
         "baseline_candidates": [asdict(b) | {"label": b.label} for b in plan.baseline_candidates],
         "importance_at_base": plan.importance_at_base,
-        "rules": _plain(plan.rules),
+        "rules": plan.rules,
     })
 
 
 def test_phase_settings(study: dict[str, Any], families: dict[str, str], variants: list[Any],
-                  baselines: list[Any]) -> dict[str, Any]:
+                        baselines: list[Any]) -> dict[str, Any]:
     """A test seed's settings: the study's, and the validation choice (the families reported, the PerTA
     variants run and each baseline's chosen setting)."""
-    return _json(study | {"choice": {"families": dict(families),
+    return plain(study | {"choice": {"families": dict(families),
                                      "variants": [asdict(v) | {"label": v.label} for v in variants],
                                      "baselines": [asdict(b) | {"label": b.label} for b in baselines]}})
 

@@ -216,11 +216,12 @@ def validation_scores(reports: dict[int, SplitReport], labels: list[str], rule: 
     """Per variant label, its mean over seeds of: with ``rule == "levels"``, the utility at each level (a level
     not reached counting 0); with ``"area"``, :func:`~perta_lightning.functional.tradeoff.utility_area` of its
     curve (the report's rows) between the lowest and the highest of ``levels``."""
+    if rule == "area":
+        curves = [method_curves(report.rows, axes.forget_key, axes.utility_key) for report in reports.values()]
     scores = {}
     for label in labels:
         if rule == "area":
-            values = [utility_area(method_curves(report.rows, axes.forget_key, axes.utility_key)[label],
-                                   min(levels), max(levels)) for report in reports.values()]
+            values = [utility_area(by_method[label], min(levels), max(levels)) for by_method in curves]
         else:
             values = [value or 0.0 for report in reports.values() for value in report.matched[label]]
         scores[label] = sum(values) / len(values)
@@ -233,8 +234,8 @@ STABILITY_RESAMPLES = 1000
 
 def seed_scores(reports: dict[int, SplitReport], labels: list[str], rule: str = "levels",
                 levels: list[float] | None = None, axes: Axes | None = None) -> dict[int, dict[str, float]]:
-    """Per seed, :func:`validation_scores` of that seed alone (its mean utility at the levels, 0 where not
-    reached): every seed has a value at every level, so the mean over seeds is :func:`validation_scores`."""
+    """Per seed, :func:`validation_scores` of that seed alone, by the same ``rule``: every seed has a value (0 for
+    a level not reached), so the mean over seeds is :func:`validation_scores`."""
     return {seed: validation_scores({seed: report}, labels, rule, levels, axes) for seed, report in reports.items()}
 
 
