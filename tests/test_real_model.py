@@ -135,7 +135,7 @@ def test_pipeline_pieces_on_a_real_model(smollm2, tiny_benchmark, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_seed_of_the_replication_config(tmp_path):
+def test_one_seed_of_the_replication_config(tmp_path, tofu_reference):
     """``configs/smollm2/study_replication.yaml`` as users run it, one test seed on its smallest setting: one forget split,
     one candidate, one baseline, one epoch of everything, a single α round. The seed's part is written, the
     aggregate (REPLICATION.md) follows from it, and every evaluated model is SmolLM2 fine-tuned, not the toy."""
@@ -153,7 +153,9 @@ def test_one_seed_of_the_replication_config(tmp_path):
                "--importance_at_base", "false", "--baselines", "[grad_diff]", "--baseline_candidates", "[]",
                "--baseline_points", "1", "--preset_overrides",
                "{num_authors: 20, finetune_epochs: 1, reinforce_epochs: 1, unlearn_epochs: 1}",
-               "--search.rounds", "0", "--jobs", "1"]
+               "--search.rounds", "0", "--jobs", "1", "--eval_files",  # TOFU's real-world sets, wherever they are
+               json.dumps({split: str(tofu_reference / f"{split}.json")
+                           for split in ("real_authors_perturbed", "world_facts_perturbed")})]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=7200,
                           env=dict(os.environ, PYTHONPATH=str(root)))
     assert done.returncode == 0, done.stderr[-3000:]
