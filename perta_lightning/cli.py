@@ -14,6 +14,7 @@ the user's) can be run. The other subcommands are plain typed functions parsed b
 * ``perta study``           the multi-seed study, PerTA's settings chosen on held-out seeds
 * ``perta compare``         where two study runs part: kernels, then the first model whose bytes differ
 * ``perta replication``     rewrite a finished study's replication table from its ``study.json``
+* ``perta attack``          quantize or relearn a model directory and evaluate it: does its forgetting last?
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _FUNCTION_SUBCOMMANDS = {
     "study": "perta_lightning.study.study:cli_main",
     "compare": "perta_lightning.provenance:compare_main",
     "replication": "perta_lightning.study.replication:main",
+    "attack": "perta_lightning.study.attacks:cli_main",
 }
 
 

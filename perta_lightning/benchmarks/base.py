@@ -14,6 +14,9 @@ what differs:
   alone, exactly as the full one would, with which the α search decides which models to evaluate in full;
 * its two comparison **axes** (:class:`Axes`: the forgetting reached and the utility kept, their keys in
   summaries and report rows, and their names in reports) and its default levels along the first;
+* what an **attack** on forgetting reads (:mod:`perta_lightning.attacks`): its forget metrics, on every forget
+  example or some (:meth:`Benchmark.forget_metrics`), and, for the relearning attack, the split of the forget set
+  into a half to relearn on and a held-out half (:meth:`Benchmark.relearn_split`);
 * its **report** rows and texts (:meth:`Benchmark.report_row`, :attr:`Benchmark.report_intro`), and what it adds
   to the study's tables and to the replication table.
 
@@ -74,6 +77,17 @@ class SplitPlan:
     forget: str
     retain_for_unlearning: str
     max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class RelearnSplit:
+    """The relearning attack's halves of one forget set, split by author (or article): ``relearn_rows``, the
+    training rows of the relearned half, and ``heldout``, the example indices (in the forget evaluation set) of the
+    other half, on which the attack is measured; ``groups``: how many authors each half holds."""
+
+    relearn_rows: list[dict[str, Any]]
+    heldout: list[int]
+    groups: tuple[int, int]
 
 
 class Evaluation(ABC):
@@ -191,6 +205,27 @@ class Benchmark(ABC):
     @abstractmethod
     def summarize(self, eval_file: str | Path, reference_file: str | Path) -> dict[str, Any]:
         """The summary of one evaluation against the retain model's: both axes (under their keys) and the rest."""
+
+    # ---- attacks on forgetting
+
+    #: the forget metrics an attack's recovery is measured on (keys of :meth:`forget_metrics`).
+    recovery_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def forget_metrics(self, eval_file: str | Path, reference_file: str | Path,
+                       examples: list[int] | None = None) -> dict[str, float | None]:
+        """The :attr:`recovery_metrics` of one evaluation against the retain model's, on every forget example or
+        on ``examples`` (indices of the forget evaluation set) alone."""
+        raise NotImplementedError(f"{self.name} has no forget metrics for attacks")
+
+    def relearn_split(self, plan: SplitPlan, source: Any, groups: int) -> RelearnSplit | None:
+        """The relearning attack's halves of ``plan``'s forget set of ``groups`` authors (or articles), or ``None``
+        when it cannot be split (one author) or the benchmark has no such split (the default)."""
+        return None
+
+    def forget_groups(self, plan: SplitPlan, preset: Any, synthetic: bool) -> int:
+        """How many authors (or articles) ``plan``'s forget set holds, in the synthetic data of ``preset`` or in
+        the benchmark's own data."""
+        raise NotImplementedError(f"{self.name} cannot tell the groups of its forget set")
 
     # ---- reports
 

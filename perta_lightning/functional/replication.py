@@ -29,6 +29,12 @@ estimate is their geometric mean, the interval the bootstrap of the mean log rat
 *holds* when the interval lies below 1, the sign test (ratio < 1 a win) gives p < 0.05 and wins exceed
 losses; *does not hold* when the interval lies above 1; *not resolved* otherwise or with too few seeds.
 
+**Robustness rule** (:func:`robustness_verdict`, "A's forgetting is at least as robust as B's"): the per-seed
+values are differences in recovery under an attack (:mod:`perta_lightning.functional.robustness`), A − B, where
+less is better; *holds* when the interval's upper end lies below ``margin`` (0.1: A recovers at most a tenth of
+the forgetting more than B, ruled out beyond that); *does not hold* when the interval lies above 0 (A recovers
+more, and the margin is not shown); *not resolved* otherwise or with fewer than ``min_seeds`` seeds.
+
 **Conjunctions** (:func:`all_of`): a claim made of parts holds when every part holds, does not hold when
 any part does not hold, and is not resolved otherwise.
 """
@@ -55,6 +61,7 @@ class ReplicationRules:
         improvement_margin: "does not improve" once the interval's upper end is below this (MU).
         negligible_mean: "negligible difference" needs |estimate| below this (MU) ...
         negligible_interval: ... and the interval inside ± this.
+        robustness_margin: "at least as robust" once the interval of the recovery difference lies below this.
     """
 
     min_seeds: int = 6
@@ -63,6 +70,7 @@ class ReplicationRules:
     improvement_margin: float = 0.01
     negligible_mean: float = 0.02
     negligible_interval: float = 0.03
+    robustness_margin: float = 0.1
 
 #: Seeds below which no verdict is given: a two-sided sign test over 5 seeds cannot go below 0.0625.
 MIN_SEEDS = 6
@@ -148,6 +156,19 @@ def equivalence_verdict(e: Evidence, *, bound: float = 0.02, interval_bound: flo
     if abs(e.estimate) < bound and -interval_bound < low and high < interval_bound:
         return HOLDS
     if low > bound or high < -bound:
+        return FAILS
+    return UNRESOLVED
+
+
+def robustness_verdict(e: Evidence, *, margin: float = 0.1, min_seeds: int = MIN_SEEDS) -> str:
+    """"A's forgetting is at least as robust as B's" by the robustness rule of the module docstring (``e``: the
+    per-seed recovery differences A − B)."""
+    if e.n < min_seeds or e.interval is None:
+        return UNRESOLVED
+    low, high = e.interval
+    if high < margin:
+        return HOLDS
+    if low > 0:
         return FAILS
     return UNRESOLVED
 

@@ -308,6 +308,47 @@ DEFAULT_BASELINES: list[Baseline] = ["grad_ascent", "grad_diff", "npo"]
 
 
 @dataclass(frozen=True)
+class Attacks:
+    """The attacks on forgetting each selected model, the target and θ_retain face (:mod:`perta_lightning.study.attacks`).
+
+    Args:
+        quantize: bitsandbytes schemes each model is quantized with: ``nf4`` (4-bit NormalFloat) and/or ``int8``
+            (LLM.int8()); ``[]``: none.
+        relearn: fine-tune each model on half of the forget set's authors and measure it on the other half.
+        relearn_retain: the weaker attack: the same fine-tuning on as many retain examples.
+        relearn_steps: optimizer steps of each relearning (fixed before the run).
+        relearn_lr: its learning rate (``None``: the preset's ``finetune_lr``).
+    """
+
+    quantize: list[Literal["nf4", "int8"]] = field(default_factory=lambda: ["nf4"])
+    relearn: bool = True
+    relearn_retain: bool = True
+    relearn_steps: int = 10
+    relearn_lr: float | None = None
+
+    def check(self) -> Attacks:
+        """Refuse, in one line naming the value, attacks that cannot run (called before any stage)."""
+        from perta_lightning.errors import PertaValueError
+
+        for scheme in self.quantize:
+            if scheme not in ("nf4", "int8"):
+                raise PertaValueError(f"attacks.quantize: {scheme!r} is not one of ['nf4', 'int8']")
+        if len(set(self.quantize)) != len(self.quantize):
+            raise PertaValueError(f"attacks.quantize lists a scheme twice: {self.quantize}")
+        if self.relearn_steps < 1:
+            raise PertaValueError(f"attacks.relearn_steps must be at least 1, got {self.relearn_steps}")
+        if self.relearn_lr is not None and not (math.isfinite(self.relearn_lr) and self.relearn_lr > 0):
+            raise PertaValueError(f"attacks.relearn_lr must be > 0, got {self.relearn_lr}")
+        if self.quantize:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise PertaValueError("attacks.quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' (it "
+                                      "runs on CPUs too), or set attacks.quantize: []") from error
+        return self
+
+
+@dataclass(frozen=True)
 class BaselineVariant:
     """One setting of a training-based baseline: its method, learning rate and β (NPO's or SimNPO's).
 
@@ -391,6 +432,8 @@ class RunOptions:
         accelerator: Lightning accelerator of the training and evaluation stages.
         devices: devices per stage (above 1, each stage runs as its own ``perta`` command on them).
         precision: Lightning precision of training (``bf16-mixed`` on GPUs; evaluation then runs in bf16).
+        attacks: attack the models the matched comparison selects, the target and θ_retain, by quantization and
+            relearning (:class:`Attacks`; ``{}`` for the defaults); ``None``: no attacks.
     """
 
     preset: str = "demo"
@@ -407,6 +450,7 @@ class RunOptions:
     accelerator: str = "cpu"
     devices: int = 1
     precision: str = "32-true"
+    attacks: Attacks | None = None
 
     def resolve(self) -> Run:
         """The run these options describe, every option checked before any stage starts."""
@@ -430,7 +474,8 @@ class RunOptions:
                    [(b if isinstance(b, BaselineVariant) else BaselineVariant(b)).check()
                     for b in (self.baselines if self.baselines is not None else DEFAULT_BASELINES)],
                    (self.search or AlphaSearch(levels=list(chosen.default_levels))).check(), source, eval_files,
-                   self.base_model, Runtime(self.accelerator, self.devices, self.precision), self.baseline_points)
+                   self.base_model, Runtime(self.accelerator, self.devices, self.precision), self.baseline_points,
+                   None if self.attacks is None else self.attacks.check())
 
 
 @dataclass(frozen=True)
@@ -449,6 +494,7 @@ class Run:
     base_model: str | None
     runtime: Runtime
     baseline_points: int | None = None
+    attacks: Attacks | None = None
 
     def curve_epochs(self) -> list[int]:
         """The epochs after which a baseline's model is evaluated: ``baseline_points`` of them spread evenly over

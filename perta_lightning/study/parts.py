@@ -97,15 +97,18 @@ def run_settings(options: Any, run: Any) -> dict[str, Any]:
             split: {"sha256": _file_sha256(path)} for split, path in sorted(run.eval_files.items())},
         "base_model": options.base_model,
         "runtime": run.runtime.settings(),
+        **({} if run.attacks is None else {"attacks": run.attacks}),  # left out without: older parts still agree
     }
 
 
-def study_settings(plan: Any) -> dict[str, Any]:
+def study_settings(plan: Any, attacks: bool = False) -> dict[str, Any]:
     """What determines a validation seed's results (and, with the choice, a test seed's): the resolved run
     options, the candidates, the proposed variants, the baselines' settings compared, ``importance_at_base``
-    and the replication rules."""
+    and the replication rules; with ``attacks`` (a test seed's), the attacks too (validation seeds run none)."""
+    from dataclasses import replace
+
     return plain({
-        "run": run_settings(plan.options, plan.run),
+        "run": run_settings(plan.options, plan.run if attacks else replace(plan.run, attacks=None)),
         "candidates": [asdict(c) | {"label": c.label} for c in plan.candidates],
         "proposed": [asdict(v) | {"label": v.label} for v in plan.proposed],
         "baseline_candidates": [asdict(b) | {"label": b.label} for b in plan.baseline_candidates],
@@ -224,7 +227,8 @@ def part_json(part: SeedPart, seed_folder: Path) -> dict[str, Any]:
                                    "retain": _relative(w.retain, seed_folder), "beta": w.beta, "power": w.power}
                            for label, w in r.weights.items()},
                "forget_examples": part.forget_examples[r.forget_split],
-               "diagnostic": part.diagnostics[r.forget_split]} for r in part.reports]
+               "diagnostic": part.diagnostics[r.forget_split],
+               **({"robustness": r.robustness} if r.robustness else {})} for r in part.reports]
     return {"format": PART_FORMAT, "phase": part.phase, "seed": part.seed, "settings": part.settings,
             "settings_digest": part.settings_digest, "splits": splits, "wall_seconds": part.wall_seconds,
             "stage_seconds": part.stage_seconds, "machine": part.machine, "versions": part.versions,
@@ -268,7 +272,8 @@ def read_part(path: Path, phase: str, seed: int, settings: dict[str, Any], seed_
         weights = {label: WeightFiles(seed_folder / w["forget"], seed_folder / w["retain"], w["beta"], w["power"])
                    for label, w in split["weights"].items()}
         reports.append(SplitReport(name, split["rows"], split["matched"], split["search_evaluations"],
-                                   split["costs"], weights, split.get("search_screens", {})))
+                                   split["costs"], weights, split.get("search_screens", {}),
+                                   split.get("robustness", {})))
         forget_examples[name] = split["forget_examples"]
         diagnostics[name] = split["diagnostic"]
     return SeedPart(phase, seed, reports, forget_examples, diagnostics, data["wall_seconds"], data["stage_seconds"],

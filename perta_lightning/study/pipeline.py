@@ -5,7 +5,9 @@ and each PerTA variant) searches α: rounds of ``<split>/models/<method>/round_<
 ``<split>/screen/<method>/alpha_<α>`` screenings where the benchmark has one (``search.screen``), and
 ``<split>/eval/<method>/alpha_<α>`` evaluations of the models that can enter the matched table, until each
 level of the forgetting axis is bracketed (:func:`perta_lightning.functional.tradeoff.next_alphas`). Then ``<split>/report.json``, ``report.md``,
-``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` are written.
+``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` are written. With ``attacks``, the models the matched
+comparison selects are attacked first (:mod:`perta_lightning.study.attacks`), and the reports say how much of their
+forgetting each attack undid.
 
 Stages are skipped when their record in ``stages/`` still holds (see :mod:`perta_lightning.stages`).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from perta_lightning.functional.tradeoff import CurvePoint, can_be_selected, is_collapsed, next_alphas
 from perta_lightning.stages import Product, Progress, StageRunner
+from perta_lightning.study.attacks import robustness
 from perta_lightning.study.graph import SeedGraph, seed_graph
 from perta_lightning.study.options import (
     AlphaSearch,
@@ -50,6 +53,7 @@ class SearchResult:
     rows: list[ResultRow]
     screens: int
     stages: list[str]
+    products: dict[str, Product]
 
 
 def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family: str, variant: PertaVariant | None,
@@ -71,6 +75,7 @@ def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family
     points: list[CurvePoint] = [target]
     rows: list[ResultRow] = []
     stages: list[str] = []
+    products: dict[str, Product] = {}
     screens = 0
     alphas = sorted(set(search.initial))
     for round_index in range(search.rounds + 1):
@@ -100,10 +105,11 @@ def _search(runner: StageRunner, run: Run, graph: SeedGraph, method: str, family
             points.append(_curve_point(run, eval_file, reference_file, alpha, target))
             rows.append(ResultRow(method, family, alpha, runner.path(model), eval_file, reference_file,
                                   reinforce_seconds + importance_seconds + merge_seconds / len(alphas)))
+            products[str(runner.path(model))] = model
         evaluated = {p.alpha for p in points}
         alphas = [a for a in next_alphas(points, search.levels, ratio=search.ratio, alpha_max=search.alpha_max)
                   if a not in evaluated]
-    return SearchResult(rows, screens, stages)
+    return SearchResult(rows, screens, stages, products)
 
 
 def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants: list[PertaVariant],
@@ -118,6 +124,8 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
     rows = [ResultRow("retain", "reference", None, runner.path(Product(graph.reference.model.stage)), reference_file,
                       reference_file),
             ResultRow("target", "reference", None, runner.path(Product(graph.full)), target_file, reference_file)]
+    products = {str(runner.path(Product(graph.reference.model.stage))): Product(graph.reference.model.stage),
+                str(runner.path(Product(graph.full))): Product(graph.full)}
     counts: dict[str, int] = {}
     screens: dict[str, int] = {}
     search_stages: dict[str, list[str]] = {}
@@ -127,6 +135,7 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
             rows.append(ResultRow(label, "baseline", float(epoch), runner.path(Product(unlearn, f"epoch_{epoch}")),
                                   runner.path(Product(evaluation, "eval")), reference_file,
                                   seconds * epoch / unlearn.epochs))
+            products[str(rows[-1].model)] = Product(unlearn, f"epoch_{epoch}")
         counts[label] = len(curve)
     summary = run.benchmark.summarize(target_file, reference_file)
     target = CurvePoint(0.0, summary[run.benchmark.axes.forget_key], summary[run.benchmark.axes.utility_key])
@@ -137,10 +146,12 @@ def _split(runner: StageRunner, run: Run, seed: int, forget_split: str, variants
         searched = _search(runner, run, graph, method, family, variant, target)
         rows += searched.rows
         counts[method], screens[method], search_stages[method] = len(searched.rows), searched.screens, searched.stages
+        products |= searched.products
     runner.progress.settle()
     result = SplitResult(graph.plan.name, output / graph.plan.name, rows, counts, screens, search_stages)
+    attacked = {} if run.attacks is None else robustness(runner, run, graph, rows, products)
     used = {v.label: graph.importance_of(v, run.preset.importance_examples) for v in variants}
-    return write_report(result, run.benchmark, variants, run.search, used, runner, graph.reinforced)
+    return write_report(result, run.benchmark, variants, run.search, used, runner, graph.reinforced, attacked)
 
 
 def run_seed(output: Path, seed: int, run: Run, variants: list[PertaVariant], baselines: list[BaselineVariant],

@@ -9,7 +9,9 @@ before it ran). The claims of arXiv 2601.22030, as tested here on the test seeds
 2. importance estimated at θ0 or at θ_full makes a negligible difference (same variant, both models);
 3. task arithmetic saves runtime against training-based unlearning (PerTA's whole cost, its α search's
    evaluations included, against each baseline's training and its one evaluation);
-4. all of claim 1's improvement on TV holds in each forget proportion (forget01, forget05, forget10).
+4. all of claim 1's improvement on TV holds in each forget proportion (forget01, forget05, forget10);
+5. (this project's, not the paper's) at matched forgetting, PerTA's forgetting is at least as robust as TV's and as
+   the training-based methods': each attack (quantization, relearning) undoes no more of it, by the robustness rule.
 
 This project's own variants (the study's ``proposed``) get rows of their own: rejected on the validation
 seeds, or compared on the test seeds with TV and with the paper's variant of their statistic (kept only if
@@ -35,6 +37,7 @@ from perta_lightning.functional.replication import (
     equivalence_verdict,
     evidence,
     improvement_verdict,
+    robustness_verdict,
     share_of,
 )
 from perta_lightning.functional.tofu_metrics import forget_quality_ladder
@@ -82,6 +85,32 @@ def _utility_row(claim: str, splits: dict[str, Any], a: str, b: str, which: list
                                       min_seeds=rules.min_seeds)
     where = POOLED if len(which) > 1 else which[0]
     return _row(claim, a, b, where, rule, verdict, e, labels, axes.quantity)
+
+
+def _recovery_differences(splits: dict[str, Any], a: str, b: str, attack: str,
+                          which: list[str]) -> dict[int, list[float | None]]:
+    """Per seed, recovery(a) − recovery(b) under ``attack`` at every level of every split in ``which`` (``None``
+    where either is undefined: a level not reached, or nothing forgotten)."""
+    out: dict[int, list[float | None]] = {}
+    for split in which:
+        per_a = splits[split][a].get("recovery", {}).get(attack, {})
+        per_b = splits[split][b].get("recovery", {}).get(attack, {})
+        for seed in sorted(per_a, key=int):
+            if per_a[seed] is None or per_b.get(seed) is None:
+                continue
+            out.setdefault(int(seed), []).extend(
+                None if x is None or y is None else x - y for x, y in zip(per_a[seed], per_b[seed]))
+    return out
+
+
+def _robustness_row(splits: dict[str, Any], a: str, b: str, attack: str, which: list[str], rules: ReplicationRules,
+                    labels: dict[str, str], axes: Axes) -> dict[str, Any]:
+    e = evidence(_recovery_differences(splits, a, b, attack, which), tie=rules.tie)
+    verdict = robustness_verdict(e, margin=rules.robustness_margin, min_seeds=rules.min_seeds)
+    row = _row("5", a, b, POOLED if len(which) > 1 else which[0], "robustness", verdict, e, labels,
+               f"Δ recovery under {attack} at matched {axes.forget_short}")
+    row["attack"] = attack
+    return row
 
 
 def _seed_costs(splits: dict[str, Any], family: str, key: str, without_search: bool) -> dict[int, float]:
@@ -186,6 +215,17 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
                    "verdict": verdict4,
                    **({} if len(which) == 3 else {"note": f"the study ran {which}, not all three proportions"})})
 
+    # 5: robustness of the forgetting, per attack, against TV and each training-based baseline
+    attacks = list(next(iter(families.values())).get("recovery", {}))
+    robust_rows = [_robustness_row(splits, s, b, attack, which, rules, labels, ax)
+                   for attack in attacks for s in statistics for b in ["tv", *baselines]]
+    rows += robust_rows
+    claims.append({"claim": "5", "statement": "at matched forgetting, PerTA's forgetting is at least as robust to "
+                   "quantization and relearning as TV's and as the training-based methods'",
+                   "parts": {f"{r['comparison']}, {r['attack']}": r["verdict"] for r in robust_rows},
+                   "verdict": all_of([r["verdict"] for r in robust_rows]) if robust_rows else UNRESOLVED,
+                   **({} if robust_rows else {"note": "the study ran no attacks (its config has no attacks block)"})})
+
     # this project's variants
     own = []
     for variant in result["validation"].get("proposed", []):
@@ -205,7 +245,7 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
         own.append(entry)
 
     if bench.claim4_note is not None:
-        claims[-1]["note"] = bench.claim4_note
+        next(c for c in claims if c["claim"] == "4")["note"] = bench.claim4_note
     return {"format": FORMAT, "benchmark": bench.name, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
             "test_seeds": test["seeds"], "validation_seeds": result["validation"]["seeds"],
             "chosen": result["validation"]["chosen"], "labels": labels, "claims": claims, "rows": rows,
@@ -253,6 +293,10 @@ def rules_text(rules: dict[str, Any], ax: Axes) -> list[str]:
         f"- **Cost** (claim 3): per seed the ratio of wall seconds (summed over the splits); estimate the geometric "
         f"mean ratio, interval the bootstrap of the mean log ratio; *holds* when the interval lies below 1 and "
         f"the sign test (cheaper a win) gives p < {r.significance:g}; *does not hold* when it lies above 1.",
+        f"- **Robustness** (claim 5): per seed the mean over levels (and splits) of PerTA's recovery minus the "
+        f"other method's under one attack, the recovery being the share of the forgetting the attack undid (less "
+        f"is better); *holds* when the interval's upper end is below +{r.robustness_margin:g}; *does not hold* "
+        f"when the interval lies above 0; otherwise *not resolved*.",
         f"- Fewer than {r.min_seeds} seeds with a value: *not resolved* (a two-sided sign test over 5 seeds "
         f"cannot go below 0.0625). A claim of several parts holds when every part holds and does not hold when "
         f"any part does not; \"often\" holds when at least half of its parts hold.",

@@ -35,7 +35,8 @@ class SplitReport:
     utility each method keeps at each level (``None``: not reached), the full evaluations of each search (and
     baseline curve), the cost of each method, the weight files of each PerTA variant, and the screenings of each
     search (α whose forgetting alone was measured; only those that can enter the matched table are also
-    evaluated in full and are rows)."""
+    evaluated in full and are rows), and, with attacks, how much of the selected models' forgetting each attack undid
+    (:func:`perta_lightning.study.attacks.robustness`)."""
 
     forget_split: str
     rows: list[dict[str, Any]]
@@ -44,6 +45,7 @@ class SplitReport:
     costs: dict[str, dict[str, Any]]
     weights: dict[str, WeightFiles]
     search_screens: dict[str, int] = field(default_factory=dict)
+    robustness: dict[str, Any] = field(default_factory=dict)
 
 
 def build_rows(rows: list[ResultRow], root: Path, benchmark: Benchmark) -> list[dict[str, Any]]:
@@ -88,7 +90,7 @@ def _fmt(value: Any) -> str:
 
 def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[str, list[float | None]],
              settings: dict[str, Any], search_evaluations: dict[str, int], benchmark: Benchmark,
-             search_screens: dict[str, int] | None = None) -> str:
+             search_screens: dict[str, int] | None = None, robustness: dict[str, Any] | None = None) -> str:
     """``report.md``: the utility each method keeps at each level, then every evaluated model."""
     ax = benchmark.axes
     screens = {method: count for method, count in (search_screens or {}).items() if count}
@@ -116,7 +118,31 @@ def markdown(table: list[dict[str, Any]], levels: list[float], at_levels: dict[s
     lines += ["", "## Every evaluated model", "",
               "| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(column)) for column in columns) + " |" for row in table]
+    lines += robustness_markdown(robustness or {}, levels, ax)
     return "\n".join(lines) + "\n"
+
+
+def robustness_markdown(robustness: dict[str, Any], levels: list[float], axes: Axes) -> list[str]:
+    """``report.md``'s section on the attacks: each selected model's recovery, the mean over the forget metrics."""
+    if not robustness:
+        return []
+    lines = ["", "## Does the forgetting last?", "",
+             f"Each method's model at each {axes.forget_name} level (the one the matched table chose), the target and "
+             "θ_retain were attacked. Recovery: the share of the forgetting the attack undid, (m_attacked − "
+             "m_unlearned) / (m_target − m_unlearned), the mean over the forget metrics "
+             f"({', '.join(robustness['metrics'])}); quantization on every forget example; relearning on the forget "
+             "examples it did not see, less what the same relearning moves in θ_retain. 0: nothing recovered; 1: "
+             "back at the target; – where the level is not reached or nothing was forgotten.", ""]
+    lines += [f"- {note}" for note in robustness.get("notes", [])]
+    for label in robustness["attacks"]:
+        retain = robustness["retain"][label]
+        lines += ["", f"### {label} ({_fmt(robustness['seconds'].get(label))} s of attack stages)", "",
+                  "| method | " + " | ".join(f"{axes.forget_short} ≥ {level:g}" for level in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for method, per_level in robustness["recovery"][label].items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(None if e is None else e["mean"]) for e in per_level) + " |")
+        lines.append(f"| θ_retain (the attack alone) | {_fmt(retain['mean'])} |" + " |" * (len(levels) - 1))
+    return lines
 
 
 def plot_tradeoff(table: list[dict[str, Any]], path: Path, axes: Axes) -> None:
@@ -165,7 +191,8 @@ def plot_weights(groups: dict[str, torch.Tensor], path: Path, title: str) -> Non
 
 
 def write_report(result: SplitResult, benchmark: Benchmark, variants: list[PertaVariant], search: AlphaSearch,
-                 importance: dict[str, Stage], runner: StageRunner, reinforced: Stage) -> SplitReport:
+                 importance: dict[str, Stage], runner: StageRunner, reinforced: Stage,
+                 robustness: dict[str, Any] | None = None) -> SplitReport:
     """Write ``report.json``, ``report.md``, ``tradeoff.png``, ``weights.png`` and ``diagnostic.json`` of one
     forget split; return what it found."""
     from perta_lightning.study.diagnostics import diagnose_split
@@ -187,11 +214,12 @@ def write_report(result: SplitResult, benchmark: Benchmark, variants: list[Perta
     out = result.root
     data = {"settings": settings, "rows": table, "matched": at_levels, "importance": files,
             "search_evaluations": result.search_evaluations, "search_screens": result.search_screens,
-            "search_stages": result.search_stages}
+            "search_stages": result.search_stages, **({"robustness": robustness} if robustness else {})}
     data["costs"] = method_costs(runner.root, data)
     atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     atomic_write_text(out / "report.md", markdown(table, list(search.levels), at_levels, settings,
-                                                  result.search_evaluations, benchmark, result.search_screens))
+                                                  result.search_evaluations, benchmark, result.search_screens,
+                                                  robustness))
     plot_tradeoff(table, out / "tradeoff.png", benchmark.axes)
     if variants:
         first = weights[variants[0].label]
@@ -199,4 +227,4 @@ def write_report(result: SplitResult, benchmark: Benchmark, variants: list[Perta
                      f"PerTA weights by layer type ({variants[0].label})")
         diagnose_split(out, runner.seed, table, benchmark, weights, runner.path(Product(reinforced)))
     return SplitReport(result.forget_split, table, at_levels, result.search_evaluations, data["costs"], weights,
-                       result.search_screens)
+                       result.search_screens, robustness or {})

@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from perta_lightning.functional.tradeoff import (
     utility_area,
 )
 from perta_lightning.io import atomic_write_text
+from perta_lightning.study.attacks import mean_recovery
 from perta_lightning.study.options import (
     BaselineVariant,
     PertaVariant,
@@ -281,6 +282,30 @@ def aggregate(reports: dict[int, SplitReport], families: dict[str, str], levels:
             "screens": {str(seed): report.search_screens.get(label, 0) for seed, report in reports.items()},
             "costs": {str(seed): report.costs.get(label) for seed, report in reports.items()},
         }
+        recovery = {attack: {str(seed): mean_recovery(report.robustness, attack, label)
+                             for seed, report in reports.items()} for attack in _attacks(reports)}
+        if recovery:  # each attack's mean recovery at each level, per seed, and its spread over the seeds
+            out[family]["recovery"] = recovery
+            out[family]["recovery_at_levels"] = {
+                attack: [asdict(spread([None if per_seed[str(seed)] is None else per_seed[str(seed)][index]
+                                        for seed in sorted(reports)])) for index in range(len(levels))]
+                for attack, per_seed in recovery.items()}
+    return out
+
+
+def _attacks(reports: dict[int, SplitReport]) -> list[str]:
+    """The attacks every seed's report of a split ran (none when one seed ran none)."""
+    runs = [report.robustness.get("attacks", []) for report in reports.values()]
+    return [attack for attack in runs[0] if all(attack in r for r in runs)] if runs else []
+
+
+def attack_summary(reports: dict[int, SplitReport]) -> dict[str, Any]:
+    """Per attack, over the test seeds: θ_retain's own mean recovery (the attack alone, on a model that never knew
+    the forget set) and the attack stages' seconds per seed (the attacks' cost, apart from the unlearning's)."""
+    out = {}
+    for attack in _attacks(reports):
+        out[attack] = {"retain": asdict(spread([r.robustness["retain"][attack]["mean"] for r in reports.values()])),
+                       "seconds": asdict(spread([r.robustness["seconds"].get(attack) for r in reports.values()]))}
     return out
 
 
@@ -392,7 +417,9 @@ def check_study(options: RunOptions, validation_seeds: list[int] | None, test_se
 
 def _jobs(plan: StudyPlan, folder: Path, seeds: list[int], variants: list[PertaVariant], baselines: list[str],
           phase: str) -> list[dict[str, Any]]:
-    return [dict(output=folder / f"seed_{seed}", seed=seed, run=plan.run, variants=variants, baselines=baselines,
+    """Each seed's pipeline; the attacks run on the test seeds only (the validation seeds choose by utility)."""
+    run = plan.run if phase == "test" else replace(plan.run, attacks=None)
+    return [dict(output=folder / f"seed_{seed}", seed=seed, run=run, variants=variants, baselines=baselines,
                  prefix=f"[{phase} seed {seed}] ") for seed in seeds]
 
 
@@ -450,7 +477,7 @@ def run_test_seeds(plan: StudyPlan, choice: Choice, out: Path) -> tuple[dict[str
     """Step 3: run the test seeds with the chosen settings, TV and the baselines."""
     families, variants = test_families(plan, choice)
     baselines = [choice.baselines[m] for m in plan.baseline_methods]
-    settings = test_phase_settings(study_settings(plan), families, variants, baselines)
+    settings = test_phase_settings(study_settings(plan, attacks=True), families, variants, baselines)
     return families, gather_phase(plan, out, "test", plan.test_seeds, variants, baselines, settings)
 
 
@@ -466,10 +493,12 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
 
     run, options = plan.run, plan.options
     levels = list(run.search.levels)
-    test_splits, tables = {}, {}
+    test_splits, tables, attacks = {}, {}, {}
     for split in run.forget_splits:
         reports = _of_split(test.reports, split)
         test_splits[split] = aggregate(reports, families, levels)
+        if _attacks(reports):
+            attacks[split] = attack_summary(reports)
         for name, table in run.benchmark.study_tables({seed: r.rows for seed, r in reports.items()}, families,
                                                       levels).items():
             tables.setdefault(name, {})[split] = table
@@ -487,7 +516,7 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
                        "baselines_chosen": {m: choice.baselines[m].label for m in plan.baseline_methods},
                        "stability": choice.stability, "stability_resamples": STABILITY_RESAMPLES,
                        "score_rule": plan.validation_score},
-        "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables,
+        "test": {"seeds": plan.test_seeds, "splits": test_splits, **tables, **({"attacks": attacks} if attacks else {}),
                  "forget_examples": {split: _forget_examples(test.parts, split) for split in run.forget_splits}},
         "machine": machine_info(),
         "models": {"validation": _models(validation.reports), "test": _models(test.reports)},

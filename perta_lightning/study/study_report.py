@@ -63,6 +63,7 @@ def study_markdown(result: dict[str, Any]) -> str:
             if family != "tv":
                 lines.append(f"| {family} | " + " | ".join(_difference(d) for d in data["vs_tv"]) + " |")
         lines.append("")
+        lines += _robustness_lines(test, split, levels, ax)
         lines += bench.study_markdown(test, split, levels, len(test["seeds"]))
     if validation["seeds"]:
         lines += ["## Validation seeds: the choice of PerTA's settings", "",
@@ -80,6 +81,30 @@ def study_markdown(result: dict[str, Any]) -> str:
                       for group, shares in validation["stability"].items()]
             lines.append("")
     return "\n".join(lines)
+
+
+def _robustness_lines(test: dict[str, Any], split: str, levels: list[float], ax: Any) -> list[str]:
+    """The split's recovery under each attack: per method and level, mean ± std over the test seeds."""
+    attacks = test.get("attacks", {}).get(split)
+    if not attacks:
+        return []
+    families = test["splits"][split]
+    lines = [f"### {split}: does the forgetting last?", "",
+             "The share of its forgetting each method's selected model recovered under each attack (mean over the "
+             "forget metrics; 0: none, 1: back at the target), mean ± std over the test seeds where the level is "
+             "reached and something was forgotten. θ_retain's row: the attack alone (quantization), or 0 by "
+             "construction (relearning, whose reference it is); the attacks' stage seconds per seed are their cost, "
+             "apart from the unlearning's.", ""]
+    for attack, summary in attacks.items():
+        seconds = summary["seconds"]["mean"]
+        lines += [f"**{attack}** ({_num(seconds, 1)} s of attack stages per seed)", "",
+                  "| method | " + " | ".join(f"{ax.forget_short} ≥ {level:g}" for level in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for family, data in families.items():
+            if attack in data.get("recovery_at_levels", {}):
+                lines.append(f"| {family} | " + " | ".join(_cell(c) for c in data["recovery_at_levels"][attack]) + " |")
+        lines += [f"| θ_retain | {_cell(summary['retain'])} |" + " |" * (len(levels) - 1), ""]
+    return lines
 
 
 def plot_study(result: dict[str, Any], rows: dict[int, dict[str, list[dict[str, Any]]]], path: Path) -> None:

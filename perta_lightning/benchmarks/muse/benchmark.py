@@ -164,6 +164,20 @@ class MuseBenchmark(Benchmark):
 
         return summarize_muse(eval_file, reference_file)
 
+    # ---- attacks on forgetting
+
+    #: PrivLeak is near 0 for a model that forgot as well as θ_retain: its recovery reads the same as the others'.
+    recovery_metrics = ("verbmem_forget", "knowmem_forget", "privleak")
+
+    def forget_metrics(self, eval_file: str | Path, reference_file: str | Path,
+                       examples: list[int] | None = None) -> dict[str, float | None]:
+        """VerbMem and KnowMem on the forget corpus and PrivLeak, from the summary; on every example only (MUSE's
+        relearning attack, which would measure on held-out articles, is not built: :meth:`relearn_split`)."""
+        if examples is not None:
+            raise NotImplementedError("MUSE's forget metrics on some articles alone are not built")
+        summary = self.summarize(eval_file, reference_file)
+        return {key: summary.get(key) for key in self.recovery_metrics}
+
     # ---- reports
 
     def report_row(self, summary: dict[str, Any], eval_file: Path) -> dict[str, Any]:

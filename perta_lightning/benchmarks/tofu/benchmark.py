@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_lightning.benchmarks.base import Axes, Benchmark, Evaluation, SplitPlan
+from perta_lightning.benchmarks.base import Axes, Benchmark, Evaluation, RelearnSplit, SplitPlan
 from perta_lightning.benchmarks.tofu.source import TofuSource
 from perta_lightning.benchmarks.tofu.synthetic import SyntheticSpec
 from perta_lightning.errors import PertaValueError
+
+#: Authors in TOFU's own data; a forget split holds 1, 5 or 10 % of them.
+TOFU_AUTHORS = 200
 
 #: Each forget split and the retain split of the authors it leaves.
 RETAIN_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -180,6 +183,45 @@ class TofuBenchmark(Benchmark):
         from perta_lightning.benchmarks.tofu.summary import summarize
 
         return summarize(eval_file, reference_file)
+
+    # ---- attacks on forgetting
+
+    recovery_metrics = ("forget_quality", "forget_probability", "forget_rouge")
+
+    def forget_metrics(self, eval_file: str | Path, reference_file: str | Path,
+                       examples: list[int] | None = None) -> dict[str, float | None]:
+        from perta_lightning.benchmarks.tofu.summary import forget_metrics
+
+        return forget_metrics(eval_file, reference_file, examples)
+
+    def forget_groups(self, plan: SplitPlan, preset: Any, synthetic: bool) -> int:
+        """The forget split's authors: its share (1, 5 or 10 %) of the preset's authors, or of TOFU's 200."""
+        share = int(plan.forget.removeprefix("forget"))
+        return max(1, round((preset.num_authors if synthetic else TOFU_AUTHORS) * share / 100))
+
+    def relearn_split(self, plan: SplitPlan, source: Any, groups: int) -> RelearnSplit | None:
+        """The first half of the forget split's authors to relearn on, the rest held out. TOFU lists an author's
+        questions together, each author with as many (20 in TOFU, 10 in the synthetic data), so author ``k`` is the
+        ``k``-th block of rows; the held-out indices are those of the perturbed forget set whose question is not
+        in the relearned half (the two sets hold the same questions in the same order)."""
+        from perta_lightning.benchmarks.tofu.source import load_split
+
+        if groups < 2:
+            return None
+        rows = load_split(source, plan.forget)
+        evaluated = load_split(source, f"{plan.forget}_perturbed")
+        if len(rows) % groups:
+            raise PertaValueError(f"{source.describe(plan.forget)}: {len(rows)} rows do not split into {groups} "
+                                  "authors of equally many questions")
+        per_author, relearned = len(rows) // groups, groups // 2
+        relearn_rows = rows[: relearned * per_author]
+        questions = {row["question"] for row in relearn_rows}
+        heldout = [index for index, row in enumerate(evaluated) if row["question"] not in questions]
+        if len(heldout) != len(evaluated) - len(relearn_rows):
+            raise PertaValueError(f"{source.describe(f'{plan.forget}_perturbed')}: its questions are not those of "
+                                  f"{plan.forget}; the relearning attack cannot tell which are held out")
+        return RelearnSplit([{"question": r["question"], "answer": r["answer"]} for r in relearn_rows], heldout,
+                            (relearned, groups - relearned))
 
     # ---- reports
 

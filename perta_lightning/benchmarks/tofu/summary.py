@@ -227,3 +227,50 @@ def summarize(ckpt_result: str | Path, retain_result: str | Path) -> dict[str, A
             notes.append(f"{key} is null: NaN in {ckpt.path}")
     summary["notes"] = notes
     return summary
+
+
+#: The forget metrics an attack's recovery is measured on: Forget Quality, forget probability and forget ROUGE.
+RECOVERY_KEYS = ("forget_quality", "forget_probability", "forget_rouge")
+
+
+def _forget_examples_by_index(path: str | Path) -> dict[str, dict[int, Any]]:
+    """Per column of our file's forget set, example index → value (``truth_ratio``, ``probability``, ...)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        forget = data["examples"]["forget"]
+        return {column: dict(zip(forget["index"], values)) for column, values in forget.items() if column != "index"}
+    except FileNotFoundError:
+        raise PertaFileNotFoundError(f"evaluation file not found: {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PertaValueError(f"{path}: not an evaluation file of ours with per-example forget values ({error})") \
+            from None
+
+
+def forget_metrics(eval_file: str | Path, reference_file: str | Path,
+                   examples: list[int] | None = None) -> dict[str, float | None]:
+    """Forget Quality, forget probability and forget ROUGE of ``eval_file`` (against ``reference_file``, the retain
+    model's, for Forget Quality), on every forget example or on ``examples`` alone (indices of the forget set).
+
+    On every example they are the :func:`summarize` values; on a subset, the same formulas over its per-example
+    values: Forget Quality the KS test of the subset's truth ratios against the retain model's on the same examples,
+    the others the subset's means. ``None`` where a value cannot be computed (no ROUGE in a screening's file)."""
+    if examples is None:
+        summary = summarize(eval_file, reference_file)
+        return {key: summary.get(key) for key in RECOVERY_KEYS}
+    ours, theirs = _forget_examples_by_index(eval_file), _forget_examples_by_index(reference_file)
+    keep = sorted(set(examples))
+    for path, columns in ((eval_file, ours), (reference_file, theirs)):
+        absent = [i for i in keep if i not in columns["truth_ratio"]]
+        if absent:
+            raise PertaValueError(f"{path}: forget examples {absent[:10]} are not in the file")
+
+    def column(values: dict[int, Any]) -> torch.Tensor:
+        return torch.tensor([math.nan if values[i] is None else values[i] for i in keep], dtype=torch.float64)
+
+    quality, _, _ = forget_quality_or_note(column(ours["truth_ratio"]), str(eval_file),
+                                           column(theirs["truth_ratio"]), str(reference_file))
+    out: dict[str, float | None] = {"forget_quality": quality}
+    for key, name in (("forget_probability", "probability"), ("forget_rouge", "rouge_l_recall")):
+        values = column(ours[name]) if name in ours else None
+        out[key] = None if values is None or bool(values.isnan().any()) else values.mean().item()
+    return out
