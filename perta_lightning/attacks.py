@@ -3,7 +3,7 @@
 * **Quantization** (:func:`quantize_model`): the model loaded through transformers' ``BitsAndBytesConfig`` as its
   users quantize it, 4-bit NormalFloat (``nf4``, with float32 compute) or LLM.int8() (``int8``), and saved as a
   quantized Hugging Face directory: ``from_pretrained`` of it gives the quantized model again, so the benchmark's
-  own evaluation measures it unchanged. bitsandbytes runs these on CPUs too (since 0.45); 4-bit updates too small
+  own evaluation measures it unchanged. bitsandbytes runs these on CPUs too (0.50 is the release tested); 4-bit updates too small
   to cross a quantization step vanish (Zhang et al., arXiv 2410.16454).
 * **Relearning** (:func:`relearn_model`): the model fine-tuned for a fixed number of optimizer steps on a relearn
   set (half of the forget set's authors, or as many retain examples), then measured on the forget examples it did
@@ -45,7 +45,7 @@ def _check_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise PertaValueError("the quantization attack needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+        raise PertaValueError("the quantization attack needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
                               "(it runs on CPUs as well as GPUs)") from error
 
 

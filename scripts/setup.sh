@@ -13,4 +13,4 @@ python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[test,deepspeed]"
+python -m pip install -q -e ".[test,deepspeed,attacks]"

@@ -343,7 +343,7 @@ class Attacks:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as error:
-                raise PertaValueError("attacks.quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' (it "
+                raise PertaValueError("attacks.quantize needs bitsandbytes: pip install 'bitsandbytes>=0.50' (it "
                                       "runs on CPUs too), or set attacks.quantize: []") from error
         return self
 
