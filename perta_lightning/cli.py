@@ -41,7 +41,7 @@ _FUNCTION_SUBCOMMANDS = {
     "study": "perta_lightning.study.study:cli_main",
     "compare": "perta_lightning.provenance:compare_main",
     "replication": "perta_lightning.study.replication:main",
-    "attack": "perta_lightning.study.attacks:cli_main",
+    "attack": "perta_lightning.study.attack_command:cli_main",
 }
 
 

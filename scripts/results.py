@@ -77,7 +77,7 @@ def replication_summary() -> str:
     lines = [f"Preset `{table['preset']}`, test seeds {table['test_seeds']}, validation seeds "
              f"{table['validation_seeds']}, forget splits {table['splits']}, Forget Quality levels "
              f"{table['levels']}. {machine_line(table)}", ""]
-    lines += claims_table(table)
+    lines += [line for line in claims_table(table) if "Δ recovery" not in line]  # claim 5's parts: its own block
     lines += [""]
     for own in table["own_variants"]:
         if own["validation_score"] is not None and not own["accepted_on_validation"]:
@@ -118,6 +118,37 @@ def replication_full() -> str:
 
     body = replication_markdown(_load("replication", "replication.json")).split("\n", 2)[2]
     return _demote(body).strip() + "\n"
+
+
+def robustness() -> str:
+    """Claim 5's parts as one table (comparison × attack), θ_retain's own recovery and the attacks' cost, from the
+    replication's ``replication.json`` and ``study.json``."""
+    table, result = _load("replication", "replication.json"), _load("replication", "study.json")
+    rows = [r for r in table["rows"] if r["claim"] == "5"]
+    if not rows:
+        return "The replication ran no attacks.\n"
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    comparisons = list(dict.fromkeys(r["comparison"] for r in rows))
+    lines = ["| PerTA's recovery − the other's | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for comparison in comparisons:
+        cells = []
+        for attack in attacks:
+            row = next(r for r in rows if r["comparison"] == comparison and r["attack"] == attack)
+            cells.append(f"{_estimate(row)}, {row['wins']}–{row['losses']} ({row['n_seeds']}): *{row['verdict']}*")
+        lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
+    claim = next(c for c in table["claims"] if c["claim"] == "5")
+    lines += ["", f"Claim 5 as a whole: **{claim['verdict']}**. Each cell: the mean over test seeds of PerTA's recovery "
+              "minus the other method's (per seed, over the levels and splits where both are defined; lower is "
+              "better for PerTA), its 95 % interval, and the seeds where PerTA recovered more – less.", ""]
+    attacked = result["test"].get("attacks", {})
+    lines += ["| split | attack | θ_retain's own recovery (the attack alone) | attack stages per seed |",
+              "|---|---|---|---|"]
+    for split, per_attack in attacked.items():
+        for attack, summary in per_attack.items():
+            retain, seconds = summary["retain"], summary["seconds"]
+            own = "–" if retain["mean"] is None else f"{retain['mean']:+.3f} ± {retain['std'] or 0:.3f}"
+            lines.append(f"| {split} | {attack} | {own} | {seconds['mean']:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 def diagnostic() -> str:
@@ -263,7 +294,8 @@ BLOCKS = {"main-command": main_command, "demo-results": demo_results, "replicati
           "replication-reading": replication_reading,
           "replication-full": replication_full, "diagnostic": diagnostic, "muse-command": muse_command,
           "muse-results": muse_results, "muse-replication": muse_replication, "muse-parity": muse_parity,
-          "baseline-parity": baseline_parity, "baseline-curves": baseline_curves_against_one_point}
+          "baseline-parity": baseline_parity, "baseline-curves": baseline_curves_against_one_point,
+          "robustness": robustness}
 
 
 def render_text(text: str) -> str:

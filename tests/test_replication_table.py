@@ -67,8 +67,38 @@ def test_each_claim_gets_the_verdict_its_rule_gives():
 def test_too_few_seeds_and_a_missing_proportion_resolve_nothing():
     table = replication(study_result(splits=("forget10",), seeds=range(3)))
     assert {c["claim"]: c["verdict"] for c in table["claims"]} == {
-        "1": "not resolved", "2": "not resolved", "3": "not resolved", "4": "not resolved"}
+        "1": "not resolved", "2": "not resolved", "3": "not resolved", "4": "not resolved", "5": "not resolved"}
     assert "not all three" in claim(table, "4")["note"]
+    assert "ran no attacks" in claim(table, "5")["note"]
+
+
+def test_claim_5_compares_recovery_under_each_attack_by_the_robustness_rule():
+    """PerTA-fisher recovers 0.1 of its forgetting under quantization where TV recovers 0.4 and GradDiff 0.05 (more
+    robust than TV, as robust as GradDiff within the margin); under relearning it recovers 0.6 where both recover
+    0.2 (less robust: the claim does not hold)."""
+    result = study_result()
+    recovery = {"tv": (0.4, 0.2), "perta_grad": (0.4, 0.2), "perta_fisher": (0.1, 0.6), "grad_diff": (0.05, 0.2)}
+    splits = {}
+    for split, families in result["test"]["splits"].items():
+        splits[split] = {}
+        for name, data in families.items():
+            q, r = recovery.get(name, (0.0, 0.0))
+            data = dict(data, recovery={
+                "quantize_nf4": {str(s): [q + 0.01 * (s % 3), None] for s in SEEDS},
+                "relearn_forget": {str(s): [r - 0.01 * (s % 2), r] for s in SEEDS}})
+            splits[split][name] = data
+    result["test"]["splits"] = splits
+    table = replication(result)
+    rows = {(r["comparison"], r["attack"]): r for r in table["rows"] if r["claim"] == "5"}
+    quantized = rows[("PerTA-fisher vs TV", "quantize_nf4")]
+    # per seed: the mean over splits and reached levels of 0.1 + 0.01 (s % 3) − (0.4 + 0.01 (s % 3))
+    assert quantized["per_seed"]["4"] == pytest.approx(-0.3) and quantized["verdict"] == "holds"
+    assert rows[("PerTA-fisher vs GradDiff", "quantize_nf4")]["estimate"] == pytest.approx(0.05)
+    assert rows[("PerTA-fisher vs GradDiff", "quantize_nf4")]["verdict"] == "holds"  # within the 0.1 margin
+    assert rows[("PerTA-fisher vs TV", "relearn_forget")]["estimate"] == pytest.approx(0.4)
+    assert rows[("PerTA-fisher vs TV", "relearn_forget")]["verdict"] == "does not hold"
+    assert claim(table, "5")["verdict"] == "does not hold"
+    assert "5. at matched forgetting" in replication_markdown(table)
 
 
 def test_compare_names_the_kernels_and_the_first_model_that_differs():

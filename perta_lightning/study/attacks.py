@@ -15,22 +15,22 @@ each attack a stage and each attacked model's evaluation another (a resumed run 
 
 ``<model>`` is ``target``, ``retain``, ``<method>/alpha_<α>`` or ``<baseline>/epoch_<k>``. The recovery of each
 selected model at each level, per forget metric and their mean, is
-:func:`~perta_lightning.functional.robustness.recoveries` (:func:`robustness`).
+:func:`~perta_lightning.functional.robustness.recoveries` (:func:`robustness`). ``perta attack`` attacks one model
+directory by the same means (:mod:`perta_lightning.study.attack_command`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from perta_lightning.benchmarks.base import Benchmark, SplitPlan
-from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
+from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.robustness import recoveries
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utility_at_level
 from perta_lightning.stages import Product, Stage, StageRunner, stage_seed
-from perta_lightning.study.options import Attacks, ResultRow, Run, Runtime, resolve_preset
+from perta_lightning.study.options import Attacks, ResultRow, Run, Runtime
 from perta_lightning.study.stages import Data
 
 
@@ -112,6 +112,9 @@ def relearn_rows(bench: Benchmark, plan: SplitPlan, source: Any, groups: int,
     """The relearn set: the relearned half of the forget set (:meth:`Benchmark.relearn_split`), or as many rows
     from the start of the retain split of unlearning (text of the same kind, none of the forget set's facts)."""
     split = bench.relearn_split(plan, source, groups)
+    if split is None and groups == 0:
+        raise PertaValueError(f"{bench.name} has no relearning attack (no split of its forget set into a relearned "
+                              "and a held-out half); quantize instead")
     if split is None:
         raise PertaValueError(f"{bench.name} {plan.name} of {groups} author(s): no relearning attack (it needs a "
                               "forget set of at least two authors, to hold one half out)")
@@ -196,8 +199,9 @@ def robustness(runner: StageRunner, run: Run, graph: Any, rows: list[ResultRow],
     wants_relearn = attacks.relearn or attacks.relearn_retain
     split = bench.relearn_split(plan, graph.eval_data.source(runner), groups) if wants_relearn else None
     notes = [] if split is not None or not wants_relearn else [
-        f"no relearning attack on {plan.name}: its forget set holds {groups} author(s), and relearning needs one "
-        "half to relearn on and one held out"]
+        f"no relearning attack on {plan.name}: " + (f"{bench.name} has no relearning split" if groups == 0 else
+                                                   f"its forget set holds {groups} author(s), and relearning needs "
+                                                   "one half to relearn on and one held out")]
     heldout = None if split is None else split.heldout
     labels = [label for label in attack_labels(attacks) if heldout is not None or not label.startswith("relearn")]
     models = chosen.models
@@ -266,100 +270,3 @@ def mean_recovery(robustness: dict[str, Any], label: str, method: str) -> list[f
     if per_level is None:
         return None
     return [None if entry is None else entry["mean"] for entry in per_level]
-
-
-def attack(
-    model: str,
-    attack: Literal["quantize", "relearn"],
-    output: str,
-    data: str,
-    benchmark: str = "tofu",
-    forget_split: str = "forget10",
-    retain_result: str | None = None,
-    scheme: Literal["nf4", "int8"] = "nf4",
-    relearn_on: Literal["forget", "retain"] = "forget",
-    forget_groups: int | None = None,
-    steps: int = 10,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    preset: str = "demo",
-    pretrained: bool = False,
-    accelerator: str = "cpu",
-    overwrite: bool = False,
-) -> Path:
-    """Attack a model directory and evaluate the attacked model with the benchmark's evaluation.
-
-    Writes ``<output>/model`` (the quantized or relearned model), ``<output>/eval.json`` (its evaluation, the
-    file ``perta test`` writes) and ``<output>/attack.json`` (the attack's settings, the forget examples measured
-    and the forget metrics there).
-
-    Args:
-        model: the model to attack (a Hugging Face directory, e.g. one unlearned elsewhere).
-        attack: ``quantize`` (bitsandbytes ``scheme``) or ``relearn`` (``steps`` of fine-tuning).
-        output: folder of the results.
-        data: a folder of the benchmark's splits (``perta data synthetic`` writes one; TOFU's own in its layout).
-        benchmark: ``tofu`` or ``muse`` (MUSE: quantization only).
-        forget_split: the forget split evaluated (and, relearning, split into a relearned and a held-out half).
-        retain_result: the retain model's evaluation file on the same forget split (Forget Quality, PrivLeak).
-        scheme: the quantization: ``nf4`` (4-bit NormalFloat) or ``int8`` (LLM.int8()).
-        relearn_on: relearn on half of the forget split's authors, or on as many examples of its retain split.
-        forget_groups: how many authors the forget split holds (default: its share of TOFU's 200 authors).
-        steps: relearning's optimizer steps.
-        lr: relearning's learning rate (default: the preset's fine-tuning rate).
-        batch_size: relearning's batch size (default: the preset's).
-        seed: the relearning's shuffle.
-        preset: the preset whose evaluation settings (generation length, batch) apply.
-        pretrained: the model descends from a pretrained θ0 (MUSE then asks its questions with shots).
-        accelerator: Lightning accelerator of the relearning and the evaluation.
-        overwrite: replace an existing ``output``.
-    """
-    from perta_lightning.attacks import quantize_model, relearn_model
-    from perta_lightning.benchmarks.registry import benchmark as find_benchmark
-    from perta_lightning.io import atomic_write_text, check_output_path
-
-    out = check_output_path(output)
-    if out.exists() and not overwrite:
-        raise PertaValueError(f"{out} already exists; pass --overwrite true to replace it")
-    if not Path(data).is_dir():
-        raise PertaFileNotFoundError(f"data: no such folder: {data}")
-    bench, settings = find_benchmark(benchmark), resolve_preset(preset)
-    plan = bench.split_plan(bench.forget_splits([forget_split])[0], settings)
-    source = bench.source_at(Path(data))
-    record: dict[str, Any] = {"attack": attack, "model": str(model), "benchmark": bench.name, "forget_split": forget_split}
-    heldout = None
-    if attack == "quantize":
-        quantize_model(model, out / "model", scheme, overwrite=True)
-        record["scheme"] = scheme
-    elif attack == "relearn":
-        groups = forget_groups or bench.forget_groups(plan, settings, synthetic=False)
-        rows = relearn_rows(bench, plan, source, groups, relearn_on)
-        split = bench.relearn_split(plan, source, groups)
-        relearn_model(model, rows, out / "model", steps, lr if lr is not None else settings.finetune_lr,
-                      batch_size or settings.batch_size, seed, accelerator, plan.max_length)
-        heldout = split.heldout
-        record |= {"relearn_on": relearn_on, "steps": steps, "relearn_examples": len(rows), "groups": list(split.groups),
-                   "heldout": heldout}
-    else:
-        raise PertaValueError(f"attack must be quantize or relearn, got {attack!r}")
-    evaluation = bench.evaluation(plan, settings, pretrained=pretrained)
-    evaluation.run(str(out / "model"), source, str(out / "eval.json"), retain_result, accelerator, 1, "float32")
-    if retain_result is not None:
-        record["forget_metrics"] = bench.forget_metrics(out / "eval.json", retain_result, heldout)
-    atomic_write_text(out / "attack.json", json.dumps(record, indent=2))
-    return out
-
-
-def build_parser() -> Any:
-    from perta_lightning.arguments import function_parser
-
-    return function_parser(attack, "perta attack")
-
-
-def cli_main(argv: list[str]) -> None:
-    from perta_lightning.arguments import call_with_arguments
-    from perta_lightning.callbacks.progress import quiet_dependencies
-
-    with quiet_dependencies():
-        out = call_with_arguments(build_parser(), attack, argv)
-    print(f"[perta attack] {out / 'eval.json'}")
