@@ -216,7 +216,8 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
                    **({} if len(which) == 3 else {"note": f"the study ran {which}, not all three proportions"})})
 
     # 5: robustness of the forgetting, per attack, against TV and each training-based baseline
-    attacks = list(next(iter(families.values())).get("recovery", {}))
+    attacks = list(dict.fromkeys(attack for by_family in splits.values()  # forget01 has no relearning: a union
+                                 for attack in next(iter(by_family.values())).get("recovery", {})))
     robust_rows = [_robustness_row(splits, s, b, attack, which, rules, labels, ax)
                    for attack in attacks for s in statistics for b in ["tv", *baselines]]
     rows += robust_rows

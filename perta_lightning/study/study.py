@@ -12,7 +12,9 @@
    that of the candidate chosen for its statistic (:func:`choose_settings`).
 3. **Test seeds**, disjoint from the validation seeds, run TV, the chosen variants (with ``importance_at_base``
    also each at the other model, θ0 instead of θ_full: the pair of claim 2) and the training-based baselines, each
-   at its chosen setting and evaluated along its training, its curve (:func:`run_test_seeds`).
+   at its chosen setting and evaluated along its training, its curve (:func:`run_test_seeds`). With ``attacks``, each
+   test seed's selected models, target and θ_retain are then quantized and relearned
+   (:mod:`perta_lightning.study.attacks`); the validation seeds run no attacks.
 4. **Write**: only the test seeds are aggregated: the utility at each level as mean ± std over the seeds that
    reach it, and the per-seed paired difference against TV with a bootstrap interval and a sign test.
    ``study.json``, ``study.md`` and ``study.png`` say which seeds chose and which were reported; ``study.json``
