@@ -55,6 +55,18 @@ def test_recoveries_mean_over_the_defined_metrics():
     assert recoveries({"a": 1.0}, {"a": 0.0}, {"a": 0.0})["mean"] is None
 
 
+def test_a_p_value_is_compared_in_decades():
+    # Forget Quality 1e-5 (target) → 1e-3 (unlearned), attacked to 1e-4: one decade of two undone
+    out = recoveries({"fq": 1e-4, "rouge": 0.5}, {"fq": 1e-3, "rouge": 0.2}, {"fq": 1e-5, "rouge": 0.8},
+                     log_keys=("fq",))
+    assert out["fq"] == pytest.approx(0.5) and out["rouge"] == pytest.approx(0.5)
+    # linear, the same attack reads as a tenth: the step from 1e-5 to 1e-4 is small beside 1e-3
+    assert recovery(1e-4, 1e-3, 1e-5) == pytest.approx(0.9e-3 / 0.99e-3)
+    relearned = recoveries({"fq": 0.01}, {"fq": 0.1}, {"fq": 1e-4}, {"fq": 0.1}, {"fq": 1.0}, log_keys=("fq",))
+    assert relearned["fq"] == pytest.approx(((-2 + 1) - (-1 - 0)) / (-4 + 1))
+    assert recoveries({"fq": 0.0}, {"fq": 0.1}, {"fq": 1e-4}, log_keys=("fq",))["fq"] is None  # no logarithm
+
+
 def test_robustness_table_equals_a_naive_loop():
     metrics = {
         "retain": {"before": {"m": 0.1}, "before_heldout": {"m": 0.2}, "quantize_nf4": {"m": 0.15},
@@ -255,6 +267,8 @@ def test_a_study_attacks_every_selected_model_and_reports_claim_5(attacked_study
     before = tofu.forget_metrics(seed / "forget10" / "eval" / f"{model}.json", reference)
     target = tofu.forget_metrics(seed / "forget10" / "eval" / "target.json", reference)
     after = tofu.forget_metrics(seed / "forget10" / "attacks" / "quantize_nf4" / "eval" / f"{model}.json", reference)
+    for values in (before, target, after):  # Forget Quality, a p-value, in decades
+        values["forget_quality"] = math.log10(values["forget_quality"])
     expected = [(after[k] - before[k]) / (target[k] - before[k]) for k in before if abs(target[k] - before[k]) > 1e-9]
     assert robust["recovery"]["quantize_nf4"]["tv"][level]["mean"] == pytest.approx(sum(expected) / len(expected))
     assert "## Does the forgetting last?" in (seed / "forget10" / "report.md").read_text()

@@ -210,6 +210,8 @@ class Benchmark(ABC):
 
     #: the forget metrics an attack's recovery is measured on (keys of :meth:`forget_metrics`).
     recovery_metrics: ClassVar[tuple[str, ...]] = ()
+    #: those of them that are p-values, compared in decades (:mod:`perta_lightning.functional.robustness`).
+    recovery_log_metrics: ClassVar[tuple[str, ...]] = ()
 
     def forget_metrics(self, eval_file: str | Path, reference_file: str | Path,
                        examples: list[int] | None = None) -> dict[str, float | None]:

@@ -21,6 +21,11 @@ was hidden, not learning speed::
     relearn recovery = ((m(a) − m(u)) − (m(r_a) − m(r))) / (m(t) − m(u))
 
 On θ_retain itself (``u = r``, ``a = r_a``) it is 0 by construction, whatever the attack.
+
+**p-values on a log scale.** Forget Quality is a KS-test p-value, and the levels it is matched at are decades apart
+(0.001, 0.01, 0.1): a model selected at 0.001 from a target at 0.0005 has moved it by 0.0005, and an attack that
+moves it by 0.01 would read as a recovery of −20 on a linear scale. A metric named in ``log_keys`` is compared as
+``log10 m``, in decades, as the levels are (a value of 0 or below has no logarithm and gives ``None``).
 """
 
 from __future__ import annotations
@@ -53,18 +58,28 @@ def relearn_recovery(attacked: float | None, unlearned: float | None, target: fl
     return ((attacked - unlearned) - (reference_attacked - reference)) / forgotten
 
 
+def decades(value: float | None) -> float | None:
+    """``log10(value)``; ``None`` for a missing, non-finite, zero or negative value."""
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return math.log10(value)
+
+
 def recoveries(attacked: Mapping[str, float | None], unlearned: Mapping[str, float | None],
                target: Mapping[str, float | None], reference_attacked: Mapping[str, float | None] | None = None,
-               reference: Mapping[str, float | None] | None = None) -> dict[str, float | None]:
-    """:func:`relearn_recovery` (or :func:`recovery` without a reference) of every metric of ``unlearned``, and
-    their ``mean`` over the metrics where it is defined (``None`` where none is)."""
+               reference: Mapping[str, float | None] | None = None,
+               log_keys: tuple[str, ...] = ()) -> dict[str, float | None]:
+    """:func:`relearn_recovery` (or :func:`recovery` without a reference) of every metric of ``unlearned``, those
+    of ``log_keys`` in decades (:func:`decades`), and their ``mean`` over the metrics where it is defined (``None``
+    where none is)."""
     out: dict[str, float | None] = {}
     for key in unlearned:
+        scale = decades if key in log_keys else (lambda value: value)
+        values = [scale(m.get(key)) for m in (attacked, unlearned, target)]
         if reference_attacked is None or reference is None:
-            out[key] = recovery(attacked.get(key), unlearned[key], target.get(key))
+            out[key] = recovery(*values)
         else:
-            out[key] = relearn_recovery(attacked.get(key), unlearned[key], target.get(key),
-                                        reference_attacked.get(key), reference.get(key))
+            out[key] = relearn_recovery(*values, scale(reference_attacked.get(key)), scale(reference.get(key)))
     defined = [v for v in out.values() if v is not None]
     out["mean"] = sum(defined) / len(defined) if defined else None
     return out

@@ -230,17 +230,17 @@ def robustness(runner: StageRunner, run: Run, graph: Any, rows: list[ResultRow],
                           if name.startswith(f"{plan.name}/attacks/{label}/")) for label in labels}
     selected = {method: [None if r is None else ids[str(r.model)] for r in chosen_rows]
                 for method, chosen_rows in chosen.by_method.items()}
-    table = robustness_table(metrics, selected, labels, list(bench.recovery_metrics))
+    table = robustness_table(metrics, selected, labels, list(bench.recovery_metrics), bench.recovery_log_metrics)
     table |= {"seconds": seconds, "notes": notes,
               "relearn": None if split is None else {"groups": list(split.groups), "heldout_examples": len(heldout)}}
     return table
 
 
 def robustness_table(metrics: dict[str, dict[str, Any]], selected: dict[str, list[str | None]], labels: list[str],
-                     keys: list[str]) -> dict[str, Any]:
+                     keys: list[str], log_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Per attack and method, the recovery of the model selected at each level (:func:`recoveries` of the forget
-    metrics and their mean; ``None`` where the level is not reached), and θ_retain's own, from each attacked
-    model's forget metrics before (``before``; ``before_heldout`` for relearning) and after each attack."""
+    metrics and their mean, ``log_keys`` in decades; ``None`` where the level is not reached), and θ_retain's own, from
+    each attacked model's forget metrics before (``before``; ``before_heldout`` for relearning) and after each attack."""
     target, retain = metrics["target"], metrics["retain"]
     recovery: dict[str, dict[str, list[dict[str, float | None] | None]]] = {}
     reference: dict[str, dict[str, float | None]] = {}
@@ -251,15 +251,16 @@ def robustness_table(metrics: dict[str, dict[str, Any]], selected: dict[str, lis
         def of(model: str, label: str = label, relearn: bool = relearn, before: str = before) -> dict[str, Any]:
             entry = metrics[model]
             if relearn:
-                return recoveries(entry[label], entry[before], target[before], retain[label], retain[before])
-            return recoveries(entry[label], entry[before], target[before])
+                return recoveries(entry[label], entry[before], target[before], retain[label], retain[before], log_keys)
+            return recoveries(entry[label], entry[before], target[before], log_keys=log_keys)
 
         # θ_retain's: what the attack alone does to a model that never knew the forget set (quantization), or 0 by
         # construction (relearning, whose reference it is)
         reference[label] = of("retain")
         recovery[label] = {method: [None if model is None else of(model) for model in models]
                            for method, models in selected.items()}
-    return {"attacks": labels, "metrics": keys, "selected": selected, "recovery": recovery, "retain": reference,
+    return {"attacks": labels, "metrics": keys, "log_metrics": list(log_keys), "selected": selected,
+            "recovery": recovery, "retain": reference,
             "models": metrics}
 
 

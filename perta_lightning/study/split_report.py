@@ -130,7 +130,9 @@ def robustness_markdown(robustness: dict[str, Any], levels: list[float], axes: A
              f"Each method's model at each {axes.forget_name} level (the one the matched table chose), the target and "
              "θ_retain were attacked. Recovery: the share of the forgetting the attack undid, (m_attacked − "
              "m_unlearned) / (m_target − m_unlearned), the mean over the forget metrics "
-             f"({', '.join(robustness['metrics'])}); quantization on every forget example; relearning on the forget "
+             f"({', '.join(robustness['metrics'])}"
+             + (f"; {', '.join(robustness['log_metrics'])} in decades, log10" if robustness.get("log_metrics") else "")
+             + "); quantization on every forget example; relearning on the forget "
              "examples it did not see, less what the same relearning moves in θ_retain. 0: nothing recovered; 1: "
              "back at the target; – where the level is not reached or nothing was forgotten.", ""]
     lines += [f"- {note}" for note in robustness.get("notes", [])]
