@@ -134,12 +134,12 @@ def robustness() -> str:
         cells = []
         for attack in attacks:
             row = next(r for r in rows if r["comparison"] == comparison and r["attack"] == attack)
-            cells.append(f"{_estimate(row)}, {row['wins']}–{row['losses']} ({row['n_seeds']}): *{row['verdict']}*")
+            cells.append(_estimate(row))
         lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
     claim = next(c for c in table["claims"] if c["claim"] == "5")
     lines += ["", f"Claim 5 as a whole: **{claim['verdict']}**. Each cell: the mean over test seeds of PerTA's recovery "
               "minus the other method's (per seed, over the levels and splits where both are defined; lower is "
-              "better for PerTA), its 95 % interval, and the seeds where PerTA recovered more – less.", ""]
+              "better for PerTA), its 95 % interval, the test seeds where PerTA recovered more – less, and the verdict.", ""]
     attacked = result["test"].get("attacks", {})
     lines += ["| split | attack | θ_retain's own recovery (the attack alone) | attack stages per seed |",
               "|---|---|---|---|"]

@@ -332,3 +332,24 @@ def test_perta_attack_refuses_what_it_cannot_do(tmp_path):
                            "forget01", "--forget_groups", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "at least two authors" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_int8_quantization_is_saved_quantized_and_close(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from perta_lightning.attacks import quantize_model
+    from tests.tiny import make_tiny_setup as setup
+
+    _, model = setup(tmp_path, hidden=64, intermediate=128)
+    quantized = AutoModelForCausalLM.from_pretrained(str(quantize_model(model, tmp_path / "int8", "int8")))
+    original = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(layers) == 2 * 7  # every linear layer of the decoder, lm_head kept
+    ids = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        a, b = quantized(ids).logits, original(ids).logits
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.05 * b.abs().max()
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize_model(model, tmp_path / "int4", "int4")
