@@ -123,6 +123,8 @@ def replication_full() -> str:
 def robustness() -> str:
     """Claim 5's parts as one table (comparison × attack), θ_retain's own recovery and the attacks' cost, from the
     replication's ``replication.json`` and ``study.json``."""
+    from perta_lightning.study.replication import recovery_table
+
     table, result = _load("replication", "replication.json"), _load("replication", "study.json")
     rows = [r for r in table["rows"] if r["claim"] == "5"]
     if not rows:
@@ -140,6 +142,7 @@ def robustness() -> str:
     lines += ["", f"Claim 5 as a whole: **{claim['verdict']}**. Each cell: the mean over test seeds of PerTA's recovery "
               "minus the other method's (per seed, over the levels and splits where both are defined; lower is "
               "better for PerTA), its 95 % interval, the test seeds where PerTA recovered more – less, and the verdict.", ""]
+    lines += recovery_table(table) + [""]
     attacked = result["test"].get("attacks", {})
     lines += ["| split | attack | θ_retain's own recovery (the attack alone) | attack stages per seed |",
               "|---|---|---|---|"]

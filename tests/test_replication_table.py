@@ -98,7 +98,14 @@ def test_claim_5_compares_recovery_under_each_attack_by_the_robustness_rule():
     assert rows[("PerTA-fisher vs TV", "relearn_forget")]["estimate"] == pytest.approx(0.4)
     assert rows[("PerTA-fisher vs TV", "relearn_forget")]["verdict"] == "does not hold"
     assert claim(table, "5")["verdict"] == "does not hold"
-    assert "5. at matched forgetting" in replication_markdown(table)
+    markdown = replication_markdown(table)
+    assert "5. at matched forgetting" in markdown
+    # each method's own recovery over seeds: per seed the mean over splits and reached levels, then over seeds
+    fisher = table["recovery"]["quantize_nf4"]["perta_fisher"]
+    assert fisher["estimate"] == pytest.approx(0.1 + 0.01 * sum(s % 3 for s in SEEDS) / len(SEEDS))
+    assert fisher["n_seeds"] == 10 and fisher["interval"][0] < fisher["estimate"] < fisher["interval"][1]
+    assert table["recovery"]["relearn_forget"]["tv"]["estimate"] == pytest.approx(0.2 - 0.01 * 5 / 10 / 2)
+    assert "| PerTA-fisher | +0.109" in markdown
 
 
 def test_compare_names_the_kernels_and_the_first_model_that_differs():

@@ -113,6 +113,25 @@ def _robustness_row(splits: dict[str, Any], a: str, b: str, attack: str, which: 
     return row
 
 
+def recovery_summary(splits: dict[str, Any], labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per attack and method family, its recovery over the test seeds: per seed the mean over the levels and splits
+    where it is defined, then the mean of those with a 95 % bootstrap interval (:func:`evidence` of the values)."""
+    out: dict[str, dict[str, Any]] = {}
+    families = list(next(iter(splits.values())))
+    for split in splits.values():
+        for family in families:
+            for attack, per_seed in split[family].get("recovery", {}).items():
+                by_seed = out.setdefault(attack, {}).setdefault(family, {})
+                for seed, values in per_seed.items():
+                    by_seed.setdefault(int(seed), []).extend(values or [])
+    for attack, by_family in out.items():
+        for family, by_seed in by_family.items():
+            e = evidence(by_seed)
+            by_family[family] = {"label": labels.get(family, family), "estimate": e.estimate, "interval": e.interval,
+                                 "n_seeds": e.n, "pairs": e.pairs}
+    return out
+
+
 def _seed_costs(splits: dict[str, Any], family: str, key: str, without_search: bool) -> dict[int, float]:
     """Per seed, ``key`` of the family's cost summed over the splits (seeds missing a split left out)."""
     totals: dict[int, float] = {}
@@ -250,7 +269,8 @@ def replication(result: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "benchmark": bench.name, "rules": asdict(rules), "levels": settings["levels"], "splits": which,
             "test_seeds": test["seeds"], "validation_seeds": result["validation"]["seeds"],
             "chosen": result["validation"]["chosen"], "labels": labels, "claims": claims, "rows": rows,
-            "own_variants": own, "forget_quality_steps": _steps(settings["levels"], test.get("forget_examples", {})),
+            "own_variants": own, "recovery": recovery_summary(splits, labels),
+            "forget_quality_steps": _steps(settings["levels"], test.get("forget_examples", {})),
             "machine": result.get("machine", {}), "invocation": result.get("invocation", {}),
             "preset": settings["preset"], "preset_overrides": settings.get("preset_overrides", {})}
 
@@ -370,6 +390,8 @@ def replication_markdown(table: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['comparison']} | {_estimate(r)} | {r['wins']}–{r['losses']} ({r['n_seeds']}) | {_pairs(r)} | "
                   f"{r['sign_test_p']:.2g} | {r['verdict']} |" for r in ours]
+    if table.get("recovery"):
+        lines += ["", "## How much of the forgetting each attack undid (claim 5)", ""] + recovery_table(table)
     lines += ["", "## Costs, in more detail (claim 3)", "",
               "Wall seconds come from the stage records (each stage timed on the threads it had); example passes "
               "do not depend on the machine.", ""]
@@ -381,12 +403,35 @@ def replication_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def recovery_table(table: dict[str, Any]) -> list[str]:
+    """Each method's recovery under each attack over the test seeds (``table["recovery"]``): markdown lines."""
+    recovery = table.get("recovery") or {}
+    if not recovery:
+        return []
+    lines = ["Each method's recovery (0: nothing, 1: back at the target; Forget Quality in decades): per test seed the "
+             "mean over the levels and splits where its selected model forgot something, then the mean over seeds "
+             "with its 95 % bootstrap interval (seeds with a value).", "",
+             "| method | " + " | ".join(recovery) + " |", "|---|" + "---|" * len(recovery)]
+    for family in dict.fromkeys(f for by_family in recovery.values() for f in by_family):
+        cells = []
+        for by_family in recovery.values():
+            entry = by_family.get(family)
+            if entry is None or entry["estimate"] is None:
+                cells.append("–")
+                continue
+            interval = "" if entry["interval"] is None else \
+                f" [{_signed(entry['interval'][0])}, {_signed(entry['interval'][1])}]"
+            cells.append(f"{_signed(entry['estimate'])}{interval} ({entry['n_seeds']})")
+        lines.append(f"| {_name(family)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-__all__ = ["FAILS", "HOLDS", "UNRESOLVED", "claims_table", "machine_line", "replication", "replication_markdown", "rewrite",
-           "rules_text"]
+__all__ = ["FAILS", "HOLDS", "UNRESOLVED", "claims_table", "machine_line", "recovery_table", "replication",
+           "replication_markdown", "rewrite", "rules_text"]
 
 
 def rewrite(study_dir: str) -> None:
