@@ -41,12 +41,15 @@ def quantization_config(scheme: str) -> Any:
     raise PertaValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
 
 
-def _check_bitsandbytes() -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise PertaValueError("the quantization attack needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
-                              "(it runs on CPUs as well as GPUs)") from error
+def check_quantization_installed(where: str = "the quantization attack") -> None:
+    """Refuse, in one line, a quantization without its libraries (bitsandbytes, and accelerate, which transformers
+    places a quantized model with)."""
+    import importlib.util
+
+    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PertaValueError(f"{where} needs {' and '.join(missing)}: pip install 'perta-lightning[attacks]' (it "
+                              "runs on CPUs as well as GPUs)")
 
 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, scheme: str = "nf4",
@@ -59,7 +62,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, scheme: 
     from perta_lightning.checkpoints import from_pretrained, load_tokenizer
     from perta_lightning.io import atomic_directory
 
-    _check_bitsandbytes()
+    check_quantization_installed()
     if not (Path(model) / "config.json").is_file():
         raise PertaFileNotFoundError(f"{model}: not a Hugging Face model directory (no config.json)")
     config = quantization_config(scheme)

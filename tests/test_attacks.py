@@ -27,6 +27,25 @@ from tests.tiny import make_tiny_setup  # noqa: E402
 TOFU = TofuBenchmark()
 
 
+def _needs_quantization() -> None:
+    """Skip where the attacks extra is not installed (the minimum-versions job installs the core only)."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+
+
+def test_a_quantization_without_its_libraries_is_refused_in_one_line(monkeypatch):
+    import importlib.util
+
+    from perta_lightning.errors import PertaValueError
+    from perta_lightning.study.options import Attacks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(PertaValueError, match=r"needs accelerate: pip install 'perta-lightning\[attacks\]'"):
+        Attacks().check()
+    Attacks(quantize=[]).check()  # relearning alone needs neither
+
+
 # ---- the recovery formula
 
 
@@ -153,7 +172,7 @@ def naive_nf4(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def test_a_quantized_model_evaluates_as_its_naive_dequantized_twin(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    _needs_quantization()
     from transformers import AutoModelForCausalLM
 
     from perta_lightning.attacks import quantize_model
@@ -216,7 +235,7 @@ def _perta(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def attacked_study(tmp_path_factory) -> Path:
-    pytest.importorskip("bitsandbytes")
+    _needs_quantization()
     tmp = tmp_path_factory.mktemp("attacks")
     config = tmp / "study_attacks.yaml"
     # levels above the tiny target's Forget Quality, so that the selected models have forgotten something
@@ -335,7 +354,7 @@ def test_perta_attack_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_int8_quantization_is_saved_quantized_and_close(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    _needs_quantization()
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 

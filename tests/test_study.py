@@ -263,8 +263,9 @@ def test_the_replication_table_follows_the_study(tiny_study):
 
     result = json.loads((tiny_study / "study.json").read_text())
     table = json.loads((tiny_study / "replication.json").read_text())
-    assert [c["claim"] for c in table["claims"]] == ["1", "2", "3", "4"]
-    assert all(c["verdict"] == "not resolved" for c in table["claims"])  # 2 seeds < min_seeds
+    assert [c["claim"] for c in table["claims"]] == ["1", "2", "3", "4", "5"]
+    assert all(c["verdict"] == "not resolved" for c in table["claims"])  # 2 seeds < min_seeds; 5: no attacks ran
+    assert "ran no attacks" in table["claims"][4]["note"] and not table["recovery"]
     families = result["test"]["splits"]["forget10"]
     row = next(r for r in table["rows"] if r["claim"] == "1" and r["b"] == "tv")
     for seed in ("0", "1"):

@@ -340,11 +340,9 @@ class Attacks:
         if self.relearn_lr is not None and not (math.isfinite(self.relearn_lr) and self.relearn_lr > 0):
             raise PertaValueError(f"attacks.relearn_lr must be > 0, got {self.relearn_lr}")
         if self.quantize:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise PertaValueError("attacks.quantize needs bitsandbytes: pip install 'bitsandbytes>=0.50' (it "
-                                      "runs on CPUs too), or set attacks.quantize: []") from error
+            from perta_lightning.attacks import check_quantization_installed
+
+            check_quantization_installed("attacks.quantize (or set attacks.quantize: [])")
         return self
 
 
