@@ -40,8 +40,18 @@ def test_a_quantization_without_its_libraries_is_refused_in_one_line(monkeypatch
     from perta_lightning.study.options import Attacks
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
-    with pytest.raises(PertaValueError, match=r"needs accelerate: pip install 'perta-lightning\[attacks\]'"):
+    absent = {"bitsandbytes", "accelerate"}  # the two libraries as absent or present as said, whichever this env has
+
+    def find_spec(name, *args):
+        if name in ("bitsandbytes", "accelerate"):
+            return None if name in absent else object()
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(PertaValueError, match=r"needs bitsandbytes and accelerate: pip install 'perta-lightning\[attacks\]'"):
+        Attacks().check()
+    absent.discard("bitsandbytes")
+    with pytest.raises(PertaValueError, match=r"needs accelerate: pip install"):
         Attacks().check()
     Attacks(quantize=[]).check()  # relearning alone needs neither
 
