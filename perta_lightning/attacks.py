@@ -30,7 +30,7 @@ SCHEMES = ("nf4", "int8")
 
 def quantization_config(scheme: str) -> Any:
     """transformers' ``BitsAndBytesConfig`` of ``scheme``: ``nf4`` (4-bit NormalFloat, blocks of 64, float32
-    compute, no double quantization: the attack paper's setting) or ``int8`` (LLM.int8(), outlier threshold 6)."""
+    compute, no double quantization) or ``int8`` (LLM.int8(), outlier threshold 6)."""
     import torch
     from transformers import BitsAndBytesConfig
 

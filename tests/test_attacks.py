@@ -369,9 +369,8 @@ def test_int8_quantization_is_saved_quantized_and_close(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from perta_lightning.attacks import quantize_model
-    from tests.tiny import make_tiny_setup as setup
 
-    _, model = setup(tmp_path, hidden=64, intermediate=128)
+    _, model = make_tiny_setup(tmp_path, hidden=64, intermediate=128)
     quantized = AutoModelForCausalLM.from_pretrained(str(quantize_model(model, tmp_path / "int8", "int8")))
     original = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear8bitLt)]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from perta_lightning.errors import PertaFileNotFoundError, PertaValueError
-from perta_lightning.study.attacks import relearn_rows
+from perta_lightning.study.attacks import relearn_set
 from perta_lightning.study.options import resolve_preset
 
 
@@ -77,8 +77,7 @@ def attack(
         record["scheme"] = scheme
     elif attack == "relearn":
         groups = forget_groups or bench.forget_groups(plan, settings, synthetic=False)
-        rows = relearn_rows(bench, plan, source, groups, relearn_on)
-        split = bench.relearn_split(plan, source, groups)
+        split, rows = relearn_set(bench, plan, source, groups, relearn_on)
         relearn_model(model, rows, out / "model", steps, lr if lr is not None else settings.finetune_lr,
                       batch_size or settings.batch_size, seed, accelerator, plan.max_length)
         heldout = split.heldout

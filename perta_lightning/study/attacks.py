@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from perta_lightning.benchmarks.base import Benchmark, SplitPlan
+from perta_lightning.benchmarks.base import Benchmark, RelearnSplit, SplitPlan
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional.robustness import recoveries
 from perta_lightning.functional.tradeoff import CurvePoint, is_collapsed, utility_at_level
@@ -101,16 +101,17 @@ class Relearn(Stage):
     def run(self, runner: StageRunner) -> dict[str, Path]:
         from perta_lightning.attacks import relearn_model
 
-        rows = relearn_rows(self.benchmark, self.plan, self.data.source(runner), self.groups, self.on)
+        _, rows = relearn_set(self.benchmark, self.plan, self.data.source(runner), self.groups, self.on)
         seed = stage_seed(runner.seed, f"{self.plan.name}/relearn_{self.on}")
         return {"model": relearn_model(runner.path(self.model), rows, runner.root / self.name, self.steps, self.lr,
                                        self.batch_size, seed, self.runtime.accelerator, self.plan.max_length)}
 
 
-def relearn_rows(bench: Benchmark, plan: SplitPlan, source: Any, groups: int,
-                 on: Literal["forget", "retain"]) -> list[dict[str, Any]]:
-    """The relearn set: the relearned half of the forget set (:meth:`Benchmark.relearn_split`), or as many rows
-    from the start of the retain split of unlearning (text of the same kind, none of the forget set's facts)."""
+def relearn_set(bench: Benchmark, plan: SplitPlan, source: Any, groups: int,
+                on: Literal["forget", "retain"]) -> tuple[RelearnSplit, list[dict[str, Any]]]:
+    """The forget set's halves (:meth:`Benchmark.relearn_split`, refused in one line where there are none) and the
+    relearn set: the relearned half, or as many rows from the start of the retain split of unlearning (text of the
+    same kind, none of the forget set's facts)."""
     split = bench.relearn_split(plan, source, groups)
     if split is None and groups == 0:
         raise PertaValueError(f"{bench.name} has no relearning attack (no split of its forget set into a relearned "
@@ -119,9 +120,9 @@ def relearn_rows(bench: Benchmark, plan: SplitPlan, source: Any, groups: int,
         raise PertaValueError(f"{bench.name} {plan.name} of {groups} author(s): no relearning attack (it needs a "
                               "forget set of at least two authors, to hold one half out)")
     if on == "forget":
-        return split.relearn_rows
-    return [{"question": r["question"], "answer": r["answer"]}
-            for r in source.rows(plan.retain_for_unlearning)[: len(split.relearn_rows)]]
+        return split, split.relearn_rows
+    return split, [{"question": r["question"], "answer": r["answer"]}
+                   for r in source.rows(plan.retain_for_unlearning)[: len(split.relearn_rows)]]
 
 
 def model_id_of(model: Product) -> str:
@@ -179,7 +180,6 @@ def select(rows: list[ResultRow], bench: Benchmark, levels: list[float]) -> Sele
         curves.setdefault(row.method, [(start, target)]).append((point, row))
     by_method = {}
     for method, pairs in curves.items():
-        pairs.sort(key=lambda pair: -1.0 if pair[0].alpha is None else pair[0].alpha)  # ties: the smaller α
         of_point = {id(point): row for point, row in pairs}
         chosen = [utility_at_level([point for point, _ in pairs], level) for level in levels]
         by_method[method] = [None if point is None else of_point[id(point)] for point in chosen]

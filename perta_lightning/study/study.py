@@ -499,8 +499,8 @@ def write_study(plan: StudyPlan, choice: Choice, families: dict[str, str], valid
     for split in run.forget_splits:
         reports = _of_split(test.reports, split)
         test_splits[split] = aggregate(reports, families, levels)
-        if _attacks(reports):
-            attacks[split] = attack_summary(reports)
+        if summary := attack_summary(reports):
+            attacks[split] = summary
         for name, table in run.benchmark.study_tables({seed: r.rows for seed, r in reports.items()}, families,
                                                       levels).items():
             tables.setdefault(name, {})[split] = table
