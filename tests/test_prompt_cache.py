@@ -7,8 +7,11 @@ from perta_lightning.data.formatting import pad_batch
 from perta_lightning.functional.losses import example_nll
 from perta_lightning.prompt_cache import (
     CACHE_ARG,
+    GreedyPool,
     block_labels,
     encode_prefix,
+    gather_cache,
+    greedy_decode,
     pad_after_shared_prefix,
     score_answers,
     shared_columns,
@@ -116,3 +119,96 @@ def test_shared_prefix_scores_and_generations_equal_single_prompts(model, prompt
         alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0,
                                eos_token_id=None)[0, len(prompt):]
         assert out[n].tolist() == alone.tolist(), n
+
+
+@torch.no_grad()
+def test_greedy_decode_equals_generate_and_drops_ended_rows(model):
+    """``greedy_decode`` gives Hugging Face ``generate``'s tokens (cut before EOS, each row at most its limit), and
+    a step runs only the rows still open: the batch the model sees shrinks as rows end."""
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 10, 11], [3, 4, 5, 12, 13, 14], [15, 16]]
+    width = 10
+    ids, mask = pad_after_shared_prefix(prompts, 0)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=width, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[:, ids.shape[1]:].tolist()
+    eos = free[1][2]  # a token that ends row 1 early: rows end at different steps
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=width, do_sample=False,
+                               pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+    limits = [width, width, 4, width]
+    expected = [(row[: row.index(eos)] if eos in row else row)[:limit] for row, limit in zip(generated, limits)]
+    assert len({len(row) for row in expected}) > 1
+    prefix = encode_prefix(model, ids, mask)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        out = greedy_decode(model, gather_cache(prefix, torch.arange(4)), ids, mask, limits, eos)
+    finally:
+        hook.remove()
+    assert out == expected, (out, expected, generated)
+    # a row runs one pass per token it keeps, and one more for the EOS that ends it (none when its limit does)
+    passes = [len(row) + (eos in full and full.index(eos) < limit) for row, full, limit in zip(expected, generated, limits)]
+    assert batch_sizes == [sum(count > step for count in passes) for step in range(max(passes))]
+    assert batch_sizes[-1] < batch_sizes[0]
+
+
+@torch.no_grad()
+def test_greedy_decode_keeps_step_with_other_ranks(model):
+    """A rank whose rows have all ended keeps running passes while ``keep_going`` says another rank has rows open
+    (sharded parameters need every rank's passes), and its tokens are not changed by them."""
+    prompts = [[3, 4, 5, 6], [3, 4, 7]]
+    ids, mask = pad_after_shared_prefix(prompts, 0)
+    alone = greedy_decode(model, gather_cache(encode_prefix(model, ids, mask), torch.arange(2)), ids, mask, [3, 2],
+                          None)
+    prefix = encode_prefix(model, ids, mask)
+    calls, passes = [], []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: passes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        def keep_going(open_here: bool) -> bool:  # "another rank" decodes seven steps after the first pass
+            calls.append(open_here)
+            return len(calls) <= 7
+        out = greedy_decode(model, gather_cache(prefix, torch.arange(2)), ids, mask, [3, 2], None, keep_going)
+    finally:
+        hook.remove()
+    assert out == alone and [len(row) for row in out] == [3, 2]
+    assert passes == [2, 2, 1, 1, 1, 1, 1, 1]  # the first pass, which every rank runs, then seven steps
+    assert calls == [True, True] + [False] * 6
+
+
+@torch.no_grad()
+def test_pool_decodes_batches_of_different_widths_as_each_alone(model):
+    """Batches join a running batch at different times, with prompts (so caches) of different widths, and rows
+    ending at different steps: each batch's continuations are those of decoding it alone, and a batch is
+    finished exactly when its last row has ended."""
+    batches = [
+        [[3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5, 12]],
+        [[20, 21], [22, 23, 24], [25, 26, 27, 28, 29]],
+        [[30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]],
+    ]
+    width = 9
+    laid_out = [pad_after_shared_prefix(prompts, 0) for prompts in batches]
+    free = [greedy_decode(model, gather_cache(encode_prefix(model, ids, mask), torch.arange(len(ids))), ids, mask,
+                          [width] * len(ids), None) for ids, mask in laid_out]
+
+    def cut(row, eos):
+        return row[: row.index(eos)] if eos in row else row
+
+    # the EOS token that ends the rows at the most different steps, so that they leave the running batch apart
+    eos = max(sorted({t for rows in free for row in rows for t in row}),
+              key=lambda t: len({len(cut(row, t)) for rows in free for row in rows}))
+    alone = [greedy_decode(model, gather_cache(encode_prefix(model, ids, mask), torch.arange(len(ids))), ids, mask,
+                           [width] * len(ids), eos) for ids, mask in laid_out]
+    assert alone == [[cut(row, eos) for row in rows] for rows in free]
+    assert len({len(row) for rows in alone for row in rows}) > 2
+    pool, done = GreedyPool(model, eos), {}
+    for key, (ids, mask) in enumerate(laid_out):
+        pool.add(key, gather_cache(encode_prefix(model, ids, mask), torch.arange(len(ids))), ids, mask,
+                 [width] * len(ids))
+        pool.run(1 if key < len(laid_out) - 1 else 0)
+        assert pool.open_rows <= (1 if key < len(laid_out) - 1 else 0)
+        for finished in pool.finished():
+            assert all(len(row) == len(alone[finished][i]) for i, row in enumerate(pool.outputs[finished]))
+            done[finished] = pool.take(finished)
+    assert done == dict(enumerate(alone))
+    with pytest.raises(KeyError, match="not finished"):
+        pool.take(0)

@@ -10,6 +10,7 @@ it scores in ``test_step`` and what it writes in :meth:`Evaluator.build`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,9 +19,9 @@ from transformers import DynamicCache
 
 from perta_lightning.checkpoints import load_causal_lm
 from perta_lightning.data.formatting import pad_batch
-from perta_lightning.distributed import check_modules_visible
+from perta_lightning.distributed import check_modules_visible, sharded_parameters
 from perta_lightning.io import atomic_write_text
-from perta_lightning.prompt_cache import CACHE_ARG, accept_drafts, encode_prefix, gather_cache
+from perta_lightning.prompt_cache import GreedyPool, accept_drafts, encode_prefix, gather_cache, greedy_decode
 
 
 def generation_text(tokenizer: Any, ids: list[int]) -> str:
@@ -91,6 +92,7 @@ class Evaluator(LightningModule):
         self.tokenizer: Any = None
         self.model: torch.nn.Module | None = None
         self.result: dict[str, Any] | None = None
+        self.pool: GreedyPool | None = None  # the running batch of :meth:`generate_pooled` (one set at a time)
 
     def load_model(self) -> None:
         """Load the evaluated model once (in ``setup``, so that a bad path is one error line), refusing a strategy
@@ -124,8 +126,12 @@ class Evaluator(LightningModule):
         for row, tokens in enumerate(known):
             ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         open_rows = [row for row, tokens in enumerate(settled) if len(tokens) < width and eos not in tokens]
+        limits = [width - len(known[row]) for row in open_rows]
+        keep_going = self.keep_going()
         if not open_rows:
-            return ids
+            if keep_going is None:
+                return ids
+            open_rows, limits = [0], [0]  # nothing to decode here, but the other ranks' decoding needs our passes
         rows = torch.as_tensor(open_rows, device=prompt_ids.device)
         # [prompt][padding][known tokens]: each open row continues after its known tokens
         tails = [known[row] for row in open_rows]
@@ -133,17 +139,57 @@ class Evaluator(LightningModule):
         tail_mask = pad_batch(_ones(tails), 0, side="left")
         input_ids = torch.cat([prompt_ids[rows], tail_ids.to(prompt_ids.device)], dim=1)
         mask = torch.cat([prompt_mask[rows], tail_mask.to(prompt_mask.device)], dim=1)
-        cache = gather_cache(prefix, rows)
-        done = min(len(known[row]) for row in open_rows)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=width - done,
-            do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
-        )[:, input_ids.shape[1]:]
-        for index, row in enumerate(open_rows):
+        tokens = greedy_decode(self.model, gather_cache(prefix, rows), input_ids, mask, limits, eos, keep_going)
+        for row, continuation in zip(open_rows, tokens):
             start = len(known[row])
-            tokens = _before_eos(out[index, : width - start].tolist(), eos)
-            ids[row, start : start + len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            ids[row, start : start + len(continuation)] = torch.as_tensor(continuation, dtype=torch.long)
         return ids
+
+    @torch.no_grad()
+    def generate_pooled(self, key: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int, last: bool,
+                        prefix: DynamicCache | None = None) -> list[tuple[Any, torch.Tensor]]:
+        """What :meth:`generate` gives, for the rows of one set's batches decoded in one running batch
+        (:class:`~perta_lightning.prompt_cache.GreedyPool`): this batch (``key``) joins it, and it decodes until
+        fewer rows than this batch's are open, or, after the set's ``last`` batch, none. Returns ``(key, ids)``
+        for each batch whose rows have all ended, in the order they ended (none, one or several). Under a strategy
+        that shards parameters each batch is decoded apart, in step with the other ranks."""
+        if self.keep_going() is not None:
+            return [(key, self.generate(prompt_ids, prompt_mask, width, prefix))]
+        if prefix is None:
+            prefix = encode_prefix(self.model, prompt_ids, prompt_mask)
+        if self.pool is None:
+            self.pool = GreedyPool(self.model, self.tokenizer.eos_token_id)
+        rows = prompt_ids.shape[0]
+        self.pool.add(key, gather_cache(prefix, torch.arange(rows, device=prompt_ids.device)), prompt_ids,
+                      prompt_mask, [width] * rows)
+        self.pool.run(0 if last else rows - 1)
+        out = []
+        for done in self.pool.finished():
+            tokens = self.pool.take(done)
+            ids = torch.full((len(tokens), width), -1, dtype=torch.long, device=prompt_ids.device)
+            for row, continuation in enumerate(tokens):
+                ids[row, : len(continuation)] = torch.as_tensor(continuation, dtype=torch.long)
+            out.append((done, ids))
+        return out
+
+    def last_batch(self, batch_idx: int, dataloader_idx: int) -> bool:
+        """Whether this is the last batch of its set (its dataloader)."""
+        return batch_idx == self.trainer.num_test_batches[dataloader_idx] - 1
+
+    def keep_going(self) -> Callable[[bool], bool] | None:
+        """For :func:`~perta_lightning.prompt_cache.greedy_decode`: under a strategy that shards parameters over
+        several ranks (FSDP, ZeRO-3), each forward pass gathers them collectively, so the ranks decode until every
+        rank's rows have ended (one flag reduced a step); ``None`` otherwise."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or sharded_parameters(trainer.strategy) is None:
+            return None
+
+        def any_rank_open(open_here: bool) -> bool:
+            flag = torch.tensor([int(open_here)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+
+        return any_rank_open
 
     def write_result(self, barrier: str) -> None:
         """Rank zero writes ``self.result`` to ``output_json`` (atomically); every rank waits for it."""

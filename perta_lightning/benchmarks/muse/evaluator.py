@@ -94,6 +94,7 @@ class MuseEvaluator(Evaluator):
                                           "knowmem_retain": KnowMem()})
         self.mia = MiaAUC()
         self.retain_record: dict[str, Any] | None = None
+        self.waiting: dict[int, torch.Tensor] = {}  # the example indices of batches being decoded
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -122,7 +123,14 @@ class MuseEvaluator(Evaluator):
             return
         hp = self.hparams
         width = hp.verbmem_max_new_tokens if kind == "verbatim" else hp.knowmem_max_new_tokens
-        ids = self.generate(batch["prompt_ids"], batch["prompt_mask"], width)
+        self.waiting[batch_idx] = index
+        for key, ids in self.generate_pooled(batch_idx, batch["prompt_ids"], batch["prompt_mask"], width,
+                                             self.last_batch(batch_idx, dataloader_idx)):
+            self.finish_batch(name, self.waiting.pop(key), ids)
+
+    def finish_batch(self, name: str, index: torch.Tensor, ids: torch.Tensor) -> None:
+        """Score one batch's generations ``ids`` and record them."""
+        kind = MUSE_EVAL_SETS[name][1]
         rows = self.trainer.datamodule.sets[name].rows
         texts = [self._text(name, row) for row in ids]
         truth = [rows[i]["gt" if kind == "verbatim" else "answer"] for i in index.tolist()]

@@ -48,7 +48,11 @@ from perta_lightning.benchmarks.tofu.summary import (
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import tofu_metrics as F
 from perta_lightning.functional.losses import answer_token_mask
-from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answer_tokens
+from perta_lightning.prompt_cache import (
+    block_labels,
+    encode_prefix,
+    score_answer_tokens,
+)
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model"]
 
@@ -137,6 +141,7 @@ class TofuEvaluator(Evaluator):
         self.mia = MinKMiaAUC()
         self.retain_record = None
         self.draft_texts: dict[str, dict[int, str]] = {}
+        self.waiting: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # batches being decoded
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -181,16 +186,33 @@ class TofuEvaluator(Evaluator):
         if spec.min_k:
             values["min_k_score"] = F.min_k_score_from_nll(nll[:size], labels[:size], self.hparams.mink_k).to(self.device)
             self.mia.update(index, values["min_k_score"], holdout=not spec.scored)
+        if spec.min_k and not spec.scored:
+            self.log("mia_min_k_auc", self.mia)
         if spec.scored:
             values["perturbed_nll"] = mean_nll[offset:].view(size, num_perturbed)
-            if self.hparams.generate:
-                drafts = self.drafts(name, index, batch) if self.hparams.answer_drafts else None
-                ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix, drafts)
-                rows = self.trainer.datamodule.sets[name].rows
-                texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
-                values["generated_ids"] = ids
-                values["rouge_l_recall"] = F.rouge_l_recall(
-                    texts, [rows[i]["answer"] for i in index.tolist()]).to(self.device)
+        if not (spec.scored and self.hparams.generate):
+            self.finish_batch(name, index, values)
+            return
+        if self.hparams.answer_drafts:  # decoded batch by batch
+            ids = self.generate(prompt_ids, prompt_mask, self.hparams.max_new_tokens, prefix,
+                                self.drafts(name, index, batch))
+            self.finish_batch(name, index, values, ids)
+            return
+        self.waiting[batch_idx] = (index, values)
+        for key, ids in self.generate_pooled(batch_idx, prompt_ids, prompt_mask, self.hparams.max_new_tokens,
+                                             self.last_batch(batch_idx, dataloader_idx), prefix):
+            self.finish_batch(name, *self.waiting.pop(key), ids)
+
+    def finish_batch(self, name: str, index: torch.Tensor, values: dict[str, torch.Tensor],
+                     ids: torch.Tensor | None = None) -> None:
+        """Score one batch's generations ``ids`` (``None``: the set generates nothing) and record its values."""
+        spec = EVAL_SET_BY_NAME[name]
+        if ids is not None:
+            rows = self.trainer.datamodule.sets[name].rows
+            texts = [generation_text(self.tokenizer, row.tolist()) for row in ids]
+            values["generated_ids"] = ids
+            values["rouge_l_recall"] = F.rouge_l_recall(texts, [rows[i]["answer"] for i in index.tolist()]).to(self.device)
+        if spec.scored:
             self.set_metrics[name].update(
                 index, values["answer_nll"], values["perturbed_nll"], values.get("rouge_l_recall"),
                 paraphrased_nll=values.get("paraphrased_nll"), extraction_strength=values.get("extraction_strength"))
@@ -198,8 +220,6 @@ class TofuEvaluator(Evaluator):
             # belong to its own dataloader, so the results table's "DataLoader <i>" column holds only rows
             # named by that set ("forget_rouge", ...), not every score repeated in every column
             self.log_dict(self.set_metrics[name])
-        if spec.min_k and not spec.scored:
-            self.log("mia_min_k_auc", self.mia)
         self.examples[name].update(index, **values)
 
     def drafts(self, name: str, index: torch.Tensor, batch: dict[str, Any]) -> list[list[int]]:
