@@ -32,7 +32,7 @@ one pass and keeps the tokens greedy decoding would produce first (speculative d
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 from transformers import DynamicCache
@@ -133,8 +133,8 @@ def score_answers(
     more forward passes. Each row's numbers do not depend on the grouping beyond float rounding.
     """
     out: torch.Tensor | None = None
-    context = _Context.of_prompts(prefix, prompt_ids, prompt_mask)
-    for rows, width, logits in _grouped_blocks(model, context, answer_ids, answer_mask, example, groups, min_group):
+    for rows, width, logits in _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                               example, groups, min_group):
         if rows is None:
             return logits
         if out is None:
@@ -154,7 +154,6 @@ def score_answer_tokens(
     example: torch.Tensor,
     groups: int = 4,
     min_group: int = 16,
-    share_prefixes: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL and argmax hits ``(N, A)`` of each answer token, as :func:`score_answers` would give them
     through :func:`~perta_lightning.functional.losses.token_nll` and ``argmax == label`` over
@@ -164,122 +163,13 @@ def score_answer_tokens(
     128k vocabulary, 3.6 GB, and the log-softmax as much again. Holding one group (of up to ``groups``) and
     reducing it to two ``(n, A)`` tensors keeps the peak to a fraction of that. NLL is float32, 0 where the
     label is ignored; hits are ``False`` there.
-
-    ``share_prefixes``: answers to one question that open with the same tokens (a paraphrase and its perturbed
-    versions: "The birthplace of X is ...") have those tokens scored once (:func:`shared_answer_prefixes`): the
-    question's cache is extended by them, and each answer scores only the rest on the extension. The numbers
-    are those of scoring every answer whole, up to float rounding.
     """
-    context = _Context.of_prompts(prefix, prompt_ids, prompt_mask)
-    shared = shared_answer_prefixes(answer_ids, answer_labels, answer_mask, example) if share_prefixes else []
-    if not shared:
-        return _score_tokens(model, context, answer_ids, answer_labels, answer_mask, example, groups, min_group)
-    nll = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
-    hits = torch.zeros(answer_ids.shape, dtype=torch.bool, device=answer_ids.device)
-    # the shared tokens, once per group of answers
-    extension, shared_nll, shared_hits = _extend(model, context, answer_ids, example, shared)
-    for g, (members, size) in enumerate(shared):
-        nll[members, :size], hits[members, :size] = shared_nll[g, :size], shared_hits[g, :size]
-    # the rest of each grouped answer on its group's extension, whose lead token is the last shared one
-    rows = torch.cat([members for members, _ in shared])
-    group = torch.cat([torch.full_like(members, g) for g, (members, _) in enumerate(shared)])
-    sizes = [size for members, size in shared for _ in members.tolist()]
-    width = answer_ids.shape[1] - min(sizes)
-    rest_nll, rest_hits = _score_tokens(
-        model, extension, _shift_left(answer_ids, rows, sizes, width, 0),
-        _shift_left(answer_labels, rows, sizes, width, IGNORE_INDEX), _shift_left(answer_mask, rows, sizes, width, 0),
-        group, groups, min_group)
-    for i, (row, size) in enumerate(zip(rows.tolist(), sizes)):
-        nll[row, size:], hits[row, size:] = rest_nll[i, : nll.shape[1] - size], rest_hits[i, : nll.shape[1] - size]
-    # the answers that share nothing, whole
-    alone = torch.ones(answer_ids.shape[0], dtype=torch.bool, device=answer_ids.device)
-    alone[rows] = False
-    if bool(alone.any()):
-        rows = alone.nonzero().squeeze(1)
-        nll[rows], hits[rows] = _score_tokens(model, context, answer_ids[rows], answer_labels[rows], answer_mask[rows],
-                                              example[rows], groups, min_group)
-    return nll, hits
-
-
-def shared_answer_prefixes(answer_ids: torch.Tensor, answer_labels: torch.Tensor, answer_mask: torch.Tensor,
-                           example: torch.Tensor, min_shared: int = 2) -> list[tuple[torch.Tensor, int]]:
-    """Groups of answers to one prompt that open with the same tokens: ``(rows, size)`` for each group of two or
-    more answers of one example that share their first ``size >= min_shared`` tokens (all labelled, and each
-    answer keeping at least one token of its own). Answers are grouped by their first token, and a group's size is
-    the longest prefix all its answers share."""
-    out = []
-    lengths = answer_mask.long().sum(-1).tolist()
-    by_start: dict[tuple[int, int], list[int]] = {}
-    for row, (e, first) in enumerate(zip(example.tolist(), answer_ids[:, 0].tolist())):
-        if lengths[row] > min_shared:
-            by_start.setdefault((e, first), []).append(row)
-    for members in by_start.values():
-        if len(members) < 2:
-            continue
-        ids, labels = answer_ids[members], answer_labels[members]
-        same = (ids == ids[:1]).all(0) & (labels == ids).all(0) & answer_mask[members].bool().all(0)
-        size = min(int(same.long().cumprod(0).sum()), min(lengths[row] for row in members) - 1)
-        if size >= min_shared:
-            out.append((torch.as_tensor(members, device=answer_ids.device), size))
-    return out
-
-
-def _shift_left(values: torch.Tensor, rows: torch.Tensor, sizes: list[int], width: int, fill: int) -> torch.Tensor:
-    """``values[rows[i], sizes[i]:]`` for each ``i``, right padded with ``fill`` to ``width`` columns."""
-    out = values.new_full((rows.shape[0], width), fill)
-    for i, (row, size) in enumerate(zip(rows.tolist(), sizes)):
-        out[i, : values.shape[1] - size] = values[row, size:]
-    return out
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What answer blocks are scored after: per row, a cache of ``K`` columns, their mask ``(R, K)``, the block's
-    first token ``lead`` ``(R,)`` (not in the cache) and its position ``start`` ``(R,)``."""
-
-    cache: DynamicCache
-    mask: torch.Tensor
-    lead: torch.Tensor
-    start: torch.Tensor
-
-    @classmethod
-    def of_prompts(cls, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> _Context:
-        """After the prompts: :func:`encode_prefix`'s cache, each block led by its prompt's last token."""
-        return cls(prefix, prompt_mask[:, :-1], prompt_ids[:, -1], prompt_mask.long().sum(-1) - 1)
-
-
-def _extend(model: torch.nn.Module, context: _Context, answer_ids: torch.Tensor, example: torch.Tensor,
-            shared: list[tuple[torch.Tensor, int]]) -> tuple[_Context, torch.Tensor, torch.Tensor]:
-    """Run each group's shared tokens ``s[0:size]`` once after its prompt: ``[lead] ++ s[0:size-1]``, right
-    padded. Returns the context after them (its lead ``s[size-1]``), and the NLL and hits ``(G, size_max)`` of
-    ``s[0:size]``."""
-    first = torch.stack([members[0] for members, _ in shared])
-    sizes = torch.as_tensor([size for _, size in shared], device=answer_ids.device)
-    width = int(sizes.max())
-    tokens = answer_ids[first, :width]
-    taken = torch.arange(width, device=tokens.device)[None, :] < sizes[:, None]
-    block_mask = (torch.arange(width - 1, device=tokens.device)[None, :] < (sizes - 1)[:, None]).long()
-    logits, cache = _score_block(model, context, tokens[:, : width - 1] * block_mask, block_mask, example[first],
-                                 keep_cache=True)
-    targets = tokens.masked_fill(~taken, IGNORE_INDEX)
-    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    hits = (logits.argmax(-1) == targets) & taken
-    rows = example[first]
-    mask = torch.cat([context.mask[rows], block_mask.new_ones(len(shared), 1), block_mask], dim=1)
-    lead = tokens.gather(1, (sizes - 1)[:, None]).squeeze(1)
-    return _Context(cache, mask, lead, context.start[rows] + sizes), nll, hits
-
-
-def _score_tokens(model: torch.nn.Module, context: _Context, answer_ids: torch.Tensor, answer_labels: torch.Tensor,
-                  answer_mask: torch.Tensor, example: torch.Tensor, groups: int,
-                  min_group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`score_answer_tokens` of whole answers after ``context``, without shared prefixes."""
     from perta_lightning.functional.losses import token_nll
 
     nll = torch.zeros(answer_ids.shape, dtype=torch.float32, device=answer_ids.device)
     hits = torch.zeros(answer_ids.shape, dtype=torch.bool, device=answer_ids.device)
-    for rows, width, logits in _grouped_blocks(model, context, answer_ids, answer_mask, example, groups, min_group):
+    for rows, width, logits in _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                               example, groups, min_group):
         labels = block_labels(answer_labels if rows is None else answer_labels[rows, :width])
         where = slice(None) if rows is None else rows
         nll[where, : labels.shape[1] - 1] = token_nll(logits, labels)
@@ -288,31 +178,31 @@ def _score_tokens(model: torch.nn.Module, context: _Context, answer_ids: torch.T
     return nll, hits
 
 
-def _grouped_blocks(model, context, answer_ids, answer_mask, example, groups, min_group):
+def _grouped_blocks(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, example, groups, min_group):
     """``(rows, width, logits)`` per group of length-sorted answers (``rows`` ``None``: one block of all)."""
     lengths = answer_mask.long().sum(-1)
     count = max(1, min(groups, answer_ids.shape[0] // max(1, min_group)))
     if count == 1:
-        yield None, answer_ids.shape[1], _score_block(model, context, answer_ids, answer_mask, example)
+        yield None, answer_ids.shape[1], _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids,
+                                                      answer_mask, example)
         return
     order = torch.argsort(lengths, stable=True)
     for rows in torch.tensor_split(order, count):
         width = int(lengths[rows].max())
-        yield rows, width, _score_block(model, context, answer_ids[rows, :width], answer_mask[rows, :width],
-                                        example[rows])
+        yield rows, width, _score_block(model, prefix, prompt_ids, prompt_mask, answer_ids[rows, :width],
+                                        answer_mask[rows, :width], example[rows])
 
 
-def _score_block(model: torch.nn.Module, context: _Context, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
-                 example: torch.Tensor, keep_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, DynamicCache]:
-    """Logits of ``[lead of example[n]] ++ answer_ids[n]`` after the context (and, with ``keep_cache``, the cache
-    after the block), padded to the block's longest."""
-    cache = gather_cache(context.cache, example)
-    ids = torch.cat([context.lead[example, None], answer_ids], dim=1)
-    mask = torch.cat([context.mask[example], answer_mask.new_ones(answer_mask.shape[0], 1), answer_mask], dim=1)
-    positions = context.start[example, None] + torch.arange(ids.shape[1], device=ids.device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   **{CACHE_ARG: cache}).logits
-    return (logits, cache) if keep_cache else logits
+def _score_block(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 answer_ids: torch.Tensor, answer_mask: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """:func:`score_answers` for one block of answers, padded to its longest."""
+    cache = gather_cache(prefix, example)
+    ids = torch.cat([prompt_ids[example, -1:], answer_ids], dim=1)
+    mask = torch.cat([prompt_mask[example], answer_mask], dim=1)
+    start = prompt_mask.long().sum(-1)[example] - 1
+    positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                 **{CACHE_ARG: cache}).logits
 
 
 def gather_cache(prefix: DynamicCache, rows: torch.Tensor) -> DynamicCache:
@@ -335,8 +225,7 @@ def accept_drafts(model: torch.nn.Module, prefix: DynamicCache, prompt_ids: torc
     draft gets its first greedy token. ``prefix`` (from :func:`encode_prefix`) is left unchanged."""
     draft_ids, draft_mask = draft_ids[:, : width - 1], draft_mask[:, : width - 1]
     rows = torch.arange(draft_ids.shape[0], device=draft_ids.device)
-    greedy = _score_block(model, _Context.of_prompts(prefix, prompt_ids, prompt_mask), draft_ids, draft_mask,
-                          rows).argmax(-1)
+    greedy = _score_block(model, prefix, prompt_ids, prompt_mask, draft_ids, draft_mask, rows).argmax(-1)
     accepted = ((greedy[:, :-1] == draft_ids) & draft_mask.bool()).long().cumprod(-1).sum(-1)
     return [guess[: count + 1] for guess, count in zip(greedy.tolist(), accepted.tolist())]
 

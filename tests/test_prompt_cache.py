@@ -212,39 +212,3 @@ def test_pool_decodes_batches_of_different_widths_as_each_alone(model):
     assert done == dict(enumerate(alone))
     with pytest.raises(KeyError, match="not finished"):
         pool.take(0)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("groups, min_group", [(1, 1), (3, 1)])
-def test_answers_opening_alike_score_as_whole_answers(model, groups, min_group):
-    """Answers to one prompt that share their first tokens have them scored once, on an extension of the prompt's
-    cache, and the rest after it: per-token NLL and hits equal those of each ``prompt ++ answer`` run alone."""
-    from perta_lightning.prompt_cache import score_answer_tokens, shared_answer_prefixes
-
-    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    answers = [
-        [20, 21, 22, 23, 1],      # example 0: a group of three sharing [20, 21, 22] ...
-        [20, 21, 22, 30, 31, 1],
-        [20, 21, 22, 23, 40, 1],  # ... (two of them share one more token, the group does not)
-        [40, 41, 1],              # on its own
-        [20, 21, 22, 1],          # example 1: same opening as example 0's, another prompt: its own group
-        [20, 21, 50, 51, 52, 1],
-        [20, 1],                  # too short to share (each answer keeps a token of its own)
-    ]
-    example = torch.tensor([0, 0, 0, 0, 1, 1, 1])
-    prompt_ids = pad_batch(prompts, 0, side="left")
-    prompt_mask = pad_batch([[1] * len(p) for p in prompts], 0, side="left")
-    answer_ids, answer_labels = pad_batch(answers, 0), pad_batch(answers, -100)
-    answer_mask = pad_batch([[1] * len(a) for a in answers], 0)
-    groups_found = shared_answer_prefixes(answer_ids, answer_labels, answer_mask, example)
-    assert [(members.tolist(), size) for members, size in groups_found] == [([0, 1, 2], 3), ([4, 5], 2)]
-    prefix = encode_prefix(model, prompt_ids, prompt_mask)
-    nll, hits = score_answer_tokens(model, prefix, prompt_ids, prompt_mask, answer_ids, answer_labels, answer_mask,
-                                    example, groups, min_group)
-    for n, answer in enumerate(answers):
-        prompt = prompts[int(example[n])]
-        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
-        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="none")
-        torch.testing.assert_close(nll[n, : len(answer)], expected, rtol=0, atol=1e-5)
-        assert hits[n, : len(answer)].tolist() == (logits.argmax(-1) == torch.tensor(answer)).tolist(), n
-        assert not hits[n, len(answer):].any() and not nll[n, len(answer):].any()
