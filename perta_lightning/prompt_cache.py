@@ -256,7 +256,7 @@ class GreedyPool:
     """Greedy decoding of the rows of many batches in one running batch: rows join as their batch arrives
     (:meth:`add`) and leave as they end, so a decode step runs the open rows of several batches where decoding
     each batch apart ends every batch on a few long rows (on this project's CPU a step of one SmolLM2 row costs
-    about a third of a step of eight: the weights are read once a step either way).
+    a third to a half of a step of eight: the weights are read once a step either way).
 
     Rows of different batches hold caches of different lengths: the shorter are padded on the left with masked
     positions, which attention gives no weight, so each row's numbers are those of decoding its batch alone up to
