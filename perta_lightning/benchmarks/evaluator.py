@@ -68,6 +68,14 @@ def _before_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
+def _padded(rows: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+    """Token lists as ``(len(rows), width)`` ids, padded with -1."""
+    ids = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    return ids
+
+
 def _ones(rows: list[list[int]]) -> list[list[int]]:
     """The attention mask of each token list, unpadded (for :func:`~perta_lightning.data.formatting.pad_batch`)."""
     return [[1] * len(tokens) for tokens in rows]
@@ -122,15 +130,12 @@ class Evaluator(LightningModule):
             draft_mask = pad_batch(_ones(drafts), 0).to(prompt_ids.device)
             settled = accept_drafts(self.model, prefix, prompt_ids, prompt_mask, draft_ids, draft_mask, width)
         known = [_before_eos(tokens, eos) for tokens in settled]
-        ids = torch.full((prompt_ids.shape[0], width), -1, dtype=torch.long, device=prompt_ids.device)
-        for row, tokens in enumerate(known):
-            ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         open_rows = [row for row, tokens in enumerate(settled) if len(tokens) < width and eos not in tokens]
         limits = [width - len(known[row]) for row in open_rows]
         keep_going = self.keep_going()
         if not open_rows:
             if keep_going is None:
-                return ids
+                return _padded(known, width, prompt_ids.device)
             open_rows, limits = [0], [0]  # nothing to decode here, but the other ranks' decoding needs our passes
         rows = torch.as_tensor(open_rows, device=prompt_ids.device)
         # [prompt][padding][known tokens]: each open row continues after its known tokens
@@ -141,9 +146,8 @@ class Evaluator(LightningModule):
         mask = torch.cat([prompt_mask[rows], tail_mask.to(prompt_mask.device)], dim=1)
         tokens = greedy_decode(self.model, gather_cache(prefix, rows), input_ids, mask, limits, eos, keep_going)
         for row, continuation in zip(open_rows, tokens):
-            start = len(known[row])
-            ids[row, start : start + len(continuation)] = torch.as_tensor(continuation, dtype=torch.long)
-        return ids
+            known[row] = known[row] + continuation
+        return _padded(known, width, prompt_ids.device)
 
     @torch.no_grad()
     def generate_pooled(self, key: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, width: int, last: bool,
@@ -163,14 +167,7 @@ class Evaluator(LightningModule):
         self.pool.add(key, gather_cache(prefix, torch.arange(rows, device=prompt_ids.device)), prompt_ids,
                       prompt_mask, [width] * rows)
         self.pool.run(0 if last else rows - 1)
-        out = []
-        for done in self.pool.finished():
-            tokens = self.pool.take(done)
-            ids = torch.full((len(tokens), width), -1, dtype=torch.long, device=prompt_ids.device)
-            for row, continuation in enumerate(tokens):
-                ids[row, : len(continuation)] = torch.as_tensor(continuation, dtype=torch.long)
-            out.append((done, ids))
-        return out
+        return [(done, _padded(self.pool.take(done), width, prompt_ids.device)) for done in self.pool.finished()]
 
     def last_batch(self, batch_idx: int, dataloader_idx: int) -> bool:
         """Whether this is the last batch of its set (its dataloader)."""

@@ -48,11 +48,7 @@ from perta_lightning.benchmarks.tofu.summary import (
 from perta_lightning.errors import PertaValueError
 from perta_lightning.functional import tofu_metrics as F
 from perta_lightning.functional.losses import answer_token_mask
-from perta_lightning.prompt_cache import (
-    block_labels,
-    encode_prefix,
-    score_answer_tokens,
-)
+from perta_lightning.prompt_cache import block_labels, encode_prefix, score_answer_tokens
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "TofuEvaluator", "evaluate_model"]
 
